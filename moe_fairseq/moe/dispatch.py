@@ -1,0 +1,42 @@
+"""Index-based dispatch and combine: cost linear in tokens, no S x E x C mask.
+
+plan:     stable sort of the kept slots by expert id, and tokens per expert;
+dispatch: gather the token rows in that order (one contiguous block per expert);
+combine:  gate-weighted scatter-add of the expert outputs back to their tokens.
+"""
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass
+class DispatchPlan:
+    token_index: torch.Tensor  # (N,) source row of each dispatched slot, grouped by expert
+    gate: torch.Tensor  # (N,) combine weight of each dispatched slot
+    counts: torch.Tensor  # (E,) slots per expert, on the device
+    counts_list: List[int]  # the same on the host: split sizes for the GEMMs and the all-to-all
+
+
+def plan_dispatch(expert_index: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor,
+                  num_experts: int) -> DispatchPlan:
+    k = expert_index.shape[1]
+    # Dropped slots get the sentinel expert id E, which sorts after every real expert, so one
+    # stable sort both groups the kept slots and pushes the dropped ones to the end.
+    flat_e = torch.where(keep, expert_index, torch.full_like(expert_index, num_experts)).reshape(-1)
+    sorted_e, order = torch.sort(flat_e, stable=True)
+    counts = torch.bincount(sorted_e, minlength=num_experts + 1)[:num_experts]
+    counts_list = counts.tolist()  # the one host sync: split sizes must be known on the host
+    n = sum(counts_list)
+    slot = order[:n]
+    return DispatchPlan(slot // k, gate.reshape(-1)[slot], counts, counts_list)
+
+
+def dispatch(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    return x.index_select(0, plan.token_index)
+
+
+def combine(expert_out: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    weighted = expert_out * plan.gate.to(expert_out.dtype).unsqueeze(1)
+    out = expert_out.new_zeros(num_tokens, expert_out.shape[1])
+    return out.index_add(0, plan.token_index, weighted)

@@ -1,0 +1,140 @@
+"""The MoE feed-forward layer: route -> plan -> dispatch -> (all-to-all) -> experts -> back -> combine."""
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .comm import LocalComm
+from .dispatch import combine, dispatch, plan_dispatch
+from .experts import FFNExperts
+from .gating_dropout import check_rate, gating_dropout_fires
+from .routers import Router
+from .stats import RoutingStats, entropy_sum
+
+
+@dataclass
+class MoEAux:
+    """What one forward of a MoE layer leaves for the loss and the logs."""
+
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, differentiable
+    stats: Optional[RoutingStats] = None
+
+
+class MoELayer(nn.Module):
+    """A drop-in replacement for a transformer FFN sub-layer, usable without fairseq.
+
+    forward(x, padding_mask) takes x of shape (..., M) and an optional bool mask of shape (...)
+    that is True at padding; padding rows are never routed, never counted in a balance loss or
+    statistic, and get a zero output.  Losses and statistics of the last call are in `self.aux`.
+
+    Gating Dropout (training only): with probability `gating_dropout` a whole step of this
+    layer skips the router, decided from (seed, update number, layer index) so every rank
+    agrees without communicating.  `gate_drop`: token s of this rank goes to local expert
+    s mod L (L experts on this rank: a balanced round-robin, no router, so no all-to-all), and
+    its output is not scaled by a gate.  `gate_expert_drop`: the layer returns zeros, so the
+    residual connection alone carries the token.
+    """
+
+    def __init__(self, router: Router, experts: FFNExperts, layer_index: int = 0, comm=None,
+                 gating_dropout: float = 0.0, gating_dropout_mode: str = "gate_drop", seed: int = 1,
+                 collect_stats: bool = True):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.comm = comm if comm is not None else LocalComm(router.num_experts)
+        if experts.num_local != self.comm.num_local_experts:
+            raise ValueError(f"the layer holds {experts.num_local} experts but its communicator expects "
+                             f"{self.comm.num_local_experts} local experts")
+        self.layer_index = layer_index
+        self.gating_dropout = check_rate(gating_dropout, "--moe-gating-dropout")
+        self.gating_dropout_mode = gating_dropout_mode
+        self.seed = seed
+        self.num_updates = 0
+        self.collect_stats = collect_stats
+        self.aux = MoEAux()
+
+    def set_num_updates(self, num_updates: int):
+        self.num_updates = num_updates
+
+    def gating_dropped(self) -> bool:
+        return self.training and gating_dropout_fires(self.gating_dropout, self.seed, self.num_updates,
+                                                      self.layer_index)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if padding_mask is not None:
+            rows = (~padding_mask.reshape(-1)).nonzero().squeeze(1)
+            tokens = flat.index_select(0, rows)
+        else:
+            rows, tokens = None, flat
+        if self.gating_dropped():
+            out = self._forward_gating_dropout(tokens)
+        else:
+            out = self._forward_routed(tokens)
+        if rows is not None:
+            out = flat.new_zeros(flat.shape).index_copy(0, rows, out)
+        return out.view(shape)
+
+    def _forward_routed(self, tokens: torch.Tensor) -> torch.Tensor:
+        routing = self.router(tokens)
+        plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, self.router.num_experts)
+        local_in, local_counts, handle = self.comm.exchange(dispatch(tokens, plan), plan.counts, plan.counts_list)
+        expert_out = self.comm.exchange_back(self.experts(local_in, local_counts), handle)
+        out = combine(expert_out, plan, tokens.shape[0])
+        stats = None
+        if self.collect_stats:
+            elem = tokens.element_size() * tokens.shape[1]
+            stats = RoutingStats(
+                num_tokens=torch.tensor(float(tokens.shape[0])),
+                requested_slots=torch.tensor(float(routing.expert_index.numel())),
+                tokens_per_expert=plan.counts.detach(),
+                dropped_by_capacity=routing.dropped_by_capacity.detach(),
+                gate_entropy_sum=entropy_sum(routing.probs),
+                gating_dropped=torch.tensor(0.0),
+                a2a_bytes=self.comm.remote_rows(plan.counts) * (2 * elem),
+            )
+        self.aux = MoEAux(dict(routing.losses), stats)
+        return out
+
+    def _forward_gating_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
+        num_local = self.experts.num_local
+        n = tokens.shape[0]
+        if self.gating_dropout_mode == "gate_expert_drop":
+            out = tokens.new_zeros(tokens.shape)
+            local_counts = [0] * num_local
+        else:
+            # Round-robin over local experts, grouped by expert for the GEMMs.
+            assignment = torch.arange(n, device=tokens.device) % num_local
+            order = torch.sort(assignment, stable=True).indices
+            local_counts = [(n - e + num_local - 1) // num_local for e in range(num_local)]
+            out = tokens.new_zeros(tokens.shape).index_copy(0, order, self.experts(tokens.index_select(0, order), local_counts))
+        stats = None
+        if self.collect_stats:
+            per_expert = torch.zeros(self.router.num_experts, dtype=torch.long, device=tokens.device)
+            local_ids = torch.tensor(self.comm.local_expert_ids(), device=tokens.device)
+            per_expert[local_ids] = torch.tensor(local_counts, device=tokens.device)
+            stats = RoutingStats(
+                num_tokens=torch.tensor(float(n)), requested_slots=torch.tensor(float(n)),
+                tokens_per_expert=per_expert, dropped_by_capacity=torch.tensor(0.0),
+                gate_entropy_sum=torch.tensor(0.0), gating_dropped=torch.tensor(1.0),
+                a2a_bytes=torch.tensor(0.0))
+        self.aux = MoEAux({}, stats)  # no balance loss from a layer that did not route
+        return out
+
+
+def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, activation: str = "relu",
+                    comm=None, split_dense: bool = False) -> MoELayer:
+    """Build a MoE layer from a validated MoEConfig.  With split_dense, E experts of hidden size
+    hidden_dim / E (SMoE-Dropout's parameter-matched setting)."""
+    cfg.validate()
+    if split_dense:
+        if hidden_dim % cfg.num_experts:
+            raise ValueError(f"--moe-split-ffn needs the FFN dim ({hidden_dim}) divisible by "
+                             f"--moe-expert-count={cfg.num_experts}")
+        hidden_dim //= cfg.num_experts
+    comm = comm if comm is not None else LocalComm(cfg.num_experts)
+    experts = FFNExperts(comm.num_local_experts, model_dim, hidden_dim, activation, cfg.expert_dropout)
+    return MoELayer(cfg.build_router(model_dim), experts, layer_index, comm, cfg.gating_dropout,
+                    cfg.gating_dropout_mode, cfg.seed)

@@ -1,0 +1,76 @@
+"""What every router returns, and the pieces routers share."""
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..capacity import apply_capacity, expert_capacity
+
+
+@dataclass
+class Routing:
+    """Routing decision for S (non-padding) tokens and k slots per token.
+
+    expert_index: (S, k) long, global expert id of each slot.
+    gate:         (S, k) fp32 combine weight; 0 where the slot is not kept.
+    keep:         (S, k) bool, slot survives the second-expert policy and capacity.
+    probs:        (S, E) fp32 router distribution, for statistics (entropy); may be None.
+    losses:       weighted auxiliary losses of this router, by name.
+    dropped_by_capacity: number of slots removed by capacity (0-dim tensor, no host sync).
+    """
+
+    expert_index: torch.Tensor
+    gate: torch.Tensor
+    keep: torch.Tensor
+    probs: Optional[torch.Tensor] = None
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped_by_capacity: Optional[torch.Tensor] = None
+
+
+class Router(nn.Module):
+    """Base router: a linear map M -> E computed in fp32, plus capacity handling.
+
+    capacity_factor / eval_capacity_factor: None means dropless.
+    """
+
+    def __init__(self, model_dim: int, num_experts: int, k: int,
+                 capacity_factor: Optional[float] = None,
+                 eval_capacity_factor: Optional[float] = None):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"--moe-expert-count must be >= 1 (got {num_experts})")
+        check_top_k(k, num_experts)
+        for name, cf in (("--moe-capacity-factor", capacity_factor),
+                         ("--moe-eval-capacity-factor", eval_capacity_factor)):
+            if cf is not None and cf <= 0:
+                raise ValueError(f"{name} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
+        self.model_dim, self.num_experts, self.k = model_dim, num_experts, k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.num_updates = 0
+
+    def set_num_updates(self, num_updates: int):
+        self.num_updates = num_updates
+
+    def current_capacity_factor(self) -> Optional[float]:
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def limit_capacity(self, expert_index, keep, k_for_capacity: int):
+        """Apply the current capacity; returns (keep, number of slots dropped)."""
+        cf = self.current_capacity_factor()
+        if cf is None:
+            return keep, keep.new_zeros((), dtype=torch.long)
+        capacity = expert_capacity(expert_index.shape[0], self.num_experts, k_for_capacity, cf)
+        new_keep = apply_capacity(expert_index, keep, self.num_experts, capacity)
+        return new_keep, (keep.sum() - new_keep.sum())
+
+
+def check_top_k(k: int, num_experts: int, flag: str = "--moe-top-k"):
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"{flag} must be between 1 and --moe-expert-count={num_experts} (got {k})")
+
+
+def fp32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in fp32 whatever the model's dtype: softmax over experts in fp16 is unstable."""
+    return torch.nn.functional.linear(x.float(), weight.float())

@@ -1,0 +1,45 @@
+"""SMoE-Dropout's frozen random router (Chen et al., ICLR 2023)."""
+import math
+
+import torch
+
+from ..k_schedule import KSchedule
+from .base import Router, Routing, check_top_k, fp32_logits
+
+
+class RandomRouter(Router):
+    """A randomly initialised linear router that is never trained.
+
+    The weight is a registered *buffer*: it is saved in the checkpoint (inference uses the same
+    router), moved with .to(), but is not a parameter, so no optimizer can change it and it
+    costs no gradient.  k follows `schedule(num_updates)` in training; in evaluation it is the
+    schedule's k_max unless `eval_k` overrides it (self-slimmable inference, any k up to E).
+    Softmax is over the k chosen logits only; there is no balance loss and no noise.
+    """
+
+    def __init__(self, model_dim, num_experts, schedule: KSchedule, capacity_factor=None,
+                 eval_capacity_factor=None, eval_k=None, generator=None):
+        check_top_k(schedule.k_max, num_experts, "--moe-top-k-max")
+        super().__init__(model_dim, num_experts, schedule.k_max, capacity_factor, eval_capacity_factor)
+        bound = 1.0 / math.sqrt(model_dim)  # nn.Linear's default init, as the reference code
+        weight = torch.empty(num_experts, model_dim).uniform_(-bound, bound, generator=generator)
+        self.register_buffer("weight", weight)
+        self.schedule = schedule
+        if eval_k is not None:
+            check_top_k(eval_k, num_experts, "--moe-eval-top-k")
+        self.eval_k = eval_k
+
+    def current_k(self) -> int:
+        if self.training:
+            return self.schedule(self.num_updates)
+        return self.eval_k if self.eval_k is not None else self.schedule.k_max
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        k = self.current_k()
+        with torch.no_grad():
+            logits = fp32_logits(x, self.weight)
+        top_values, expert_index = logits.topk(k, dim=1)
+        gates = torch.softmax(top_values, dim=1)
+        keep = torch.ones_like(expert_index, dtype=torch.bool)
+        keep, dropped = self.limit_capacity(expert_index, keep, k)
+        return Routing(expert_index, gates * keep, keep, torch.softmax(logits, dim=-1), {}, dropped)
