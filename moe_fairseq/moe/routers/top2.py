@@ -36,7 +36,10 @@ class Top2Router(Router):
         top1 = probs.argmax(dim=-1)
         noisy = logits
         if self.training and self.second_expert_policy == "sampling":
-            gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)).clamp_min(1e-20))
+            # Gumbel(0, 1) = -log(-log(U)); the parentheses matter: unary minus binds looser than
+            # .clamp_min, and clamping log(U) < 0 from below at 1e-20 would give log(-1e-20) = nan.
+            u = torch.rand_like(logits).clamp_min(1e-20)
+            gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))
             noisy = logits + gumbel
         top2 = noisy.scatter(1, top1.unsqueeze(1), float("-inf")).argmax(dim=-1)
         expert_index = torch.stack([top1, top2], dim=1)

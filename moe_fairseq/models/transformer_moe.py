@@ -1,0 +1,176 @@
+"""`transformer_moe`: fairseq's transformer with chosen FFN sub-layers replaced by MoE layers.
+
+With no MoE layers (--moe-expert-count 0 or --moe-freq 0) every module is fairseq's own, so a
+dense baseline runs the very same code path and has exactly the transformer's parameters.
+"""
+import logging
+
+import torch.distributed as dist
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerEncoderBase
+from fairseq.models.transformer.transformer_legacy import (
+    TransformerModel,
+    base_architecture,
+    transformer_vaswani_wmt_en_de_big,
+)
+
+from ..moe.config import MoEConfig
+from ..moe.layer import build_moe_layer
+from .moe_args import add_moe_args, moe_config_from_args, moe_layer_indices, set_moe_defaults
+from .moe_transformer_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
+
+logger = logging.getLogger(__name__)
+
+
+def _moe_freqs(cfg):
+    enc = cfg.encoder_moe_freq if cfg.encoder_moe_freq is not None else cfg.moe_freq
+    dec = cfg.decoder_moe_freq if cfg.decoder_moe_freq is not None else cfg.moe_freq
+    if cfg.moe_expert_count == 0:
+        return 0, 0
+    return enc, dec
+
+
+def build_comm(num_experts: int):
+    """Expert parallelism over all ranks when a process group is up; single-process otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from ..moe.expert_parallel import ExpertParallelComm
+
+        return ExpertParallelComm(num_experts)
+    return None
+
+
+def _build_moe(cfg, moe_cfg: MoEConfig, model_dim: int, ffn_dim: int, layer_index: int):
+    hidden = cfg.moe_expert_ffn_dim or ffn_dim
+    return build_moe_layer(moe_cfg, model_dim, hidden, layer_index, cfg.activation_fn,
+                           comm=build_comm(moe_cfg.num_experts), split_dense=cfg.moe_split_ffn)
+
+
+class MoETransformerEncoder(TransformerEncoderBase):
+    def build_encoder_layer(self, cfg):
+        # fairseq builds the layers in order without passing the index: count them.
+        index = getattr(self, "_moe_next_layer", 0)
+        self._moe_next_layer = index + 1
+        enc_freq, _ = _moe_freqs(cfg)
+        if index in moe_layer_indices(enc_freq, cfg.encoder.layers, "--encoder-moe-freq"):
+            moe = _build_moe(cfg, moe_config_from_args(cfg), cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, index)
+            return MoETransformerEncoderLayer(cfg, moe, return_fc=self.return_fc)
+        return super().build_encoder_layer(cfg)
+
+
+class MoETransformerDecoder(TransformerDecoderBase):
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        index = getattr(self, "_moe_next_layer", 0)
+        self._moe_next_layer = index + 1
+        _, dec_freq = _moe_freqs(cfg)
+        if index in moe_layer_indices(dec_freq, cfg.decoder.layers, "--decoder-moe-freq"):
+            # Decoder layers follow the encoder's in the gating-dropout key, so no two MoE
+            # layers of the model share a drop decision.
+            moe = _build_moe(cfg, moe_config_from_args(cfg), cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim,
+                             cfg.encoder.layers + index)
+            return MoETransformerDecoderLayer(cfg, moe, no_encoder_attn)
+        return super().build_decoder_layer(cfg, no_encoder_attn)
+
+
+@register_model("transformer_moe")
+class TransformerMoEModel(TransformerModel):
+    """Transformer with Mixture-of-Experts FFN sub-layers (see README for the flags)."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        add_moe_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        set_moe_defaults(args)
+        validate_moe_args(args)
+        model = super().build_model(args, task)
+        apply_eval_overrides(model, getattr(args, "moe_eval_top_k", None))
+        return model
+
+    @classmethod
+    def build_encoder(cls, args, src_dict, embed_tokens):
+        return MoETransformerEncoder(TransformerConfig.from_namespace(args), src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(args)
+        return MoETransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
+
+
+def validate_moe_args(args):
+    """Fail before anything is built, with the flag's name and what is allowed."""
+    if args.moe_expert_count < 0:
+        raise ValueError(f"--moe-expert-count must be >= 0 (got {args.moe_expert_count})")
+    freqs = (("--moe-freq", args.moe_freq), ("--encoder-moe-freq", args.encoder_moe_freq),
+             ("--decoder-moe-freq", args.decoder_moe_freq))
+    if args.moe_expert_count == 0:
+        for flag, value in freqs:
+            if value:
+                raise ValueError(f"{flag}={value} needs --moe-expert-count > 0")
+        return
+    enc_freq, dec_freq = _moe_freqs(args)
+    moe_layer_indices(enc_freq, args.encoder_layers, "--encoder-moe-freq" if args.encoder_moe_freq is not None else "--moe-freq")
+    moe_layer_indices(dec_freq, args.decoder_layers, "--decoder-moe-freq" if args.decoder_moe_freq is not None else "--moe-freq")
+    moe_config_from_args(args).validate()
+    if args.moe_split_ffn and args.moe_expert_ffn_dim:
+        raise ValueError("--moe-split-ffn and --moe-expert-ffn-dim are exclusive")
+    if dist.is_available() and dist.is_initialized():
+        from ..moe.expert_parallel import check_sharding
+
+        check_sharding(args.moe_expert_count, dist.get_world_size())
+
+
+def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):
+    """Set the evaluation-time k (self-slimmable inference) and capacity on every router."""
+    from ..moe.collect import moe_layers
+    from ..moe.routers.base import check_top_k
+
+    for layer in moe_layers(model):
+        router = layer.router
+        if eval_top_k is not None:
+            if not hasattr(router, "eval_k"):
+                raise ValueError(f"--moe-eval-top-k applies to the noisy_topk and random routers, "
+                                 f"not to {type(router).__name__}")
+            check_top_k(eval_top_k, router.num_experts, "--moe-eval-top-k")
+            router.eval_k = eval_top_k
+        if eval_capacity_factor is not None:
+            if eval_capacity_factor <= 0:
+                raise ValueError(f"--moe-eval-capacity-factor must be > 0 (got {eval_capacity_factor})")
+            router.eval_capacity_factor = eval_capacity_factor
+
+
+def _moe_architecture(args, experts, freq):
+    args.moe_expert_count = getattr(args, "moe_expert_count", None)
+    if args.moe_expert_count is None:
+        args.moe_expert_count = experts
+    if getattr(args, "moe_freq", None) is None:
+        args.moe_freq = freq
+    set_moe_defaults(args)
+
+
+@register_model_architecture("transformer_moe", "transformer_moe_tiny")
+def transformer_moe_tiny(args):
+    """Seconds per update on a CPU: for tests and the quickstart."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
+    args.encoder_layers = getattr(args, "encoder_layers", 2)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 2)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 2)
+    _moe_architecture(args, experts=4, freq=2)
+    base_architecture(args)
+
+
+@register_model_architecture("transformer_moe", "transformer_moe_base")
+def transformer_moe_base(args):
+    """Transformer-base (512/2048, 6+6 layers); MoE in every other FFN, 8 experts."""
+    _moe_architecture(args, experts=8, freq=2)
+    base_architecture(args)
+
+
+@register_model_architecture("transformer_moe", "transformer_moe_big")
+def transformer_moe_big(args):
+    """Transformer-big (1024/4096, 16 heads); MoE in every other FFN, 16 experts."""
+    _moe_architecture(args, experts=16, freq=2)
+    transformer_vaswani_wmt_en_de_big(args)

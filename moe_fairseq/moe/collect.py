@@ -1,0 +1,31 @@
+"""Collect what the MoE layers of a model left after a forward pass (losses, statistics)."""
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layer import MoEAux, MoELayer
+from .stats import RoutingStats
+
+
+def moe_layers(model: nn.Module) -> List[MoELayer]:
+    """The MoE layers of `model`, found once and cached on it (module trees do not change)."""
+    cached = getattr(model, "_moe_layers_cache", None)
+    if cached is None:
+        cached = [m for m in model.modules() if isinstance(m, MoELayer)]
+        object.__setattr__(model, "_moe_layers_cache", cached)
+    return cached
+
+
+def pop_aux(model: nn.Module) -> Tuple[List[Dict[str, torch.Tensor]], List[RoutingStats]]:
+    """Losses and statistics of the last forward of every MoE layer; clears them so a layer that
+    did not run in the next forward is not counted twice."""
+    losses, stats = [], []
+    for layer in moe_layers(model):
+        aux = layer.aux
+        if aux.losses or aux.stats is not None:
+            losses.append(aux.losses)
+            if aux.stats is not None:
+                stats.append(aux.stats)
+        layer.aux = MoEAux()
+    return losses, stats

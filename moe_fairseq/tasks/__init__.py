@@ -1,0 +1,1 @@
+from . import translation_multi_moe  # noqa: F401

@@ -1,0 +1,123 @@
+"""`translation_multi_moe`: fairseq's translation_multi_simple_epoch, made aware of MoE layers.
+
+What it adds: it hands the update number to the MoE layers (k schedules, the synchronised
+Gating Dropout decision), applies the evaluation-time k (self-slimmable inference) to the
+routers, computes BLEU with sacrebleu during validation, and checks the expert/world-size
+layout before training starts.
+"""
+import json
+import logging
+from argparse import Namespace
+
+import numpy as np
+import torch
+from fairseq import utils
+from fairseq.tasks import register_task
+from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
+
+from ..models.transformer_moe import apply_eval_overrides
+from ..moe.collect import moe_layers
+
+logger = logging.getLogger(__name__)
+EVAL_BLEU_ORDER = 4
+
+
+@register_task("translation_multi_moe")
+class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
+    @staticmethod
+    def add_args(parser):
+        TranslationMultiSimpleEpochTask.add_args(parser)
+        g = parser.add_argument_group("MoE task")
+        g.add_argument("--moe-eval-top-k", type=int, default=None, metavar="K",
+                       help="experts per token at evaluation/generation for the noisy_topk and random "
+                            "routers (self-slimmable inference); default: the trained k")
+        g.add_argument("--eval-bleu", action="store_true", help="compute sacrebleu BLEU during validation")
+        g.add_argument("--eval-bleu-args", type=str, default="{}",
+                       help='generation args for validation BLEU as JSON, e.g. \'{"beam": 4}\'')
+        g.add_argument("--eval-bleu-remove-bpe", type=str, default="sentencepiece",
+                       help="subword marker to remove before scoring (fairseq's --post-process)")
+        g.add_argument("--eval-bleu-print-samples", action="store_true", help="log a hypothesis per batch")
+
+    def build_model(self, args, from_checkpoint=False):
+        model = super().build_model(args, from_checkpoint)
+        apply_eval_overrides(model, getattr(self.args, "moe_eval_top_k", None))
+        if getattr(self.args, "eval_bleu", False):
+            gen_args = Namespace(**json.loads(self.args.eval_bleu_args or "{}"))
+            # The parent's build_generator needs one --target-lang; validation mixes all
+            # directions, so build the plain generator and strip every language token.
+            self.bleu_generator = super(TranslationMultiSimpleEpochTask, self).build_generator(
+                [model], gen_args, extra_gen_cls_kwargs={"symbols_to_strip_from_output": self._langtok_ids()})
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        for layer in moe_layers(model):
+            layer.set_num_updates(update_num)
+            layer.router.set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if getattr(self.args, "eval_bleu", False):
+            bleu = self._inference_with_bleu(self.bleu_generator, sample, model)
+            logging_output["_bleu_sys_len"] = bleu.sys_len
+            logging_output["_bleu_ref_len"] = bleu.ref_len
+            for i in range(EVAL_BLEU_ORDER):
+                logging_output["_bleu_counts_" + str(i)] = bleu.counts[i]
+                logging_output["_bleu_totals_" + str(i)] = bleu.totals[i]
+        return loss, sample_size, logging_output
+
+    def _inference_with_bleu(self, generator, sample, model):
+        import sacrebleu
+
+        tgt_dict = self.target_dictionary
+        # The target starts with the language token when --decoder-langtok is on: force it as
+        # the first generated token so each sentence is decoded into its own language.
+        prefix = sample["target"][:, :1] if self.args.decoder_langtok else None
+        with torch.no_grad():
+            hyps_out = generator.generate([model], sample, prefix_tokens=prefix)
+        strip = self._langtok_ids()
+        hyps, refs = [], []
+        for i, out in enumerate(hyps_out):
+            hyps.append(self._decode(out[0]["tokens"], strip))
+            refs.append(self._decode(utils.strip_pad(sample["target"][i], tgt_dict.pad()), strip))
+        if getattr(self.args, "eval_bleu_print_samples", False) and hyps:
+            logger.info("example hypothesis: %s", hyps[0])
+            logger.info("example reference: %s", refs[0])
+        return sacrebleu.corpus_bleu(hyps, [refs], tokenize="13a")
+
+    def _langtok_ids(self):
+        tgt_dict = self.target_dictionary
+        return {i for i, sym in enumerate(tgt_dict.symbols) if sym.startswith("__") and sym.endswith("__")}
+
+    def _decode(self, tokens, strip):
+        return self.target_dictionary.string(
+            tokens.int().cpu(), self.args.eval_bleu_remove_bpe, extra_symbols_to_ignore=strip,
+        )
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if not getattr(self.args, "eval_bleu", False):
+            return
+        from fairseq.logging import metrics
+
+        def total(key):
+            return sum(float(log.get(key, 0)) for log in logging_outputs)
+
+        counts = [total("_bleu_counts_" + str(i)) for i in range(EVAL_BLEU_ORDER)]
+        totals = [total("_bleu_totals_" + str(i)) for i in range(EVAL_BLEU_ORDER)]
+        if max(totals) > 0:
+            metrics.log_scalar("_bleu_counts", np.array(counts))
+            metrics.log_scalar("_bleu_totals", np.array(totals))
+            metrics.log_scalar("_bleu_sys_len", total("_bleu_sys_len"))
+            metrics.log_scalar("_bleu_ref_len", total("_bleu_ref_len"))
+
+            def compute_bleu(meters):
+                import sacrebleu
+
+                bleu = sacrebleu.metrics.BLEU.compute_bleu(
+                    correct=meters["_bleu_counts"].sum, total=meters["_bleu_totals"].sum,
+                    sys_len=int(meters["_bleu_sys_len"].sum), ref_len=int(meters["_bleu_ref_len"].sum),
+                    smooth_method="exp")
+                return round(bleu.score, 2)
+
+            metrics.log_derived("bleu", compute_bleu)
