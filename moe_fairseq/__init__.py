@@ -10,4 +10,7 @@ except ImportError:  # the layer library stays usable without fairseq
 
 if fairseq is not None:
     from . import compat  # noqa: F401  (torch.load allowlist and CPU torchrun fix; before anything loads)
+    from .cli_errors import install_excepthook
+
+    install_excepthook()
     from . import criterions, models, tasks  # noqa: F401

@@ -11,6 +11,7 @@ from fairseq.logging import metrics
 
 from ..moe.collect import pop_aux
 from ..moe.stats import summarize
+from ..moe.errors import MoEUsageError
 
 COMBINE_METHODS = ("average", "sum")
 # Routing statistics logged as averages over logging outputs (steps, and ranks: fairseq sums
@@ -32,7 +33,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                  moe_gate_loss_combine_method="average"):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         if moe_gate_loss_combine_method not in COMBINE_METHODS:
-            raise ValueError(f"--moe-gate-loss-combine-method must be one of {', '.join(COMBINE_METHODS)} "
+            raise MoEUsageError(f"--moe-gate-loss-combine-method must be one of {', '.join(COMBINE_METHODS)} "
                              f"(got {moe_gate_loss_combine_method!r})")
         self.combine_method = moe_gate_loss_combine_method
 

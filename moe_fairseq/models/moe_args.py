@@ -8,6 +8,7 @@ from ..moe.config import MoEConfig
 from ..moe.gating_dropout import MODES as GATING_DROPOUT_MODES
 from ..moe.k_schedule import SCHEDULES
 from ..moe.routers import ROUTERS, SECOND_EXPERT_POLICIES
+from ..moe.errors import MoEUsageError
 
 
 def add_moe_args(parser):
@@ -99,5 +100,5 @@ def moe_layer_indices(freq: int, num_layers: int, flag: str):
     if not freq:
         return set()
     if freq < 0 or freq > num_layers:
-        raise ValueError(f"{flag}={freq} must be between 0 and the number of layers ({num_layers})")
+        raise MoEUsageError(f"{flag}={freq} must be between 0 and the number of layers ({num_layers})")
     return {i for i in range(num_layers) if (i + 1) % freq == 0}

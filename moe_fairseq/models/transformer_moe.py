@@ -18,6 +18,7 @@ from ..moe.config import MoEConfig
 from ..moe.layer import build_moe_layer
 from .moe_args import add_moe_args, moe_config_from_args, moe_layer_indices, set_moe_defaults
 from .moe_transformer_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
+from ..moe.errors import MoEUsageError
 
 logger = logging.getLogger(__name__)
 
@@ -101,20 +102,20 @@ class TransformerMoEModel(TransformerModel):
 def validate_moe_args(args):
     """Fail before anything is built, with the flag's name and what is allowed."""
     if args.moe_expert_count < 0:
-        raise ValueError(f"--moe-expert-count must be >= 0 (got {args.moe_expert_count})")
+        raise MoEUsageError(f"--moe-expert-count must be >= 0 (got {args.moe_expert_count})")
     freqs = (("--moe-freq", args.moe_freq), ("--encoder-moe-freq", args.encoder_moe_freq),
              ("--decoder-moe-freq", args.decoder_moe_freq))
     if args.moe_expert_count == 0:
         for flag, value in freqs:
             if value:
-                raise ValueError(f"{flag}={value} needs --moe-expert-count > 0")
+                raise MoEUsageError(f"{flag}={value} needs --moe-expert-count > 0")
         return
     enc_freq, dec_freq = _moe_freqs(args)
     moe_layer_indices(enc_freq, args.encoder_layers, "--encoder-moe-freq" if args.encoder_moe_freq is not None else "--moe-freq")
     moe_layer_indices(dec_freq, args.decoder_layers, "--decoder-moe-freq" if args.decoder_moe_freq is not None else "--moe-freq")
     moe_config_from_args(args).validate()
     if args.moe_split_ffn and args.moe_expert_ffn_dim:
-        raise ValueError("--moe-split-ffn and --moe-expert-ffn-dim are exclusive")
+        raise MoEUsageError("--moe-split-ffn and --moe-expert-ffn-dim are exclusive")
     if dist.is_available() and dist.is_initialized():
         from ..moe.expert_parallel import check_sharding
 
@@ -130,13 +131,13 @@ def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):
         router = layer.router
         if eval_top_k is not None:
             if not hasattr(router, "eval_k"):
-                raise ValueError(f"--moe-eval-top-k applies to the noisy_topk and random routers, "
+                raise MoEUsageError(f"--moe-eval-top-k applies to the noisy_topk and random routers, "
                                  f"not to {type(router).__name__}")
             check_top_k(eval_top_k, router.num_experts, "--moe-eval-top-k")
             router.eval_k = eval_top_k
         if eval_capacity_factor is not None:
             if eval_capacity_factor <= 0:
-                raise ValueError(f"--moe-eval-capacity-factor must be > 0 (got {eval_capacity_factor})")
+                raise MoEUsageError(f"--moe-eval-capacity-factor must be > 0 (got {eval_capacity_factor})")
             router.eval_capacity_factor = eval_capacity_factor
 
 

@@ -9,12 +9,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from .errors import MoEUsageError
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
     """C = k * ceil(cf * S / E): Switch's ceil(cf*S/E) for k=1, GShard's 2*ceil(S/E) for k=2, cf=1."""
     if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0 (got {capacity_factor}); use dropless routing instead")
+        raise MoEUsageError(f"capacity_factor must be > 0 (got {capacity_factor}); use dropless routing instead")
     return k * math.ceil(capacity_factor * num_tokens / num_experts)
 
 

@@ -6,6 +6,7 @@ from .gating_dropout import MODES as GATING_DROPOUT_MODES
 from .gating_dropout import check_rate
 from .k_schedule import SCHEDULES, KSchedule
 from .routers import ROUTERS, SECOND_EXPERT_POLICIES, NoisyTopKRouter, RandomRouter, Top1Router, Top2Router
+from .errors import MoEUsageError
 
 # Routers that drop tokens past capacity by default; noisy_topk and random are dropless by
 # default, as in their papers.
@@ -39,24 +40,24 @@ class MoEConfig:
 
     def validate(self):
         if self.router not in ROUTERS:
-            raise ValueError(f"--moe-router must be one of {', '.join(ROUTERS)} (got {self.router!r})")
+            raise MoEUsageError(f"--moe-router must be one of {', '.join(ROUTERS)} (got {self.router!r})")
         if self.num_experts < 1:
-            raise ValueError(f"--moe-expert-count must be >= 1 (got {self.num_experts})")
+            raise MoEUsageError(f"--moe-expert-count must be >= 1 (got {self.num_experts})")
         if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
-            raise ValueError(f"--moe-second-expert-policy must be one of {', '.join(SECOND_EXPERT_POLICIES)} "
+            raise MoEUsageError(f"--moe-second-expert-policy must be one of {', '.join(SECOND_EXPERT_POLICIES)} "
                              f"(got {self.second_expert_policy!r})")
         check_rate(self.gating_dropout, "--moe-gating-dropout")
         if self.gating_dropout_mode not in GATING_DROPOUT_MODES:
-            raise ValueError(f"--moe-gating-dropout-mode must be one of {', '.join(GATING_DROPOUT_MODES)} "
+            raise MoEUsageError(f"--moe-gating-dropout-mode must be one of {', '.join(GATING_DROPOUT_MODES)} "
                              f"(got {self.gating_dropout_mode!r})")
         check_rate(self.expert_dropout, "--moe-expert-dropout")
         if self.top_k_schedule not in SCHEDULES:
-            raise ValueError(f"--moe-top-k-schedule must be one of {', '.join(SCHEDULES)} (got {self.top_k_schedule!r})")
+            raise MoEUsageError(f"--moe-top-k-schedule must be one of {', '.join(SCHEDULES)} (got {self.top_k_schedule!r})")
         for name, v in (("--moe-gate-loss-wt", self.gate_loss_weight), ("--moe-z-loss-wt", self.z_loss_weight),
                         ("--moe-importance-loss-wt", self.importance_loss_weight),
                         ("--moe-load-loss-wt", self.load_loss_weight), ("--moe-jitter-eps", self.jitter_eps)):
             if v < 0:
-                raise ValueError(f"{name} must be >= 0 (got {v})")
+                raise MoEUsageError(f"{name} must be >= 0 (got {v})")
         self.capacity_factors()  # validates capacity factors
         self.build_router(1)  # validates k against E with the router's own messages
         return self
@@ -69,13 +70,13 @@ class MoEConfig:
         evaluation = self.eval_capacity_factor if self.eval_capacity_factor is not None else default_eval
         for name, cf in (("--moe-capacity-factor", train), ("--moe-eval-capacity-factor", evaluation)):
             if cf is not None and cf <= 0:
-                raise ValueError(f"{name} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
+                raise MoEUsageError(f"{name} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
         return train, evaluation
 
     def k_schedule(self) -> KSchedule:
         k_max = self.top_k_max if self.top_k_max is not None else self.num_experts
         if k_max > self.num_experts:
-            raise ValueError(f"--moe-top-k-max must be <= --moe-expert-count={self.num_experts} (got {k_max})")
+            raise MoEUsageError(f"--moe-top-k-max must be <= --moe-expert-count={self.num_experts} (got {k_max})")
         return KSchedule(self.top_k_min, k_max, self.top_k_schedule_steps, self.top_k_schedule)
 
     def build_router(self, model_dim: int):

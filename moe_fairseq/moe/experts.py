@@ -12,6 +12,7 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .errors import MoEUsageError
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -68,10 +69,16 @@ class _GroupedFFN(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         gy = gy.contiguous()
         gx = torch.empty_like(x) if need_x else None
-        gw1 = torch.zeros_like(w1) if need_w1 else None
-        gb1 = w1.new_zeros(w1.shape[0], w1.shape[2]) if need_b1 else None
-        gw2 = torch.zeros_like(w2) if need_w2 else None
-        gb2 = w2.new_zeros(w2.shape[0], w2.shape[2]) if need_b2 else None
+        # Every expert with rows writes its whole slice; only the others need zeros.
+        gw1 = torch.empty_like(w1) if need_w1 else None
+        gb1 = w1.new_empty(w1.shape[0], w1.shape[2]) if need_b1 else None
+        gw2 = torch.empty_like(w2) if need_w2 else None
+        gb2 = w2.new_empty(w2.shape[0], w2.shape[2]) if need_b2 else None
+        for e in range(w1.shape[0]):
+            if e >= len(ctx.counts) or ctx.counts[e] == 0:
+                for g in (gw1, gb1, gw2, gb2):
+                    if g is not None:
+                        g[e].zero_()
         need_hidden = need_x or need_w1 or need_b1
         start = 0
         for e, c in enumerate(ctx.counts):
@@ -115,9 +122,9 @@ class FFNExperts(nn.Module):
                  expert_dropout: float = 0.0):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"--activation-fn for experts must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
+            raise MoEUsageError(f"--activation-fn for experts must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
         if not 0 <= expert_dropout < 1:
-            raise ValueError(f"--moe-expert-dropout must be in [0, 1) (got {expert_dropout})")
+            raise MoEUsageError(f"--moe-expert-dropout must be in [0, 1) (got {expert_dropout})")
         self.num_local, self.model_dim, self.hidden_dim = num_local, model_dim, hidden_dim
         self.activation = ACTIVATIONS[activation]
         self.expert_dropout = expert_dropout
@@ -140,8 +147,10 @@ class FFNExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """x: (N, M) rows grouped by local expert, counts[e] rows for expert e."""
         counts = [int(c) for c in counts]
-        if len(counts) != self.num_local or sum(counts) != x.shape[0] or min(counts, default=0) < 0:
-            raise ValueError(f"counts {counts} do not split {x.shape[0]} rows over {self.num_local} experts")
+        if sum(counts) != x.shape[0] or min(counts, default=0) < 0:
+            torch.split(x, counts)  # raises torch's own error for sizes that do not split x
+        if len(counts) > self.num_local:
+            raise IndexError(f"{len(counts)} expert counts for {self.num_local} local experts")
         if x.shape[0] > 0 and (self.activation is F.relu or self.activation in _ACTIVATION_BACKWARD):
             p = self.expert_dropout if self.training else 0.0
             return _GroupedFFN.apply(x, self.w1, self.b1, self.w2, self.b2, counts, self.activation, p)
@@ -169,7 +178,7 @@ class FFNExperts(nn.Module):
         divided by E here so that this identity holds."""
         hidden = fc1.out_features
         if hidden % num_experts:
-            raise ValueError(f"--encoder/decoder-ffn-embed-dim={hidden} is not divisible by "
+            raise MoEUsageError(f"--encoder/decoder-ffn-embed-dim={hidden} is not divisible by "
                              f"--moe-expert-count={num_experts}")
         experts = cls(num_experts, fc1.in_features, hidden // num_experts, activation, expert_dropout)
         with torch.no_grad():

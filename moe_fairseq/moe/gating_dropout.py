@@ -5,6 +5,8 @@ mismatch and training hangs.  fairseq's NLLB branch has rank 0 draw and broadcas
 layer call; here the decision is a pure function of (seed, update number, layer index), so all
 ranks agree with no communication at all, and a resumed run repeats the same decisions.
 """
+from .errors import MoEUsageError
+
 MODES = ("gate_drop", "gate_expert_drop")
 _MASK64 = (1 << 64) - 1
 
@@ -30,5 +32,5 @@ def gating_dropout_fires(p: float, seed: int, update: int, layer: int) -> bool:
 
 def check_rate(p: float, flag: str = "--moe-gating-dropout") -> float:
     if not 0 <= p < 1:
-        raise ValueError(f"{flag} must be in [0, 1) (got {p})")
+        raise MoEUsageError(f"{flag} must be in [0, 1) (got {p})")
     return p

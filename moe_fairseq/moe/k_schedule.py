@@ -1,5 +1,6 @@
 """SMoE-Dropout's curriculum on the number of active experts k as a function of the update."""
 import math
+from .errors import MoEUsageError
 
 SCHEDULES = ("fixed", "linear", "cosine", "exponential")
 
@@ -20,13 +21,13 @@ class KSchedule:
 
     def __init__(self, k_min: int, k_max: int, steps: int, mode: str = "linear"):
         if mode not in SCHEDULES:
-            raise ValueError(f"--moe-top-k-schedule must be one of {', '.join(SCHEDULES)} (got {mode!r})")
+            raise MoEUsageError(f"--moe-top-k-schedule must be one of {', '.join(SCHEDULES)} (got {mode!r})")
         if k_min < 1:
-            raise ValueError(f"--moe-top-k-min must be >= 1 (got {k_min})")
+            raise MoEUsageError(f"--moe-top-k-min must be >= 1 (got {k_min})")
         if k_min > k_max:
-            raise ValueError(f"--moe-top-k-min ({k_min}) must not exceed --moe-top-k-max ({k_max})")
+            raise MoEUsageError(f"--moe-top-k-min ({k_min}) must not exceed --moe-top-k-max ({k_max})")
         if mode != "fixed" and steps <= 0:
-            raise ValueError(f"--moe-top-k-schedule-steps must be > 0 for the {mode} schedule (got {steps})")
+            raise MoEUsageError(f"--moe-top-k-schedule-steps must be > 0 for the {mode} schedule (got {steps})")
         self.k_min, self.k_max, self.steps, self.mode = k_min, k_max, steps, mode
 
     def __call__(self, t: int) -> int:

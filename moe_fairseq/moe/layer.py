@@ -11,6 +11,7 @@ from .experts import FFNExperts
 from .gating_dropout import check_rate, gating_dropout_fires
 from .routers import Router
 from .stats import RoutingStats, entropy_sum
+from .errors import MoEUsageError
 
 
 @dataclass
@@ -44,7 +45,7 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.comm = comm if comm is not None else LocalComm(router.num_experts)
         if experts.num_local != self.comm.num_local_experts:
-            raise ValueError(f"the layer holds {experts.num_local} experts but its communicator expects "
+            raise MoEUsageError(f"the layer holds {experts.num_local} experts but its communicator expects "
                              f"{self.comm.num_local_experts} local experts")
         self.layer_index = layer_index
         self.gating_dropout = check_rate(gating_dropout, "--moe-gating-dropout")
@@ -131,7 +132,7 @@ def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, 
     cfg.validate()
     if split_dense:
         if hidden_dim % cfg.num_experts:
-            raise ValueError(f"--moe-split-ffn needs the FFN dim ({hidden_dim}) divisible by "
+            raise MoEUsageError(f"--moe-split-ffn needs the FFN dim ({hidden_dim}) divisible by "
                              f"--moe-expert-count={cfg.num_experts}")
         hidden_dim //= cfg.num_experts
     comm = comm if comm is not None else LocalComm(cfg.num_experts)

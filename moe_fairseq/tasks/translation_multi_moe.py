@@ -7,6 +7,7 @@ layout before training starts.
 """
 import json
 import logging
+import os
 from argparse import Namespace
 
 import numpy as np
@@ -17,6 +18,7 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 
 from ..models.transformer_moe import apply_eval_overrides
 from ..moe.collect import moe_layers
+from ..moe.errors import MoEUsageError
 
 logger = logging.getLogger(__name__)
 EVAL_BLEU_ORDER = 4
@@ -37,6 +39,11 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
         g.add_argument("--eval-bleu-remove-bpe", type=str, default="sentencepiece",
                        help="subword marker to remove before scoring (fairseq's --post-process)")
         g.add_argument("--eval-bleu-print-samples", action="store_true", help="log a hypothesis per batch")
+
+    @classmethod
+    def setup_task(cls, args, **kwargs):
+        check_data_dir(args)
+        return super().setup_task(args, **kwargs)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
@@ -121,3 +128,29 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
                 return round(bleu.score, 2)
 
             metrics.log_derived("bleu", compute_bleu)
+
+
+def check_data_dir(args):
+    """Refuse, in one line, a data directory that lacks a requested direction (fairseq would
+    fail later with a FileNotFoundError deep in the data loader)."""
+    if not getattr(args, "data", None):
+        return
+    data = args.data.split(":")[0]
+    if not os.path.isdir(data):
+        raise MoEUsageError(f"data directory {data} does not exist")
+    # fairseq's multilingual manager treats a run with both --source-lang and --target-lang as
+    # inference on that one direction (gen_subset), anything else as training on --lang-pairs.
+    if getattr(args, "source_lang", None) and getattr(args, "target_lang", None):
+        split, pairs = getattr(args, "gen_subset", "test"), [f"{args.source_lang}-{args.target_lang}"]
+    else:
+        split = getattr(args, "train_subset", "train")
+        pairs = args.lang_pairs if isinstance(args.lang_pairs, list) else (args.lang_pairs or "").split(",")
+    missing = []
+    for pair in filter(None, pairs):
+        src, tgt = pair.split("-")
+        candidates = [os.path.join(data, f"{split}.{a}-{b}.{src}.idx") for a, b in ((src, tgt), (tgt, src))]
+        if not any(os.path.exists(c) for c in candidates):
+            missing.append(pair)
+    if missing:
+        raise MoEUsageError(f"data directory {data} has no '{split}' data for --lang-pairs {','.join(missing)} "
+                            f"(expected files like {split}.{missing[0]}.{missing[0].split('-')[0]}.idx)")

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..capacity import apply_capacity, expert_capacity
+from ..errors import MoEUsageError
 
 
 @dataclass
@@ -39,12 +40,12 @@ class Router(nn.Module):
                  eval_capacity_factor: Optional[float] = None):
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"--moe-expert-count must be >= 1 (got {num_experts})")
+            raise MoEUsageError(f"--moe-expert-count must be >= 1 (got {num_experts})")
         check_top_k(k, num_experts)
         for name, cf in (("--moe-capacity-factor", capacity_factor),
                          ("--moe-eval-capacity-factor", eval_capacity_factor)):
             if cf is not None and cf <= 0:
-                raise ValueError(f"{name} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
+                raise MoEUsageError(f"{name} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
         self.model_dim, self.num_experts, self.k = model_dim, num_experts, k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
@@ -68,7 +69,7 @@ class Router(nn.Module):
 
 def check_top_k(k: int, num_experts: int, flag: str = "--moe-top-k"):
     if not 1 <= k <= num_experts:
-        raise ValueError(f"{flag} must be between 1 and --moe-expert-count={num_experts} (got {k})")
+        raise MoEUsageError(f"{flag} must be between 1 and --moe-expert-count={num_experts} (got {k})")
 
 
 def fp32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ import torch
 
 from ..losses import gshard_balance_loss, router_z_loss
 from .base import Router, Routing, fp32_logits
+from ..errors import MoEUsageError
 
 SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
 
@@ -16,10 +17,10 @@ class Top2Router(Router):
                  second_expert_policy="sampling", normalize_gate_prob_before_dropping=False,
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):
         if num_experts < 2:
-            raise ValueError(f"--moe-router top2 needs --moe-expert-count >= 2 (got {num_experts})")
+            raise MoEUsageError(f"--moe-router top2 needs --moe-expert-count >= 2 (got {num_experts})")
         super().__init__(model_dim, num_experts, 2, capacity_factor, eval_capacity_factor)
         if second_expert_policy not in SECOND_EXPERT_POLICIES:
-            raise ValueError(f"--moe-second-expert-policy must be one of {', '.join(SECOND_EXPERT_POLICIES)} "
+            raise MoEUsageError(f"--moe-second-expert-policy must be one of {', '.join(SECOND_EXPERT_POLICIES)} "
                              f"(got {second_expert_policy!r})")
         self.wg = torch.nn.Linear(model_dim, num_experts, bias=False)
         self.second_expert_policy = second_expert_policy

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="moe-fairseq",
+    version="0.1.0",
+    description="Mixture-of-Experts layers, routers and regularisers (Shazeer 2017, Switch, GShard, "
+                "Gating Dropout, SMoE-Dropout) for fairseq multilingual translation, with expert parallelism",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["moe_fairseq", "moe_fairseq.*", "data_prep", "data_prep.*"]),
+    python_requires=">=3.8",
+    # torch is installed first and explicitly (see README): a bare requirement with no torch
+    # present would download a multi-GB CUDA build.
+    install_requires=[
+        "torch>=1.13",
+        "fairseq==0.12.2; python_version < '3.11'",
+        # fairseq 0.12.2 does not import on Python 3.11+ (dataclass mutable default); this is a
+        # drop-in build of the same code that imports as `fairseq`.
+        "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
+        "sacrebleu>=2.0",
+        "sentencepiece>=0.1.97",
+        "fairscale>=0.4",
+        "numpy",
+        "matplotlib",
+        "tensorboardX",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "moe-consolidate=moe_fairseq.checkpoint.consolidate:cli_main",
+            "moe-reshard=moe_fairseq.checkpoint.reshard:cli_main",
+            "moe-evaluate=moe_fairseq.evaluate:cli_main",
+        ]
+    },
+)
