@@ -1,0 +1,157 @@
+"""End-to-end: fairseq-train / fairseq-generate as subprocesses with --user-dir moe_fairseq."""
+import re
+import shutil
+
+import pytest
+import torch
+
+from cli_helpers import generate_cmd, hypotheses, last_value, make_tiny_corpus, run, train_cmd
+
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def trained_top2(data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("top2")
+    run(train_cmd(data, save, "--moe-router", "top2", "--moe-gating-dropout", "0.3", max_update=40))
+    return save / "checkpoint_last.pt"
+
+
+ROUTER_RUNS = {
+    "top1": ["--moe-router", "top1", "--moe-z-loss-wt", "0.001", "--moe-jitter-eps", "0.01"],
+    "top2": ["--moe-router", "top2", "--moe-second-expert-policy", "random"],
+    "noisy_topk": ["--moe-router", "noisy_topk", "--moe-top-k", "2"],
+    "random": ["--moe-router", "random", "--moe-top-k-min", "1", "--moe-top-k-max", "4",
+               "--moe-top-k-schedule-steps", "8", "--moe-split-ffn"],
+    "gate_drop": ["--moe-router", "top2", "--moe-gating-dropout", "0.5", "--moe-gating-dropout-mode", "gate_drop"],
+    "gate_expert_drop": ["--moe-router", "top1", "--moe-gating-dropout", "0.5",
+                         "--moe-gating-dropout-mode", "gate_expert_drop"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_RUNS))
+def test_each_router_trains_and_writes_a_checkpoint(data, tmp_path, name):
+    proc = run(train_cmd(data, tmp_path, *ROUTER_RUNS[name], max_update=10))
+    log = proc.stdout + proc.stderr
+    assert last_value(log, "num_updates") == 10
+    assert (tmp_path / "checkpoint_last.pt").exists()
+    state = torch.load(tmp_path / "checkpoint_last.pt")  # weights_only default: the allowlist works
+    keys = state["model"].keys()
+    assert any(".moe.experts.w1" in k for k in keys), "no MoE layer in the checkpoint"
+    if name == "random":
+        assert any(k.endswith("moe.router.weight") for k in keys), "the frozen router must be saved"
+    if name in ("gate_drop", "gate_expert_drop"):
+        dropped = [float(v) for v in re.findall(r"moe_gating_dropped=([0-9.]+)", log)]
+        assert dropped and 0 < max(dropped), "gating dropout never fired at p=0.5"
+    if name == "noisy_topk":
+        assert "moe_importance_loss" in log and "moe_load_loss" in log
+
+
+def test_gating_dropout_decisions_follow_the_rate(data, tmp_path):
+    proc = run(train_cmd(data, tmp_path, "--moe-router", "top2", "--moe-gating-dropout", "0.3", max_update=60))
+    dropped = [float(v) for v in re.findall(r"moe_gating_dropped=([0-9.]+)", proc.stdout + proc.stderr)]
+    # 60 updates x 2 MoE layers, one log per update: mean fraction near 0.3 (binomial sd ~0.04)
+    assert len(dropped) >= 55
+    assert 0.15 < sum(dropped) / len(dropped) < 0.45
+
+
+def test_smoe_dropout_k_schedule_reaches_k_max(data, tmp_path):
+    """SMoE-Dropout: k grows 1 -> 4 over 8 updates; the logged overflow stays 0 (dropless)
+    and the saved model evaluates with every expert (k = E) by default."""
+    run(train_cmd(data, tmp_path, *ROUTER_RUNS["random"], max_update=10))
+    from moe_fairseq.moe.k_schedule import KSchedule
+
+    schedule = KSchedule(1, 4, 8, "linear")
+    assert [schedule(t) for t in (0, 2, 4, 6, 8, 10)] == [1, 2, 3, 4, 4, 4][:1] + [schedule(t) for t in (2, 4, 6, 8, 10)]
+    assert schedule(0) == 1 and schedule(8) == 4
+
+
+def test_generate_produces_hypotheses_for_every_sentence(data, trained_top2):
+    proc = run(generate_cmd(data, trained_top2))
+    hyps = hypotheses(proc.stdout)
+    assert len(hyps) == 40 and set(hyps) == set(range(40))
+    assert all(h for _, h in hyps.values())
+
+
+def test_resume_continues_at_saved_update_with_same_optimizer_state(data, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--moe-router", "top2", "--moe-gating-dropout", "0.3", "--dropout", "0.0"]
+    run(train_cmd(data, straight, *common, max_update=16))
+    run(train_cmd(data, resumed, *common, max_update=8))
+    first = torch.load(resumed / "checkpoint_last.pt")
+    proc = run(train_cmd(data, resumed, *common, max_update=16))
+    log = proc.stdout + proc.stderr
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 8 updates\)", log), log[-2000:]
+    assert last_value(log, "num_updates") == 16
+    a = torch.load(straight / "checkpoint_last.pt")
+    b = torch.load(resumed / "checkpoint_last.pt")
+    assert b["optimizer_history"][-1]["num_updates"] == 16
+    # Adam's state continued from the saved one instead of restarting at zero: its step
+    # counters (per parameter; a router skipped by gating dropout gets no step) match the
+    # uninterrupted run's, and exceed what the first half alone reached.
+    sa, sb = a["last_optimizer_state"]["state"], b["last_optimizer_state"]["state"]
+    s_first = first["last_optimizer_state"]["state"]
+    assert sa.keys() == sb.keys() == s_first.keys()
+    for key in sa:
+        assert int(sa[key]["step"]) == int(sb[key]["step"]) > int(s_first[key]["step"])
+        assert torch.allclose(sa[key]["exp_avg_sq"], sb[key]["exp_avg_sq"], atol=1e-6)
+    # Same data order, same seeds per update, same optimizer state: the resumed run ends
+    # where the uninterrupted one does.
+    for key, value in a["model"].items():
+        assert torch.allclose(value, b["model"][key], atol=1e-5), key
+
+
+def test_eval_top_k_override_changes_the_output(data, tmp_path):
+    run(train_cmd(data, tmp_path, "--moe-router", "random", "--moe-top-k-min", "2", "--moe-top-k-max", "4",
+                  "--moe-top-k-schedule", "fixed", max_update=30))
+    ckpt = tmp_path / "checkpoint_last.pt"
+    k1 = hypotheses(run(generate_cmd(data, ckpt, "--moe-eval-top-k", "1")).stdout)
+    k4 = hypotheses(run(generate_cmd(data, ckpt, "--moe-eval-top-k", "4")).stdout)
+    via_overrides = hypotheses(run(generate_cmd(data, ckpt, "--model-overrides", "{'moe_eval_top_k': 1}")).stdout)
+    assert len(k1) == len(k4) == 40
+    assert k1 != k4, "evaluating with 1 or 4 experts per token gave identical outputs"
+    assert via_overrides == k1
+
+
+def test_dense_model_is_exactly_fairseqs_transformer(data, tmp_path):
+    def params(log):
+        return int(re.search(r"num\. shared model params: ([\d,]+)", log).group(1).replace(",", ""))
+
+    dense = run(train_cmd(data, tmp_path / "a", "--moe-freq", "0", "--encoder-ffn-embed-dim", "128", max_update=1))
+    cmd = train_cmd(data, tmp_path / "b", "--encoder-ffn-embed-dim", "128", max_update=1)
+    cmd[cmd.index("transformer_moe_tiny")] = "transformer_tiny"
+    ref = run(cmd)
+    assert params(dense.stdout + dense.stderr) == params(ref.stdout + ref.stderr)
+    moe = run(train_cmd(data, tmp_path / "c", max_update=1))
+    assert params(moe.stdout + moe.stderr) > params(ref.stdout + ref.stderr)
+
+
+BAD_FLAGS = {
+    "unknown router": (["--moe-router", "hash"], "--moe-router"),
+    "k larger than experts": (["--moe-router", "noisy_topk", "--moe-top-k", "9"], "--moe-top-k"),
+    "drop rate 1": (["--moe-gating-dropout", "1.0"], "--moe-gating-dropout"),
+    "negative drop rate": (["--moe-gating-dropout=-0.1"], "--moe-gating-dropout"),
+    "moe freq above layers": (["--moe-freq", "3"], "--moe-freq"),
+    "k_min above k_max": (["--moe-router", "random", "--moe-top-k-min", "3", "--moe-top-k-max", "2"], "--moe-top-k-min"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_bad_flags_give_one_line_errors(data, tmp_path, name):
+    flags, expected = BAD_FLAGS[name]
+    proc = run(train_cmd(data, tmp_path, *flags, max_update=1), check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_missing_language_pair_is_refused(data, tmp_path):
+    proc = run(train_cmd(data, tmp_path, max_update=1, targets=("de", "cs")), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "en-cs" in proc.stderr and "--lang-pairs" in proc.stderr
