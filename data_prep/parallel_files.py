@@ -1,0 +1,406 @@
+"""Cleaning of raw parallel files (plain or .gz) and the sentencepiece / fairseq-dictionary helpers.
+
+Outputs use fairseq's naming, ``{out}/{split}.{src}-{tgt}.{src}`` and ``.{tgt}``.
+Every output is first written to a hidden temp file in the destination directory and then moved
+into place with ``os.replace`` (atomic on POSIX), so a finished output is never replaced by a
+half-written one and an interrupted run leaves the previous outputs untouched.
+
+CLI examples::
+
+    python -m data_prep.parallel_files --out clean --split train \\
+        --pair en-de:raw/train.en.gz,raw/train.de.gz --pair en-fr:raw/train.en.gz,raw/train.fr.gz
+    python -m data_prep.parallel_files --out clean --raw-dir raw --prefix train --directions en-de,en-fr --dedup
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+
+# sentencepiece's control symbols; fairseq's Dictionary adds its own <s> <pad> </s> <unk>, so they
+# must not appear a second time in dict.txt (fairseq would reject the duplicates).
+SPM_SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+class DataPrepError(Exception):
+    """A user-facing error; its message is one line that names the offending file or flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One translation direction and its two line-aligned raw files."""
+
+    src: str
+    tgt: str
+    src_path: str
+    tgt_path: str
+
+
+@dataclasses.dataclass
+class CleanStats:
+    read: int = 0
+    kept: int = 0
+    empty: int = 0
+    too_long: int = 0
+    ratio: int = 0
+    duplicate: int = 0
+    over_limit: int = 0  # beyond --max-sentences
+
+    def summary(self):
+        dropped = self.read - self.kept
+        return (f"read {self.read}, kept {self.kept}, dropped {dropped} (empty {self.empty}, "
+                f"too_long {self.too_long}, ratio {self.ratio}, duplicate {self.duplicate}, "
+                f"over_limit {self.over_limit})")
+
+
+# --------------------------------------------------------------------------------------------- io
+
+def open_text(path):
+    """Opens plain or gzipped UTF-8 text for reading.
+
+    newline="\\n": only "\\n" ends a line. Python's default universal-newline mode would also split
+    on a stray "\\r", so line counts would differ from `wc -l` and from the other side of the pair.
+    """
+    if not os.path.isfile(path):
+        raise DataPrepError(f"{path}: no such file")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
+    return open(path, "r", encoding="utf-8", newline="\n")
+
+
+def iter_lines(path):
+    """Yields the lines of `path` without their line ending; errors name the file and line."""
+    lineno = 0
+    try:
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                yield line.rstrip("\n")
+    except UnicodeDecodeError:
+        raise DataPrepError(f"{path}: not valid UTF-8 (after line {lineno})") from None
+    except (OSError, EOFError) as e:  # e.g. a truncated .gz
+        raise DataPrepError(f"{path}: cannot read ({e})") from None
+
+
+def count_lines(path):
+    return sum(1 for _ in iter_lines(path))
+
+
+def normalize(line):
+    """Strips and collapses every run of whitespace to one space.
+
+    Besides tidying, this removes in-line characters such as "\\r", "\\x85" or "\\u2028" that other
+    readers (fairseq-preprocess opens files in universal-newline mode) would treat as line breaks,
+    which would silently misalign source and target.
+    """
+    return " ".join(line.split())
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths):
+    """Opens a temp file (same directory) for each path; moves them all into place on success.
+
+    On any exception (including KeyboardInterrupt) the temps are deleted and the existing files at
+    `paths` are left as they were. Directories this created are removed again if left empty.
+    """
+    created_dirs = []
+    for d in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        missing = []
+        while not os.path.isdir(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        for m in reversed(missing):
+            os.mkdir(m)
+            created_dirs.append(m)
+    temps, handles = [], []
+    try:
+        for p in paths:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(p)),
+                                       prefix="." + os.path.basename(p) + ".", suffix=".tmp")
+            temps.append(tmp)
+            handles.append(os.fdopen(fd, "w", encoding="utf-8", newline="\n"))
+        yield handles
+        for h in handles:
+            h.flush()
+            os.fsync(h.fileno())
+            h.close()
+        # Every temp is complete before the first replace, so a failure while writing can never
+        # leave one side of a pair new and the other old.
+        for tmp, p in zip(temps, paths):
+            os.replace(tmp, p)
+        temps = []
+    finally:
+        for h in handles:
+            h.close()
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if temps:  # failed: drop directories we made, if nothing else landed there
+            for d in reversed(created_dirs):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+
+
+# --------------------------------------------------------------------------------------- cleaning
+
+def output_paths(out_dir, split, src, tgt):
+    """fairseq's naming: train.en-de.en / train.en-de.de."""
+    prefix = os.path.join(out_dir, f"{split}.{src}-{tgt}")
+    return f"{prefix}.{src}", f"{prefix}.{tgt}"
+
+
+def _aligned_lines(src_path, tgt_path):
+    """Yields (src_line, tgt_line); raises a one-line error naming both files if counts differ."""
+    src_it, tgt_it = iter_lines(src_path), iter_lines(tgt_path)
+    n = 0
+    for s in src_it:
+        t = next(tgt_it, None)
+        if t is None:  # target ended first: count the rest of the source for the message
+            n_src = n + 1 + sum(1 for _ in src_it)
+            raise DataPrepError(f"line count mismatch: {src_path} has {n_src} lines but "
+                                f"{tgt_path} has {n} lines")
+        n += 1
+        yield s, t
+    rest = sum(1 for _ in tgt_it)
+    if rest:
+        raise DataPrepError(f"line count mismatch: {src_path} has {n} lines but "
+                            f"{tgt_path} has {n + rest} lines")
+
+
+def clean_lines(pairs_of_lines, out_src, out_tgt, max_len=250, max_ratio=3.0, dedup=False,
+                filter=True, max_sentences=None):
+    """Writes the kept (src, tgt) lines to the open files out_src/out_tgt; returns CleanStats.
+
+    filter=False only normalizes whitespace and keeps every line (for valid/test sets, whose
+    references must not be filtered, or scores would not be comparable with published ones).
+    """
+    stats = CleanStats()
+    seen = set()
+    for s, t in pairs_of_lines:
+        stats.read += 1
+        s, t = normalize(s), normalize(t)
+        if max_sentences is not None and stats.kept >= max_sentences:
+            stats.over_limit += 1  # keep reading: the line-count check must still see every line
+            continue
+        if filter:
+            ns, nt = len(s.split()), len(t.split())
+            if ns == 0 or nt == 0:
+                stats.empty += 1
+                continue
+            if ns > max_len or nt > max_len:
+                stats.too_long += 1
+                continue
+            if max(ns, nt) > max_ratio * min(ns, nt):
+                stats.ratio += 1
+                continue
+            if dedup:
+                # a 16-byte digest instead of the text keeps memory bounded on WMT-sized corpora
+                key = hashlib.blake2b(f"{s}\n{t}".encode("utf-8"), digest_size=16).digest()
+                if key in seen:
+                    stats.duplicate += 1
+                    continue
+                seen.add(key)
+        out_src.write(s + "\n")
+        out_tgt.write(t + "\n")
+        stats.kept += 1
+    return stats
+
+
+def clean_pairs(pairs, out_dir, split, **clean_kwargs):
+    """Cleans several pairs as one transaction: all outputs appear, or none changes.
+
+    Returns {(src, tgt): CleanStats}. Raises DataPrepError (no output written) on a line-count
+    mismatch or unreadable input.
+    """
+    outputs = [output_paths(out_dir, split, p.src, p.tgt) for p in pairs]
+    flat = [path for o in outputs for path in o]
+    if len(set(flat)) != len(flat):
+        raise DataPrepError(f"--pair: the same direction is given twice for split {split}")
+    stats = {}
+    with atomic_outputs(flat) as handles:
+        for i, p in enumerate(pairs):
+            stats[(p.src, p.tgt)] = clean_lines(_aligned_lines(p.src_path, p.tgt_path),
+                                                handles[2 * i], handles[2 * i + 1], **clean_kwargs)
+    return stats
+
+
+# ------------------------------------------------------------------------- sentencepiece / fairseq
+
+def _import_spm():
+    try:
+        import sentencepiece
+    except ImportError:
+        raise DataPrepError("sentencepiece is not installed (pip install sentencepiece)") from None
+    return sentencepiece
+
+
+def train_sentencepiece(inputs, model_prefix, vocab_size, input_sentence_size=1_000_000,
+                        model_type="unigram", character_coverage=1.0, seed=1, num_threads=2,
+                        **extra):
+    """Trains one sentencepiece model on plain-text `inputs`; writes {model_prefix}.model/.vocab.
+
+    hard_vocab_limit=False makes vocab_size an upper bound, so tiny corpora (tests, quick runs)
+    do not fail with "vocabulary size too high". input_sentence_size + shuffle caps memory on big
+    corpora with a uniform sample. Both files are trained under a temp prefix and then moved.
+    """
+    spm = _import_spm()
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DataPrepError(f"{path}: sentencepiece input does not exist")
+        if "," in path:  # sentencepiece splits its input list on commas
+            raise DataPrepError(f"{path}: sentencepiece cannot read paths containing ','")
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp_prefix = os.path.join(out_dir, f".{os.path.basename(model_prefix)}.tmp{os.getpid()}")
+    spm.set_random_generator_seed(seed)  # the shuffled sample, hence the model, is reproducible
+    try:
+        spm.SentencePieceTrainer.train(
+            input=",".join(inputs), model_prefix=tmp_prefix, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            hard_vocab_limit=False, num_threads=num_threads, minloglevel=1, **extra)
+        os.replace(tmp_prefix + ".vocab", model_prefix + ".vocab")
+        os.replace(tmp_prefix + ".model", model_prefix + ".model")  # .model last: marks "done"
+    finally:
+        for ext in (".model", ".vocab"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_prefix + ext)
+    return model_prefix + ".model"
+
+
+def encode_file(spm_model, in_path, out_path, batch_size=10_000):
+    """Writes `in_path` (plain or .gz) as space-separated sentencepiece pieces, line for line."""
+    spm = _import_spm()
+    if not os.path.isfile(spm_model):
+        raise DataPrepError(f"{spm_model}: sentencepiece model does not exist")
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    n = 0
+    with atomic_outputs([out_path]) as (out,):
+        batch = []
+        for line in iter_lines(in_path):
+            batch.append(normalize(line))
+            if len(batch) == batch_size:
+                n += _encode_batch(sp, batch, out)
+                batch = []
+        n += _encode_batch(sp, batch, out)
+    return n
+
+
+def _encode_batch(sp, batch, out):
+    for pieces in sp.encode(batch, out_type=str):
+        out.write(" ".join(pieces) + "\n")
+    return len(batch)
+
+
+def write_fairseq_dict(spm_vocab, out_dict):
+    """Converts a sentencepiece .vocab ("piece<TAB>score") into a fairseq dict.txt ("piece 1").
+
+    All directions then share this one dictionary (passed as both --srcdict and --tgtdict).
+    Returns the number of entries written.
+    """
+    n = 0
+    with atomic_outputs([out_dict]) as (out,):
+        for lineno, line in enumerate(iter_lines(spm_vocab), 1):
+            piece = line.split("\t", 1)[0]
+            if not piece or any(c.isspace() for c in piece):
+                raise DataPrepError(f"{spm_vocab}: line {lineno} is not a sentencepiece vocab entry")
+            if piece in SPM_SPECIAL_PIECES:
+                continue
+            out.write(f"{piece} 1\n")
+            n += 1
+    return n
+
+
+# -------------------------------------------------------------------------------------------- cli
+
+def find_raw_file(raw_dir, prefix, src, tgt, lang):
+    """Finds a raw file in either naming scheme, plain or gzipped.
+
+    Multi-way aligned corpora (Multi30k): {prefix}.{lang}; per-pair corpora (WMT):
+    {prefix}.{src}-{tgt}.{lang} or {prefix}.{tgt}-{src}.{lang}.
+    """
+    names = [f"{prefix}.{src}-{tgt}.{lang}", f"{prefix}.{tgt}-{src}.{lang}", f"{prefix}.{lang}"]
+    for name in names:
+        for cand in (name, name + ".gz"):
+            path = os.path.join(raw_dir, cand)
+            if os.path.isfile(path):
+                return path
+    raise DataPrepError(f"{raw_dir}: no raw file for {lang} of {src}-{tgt} "
+                        f"(looked for {', '.join(names)}, optionally .gz)")
+
+
+def parse_direction(text, flag="--directions"):
+    parts = text.split("-")
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise DataPrepError(f"{flag}: '{text}' is not a direction like en-de")
+    return parts[0], parts[1]
+
+
+def parse_pair_arg(text):
+    """'en-de:train.en.gz,train.de.gz' -> Pair."""
+    direction, sep, files = text.partition(":")
+    paths = files.split(",")
+    if not sep or len(paths) != 2 or not all(paths):
+        raise DataPrepError(f"--pair: '{text}' is not like en-de:SRC_FILE,TGT_FILE")
+    src, tgt = parse_direction(direction, "--pair")
+    return Pair(src, tgt, paths[0], paths[1])
+
+
+def build_arg_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.parallel_files",
+        description="Check and clean raw parallel files into fairseq-named plain text "
+                    "({out}/{split}.{src}-{tgt}.{lang}). Writes are atomic; reruns are safe.")
+    p.add_argument("--pair", action="append", default=[], metavar="SRC-TGT:SRCFILE,TGTFILE",
+                   help="a direction and its two line-aligned files (plain or .gz); repeatable")
+    p.add_argument("--raw-dir", help="alternative to --pair: directory of raw files named "
+                   "{prefix}.{lang}[.gz] or {prefix}.{src}-{tgt}.{lang}[.gz]")
+    p.add_argument("--prefix", default="train", help="file prefix in --raw-dir (default: train)")
+    p.add_argument("--directions", help="with --raw-dir: comma-separated, e.g. en-de,en-fr")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--split", help="split name used in output names (default: --prefix)")
+    p.add_argument("--max-len", type=int, default=250,
+                   help="drop pairs with a side longer than this many whitespace tokens (250)")
+    p.add_argument("--max-ratio", type=float, default=3.0,
+                   help="drop pairs whose token-length ratio (longer/shorter) exceeds this (3.0)")
+    p.add_argument("--dedup", action="store_true", help="drop repeated (src, tgt) pairs")
+    p.add_argument("--no-filter", action="store_true",
+                   help="only normalize whitespace, keep every line (for valid/test sets)")
+    p.add_argument("--max-sentences", type=int, help="keep at most this many pairs per direction")
+    return p
+
+
+def pairs_from_args(args):
+    pairs = [parse_pair_arg(t) for t in args.pair]
+    if args.raw_dir:
+        if not args.directions:
+            raise DataPrepError("--raw-dir needs --directions (e.g. en-de,en-fr)")
+        for d in args.directions.split(","):
+            src, tgt = parse_direction(d)
+            pairs.append(Pair(src, tgt, find_raw_file(args.raw_dir, args.prefix, src, tgt, src),
+                              find_raw_file(args.raw_dir, args.prefix, src, tgt, tgt)))
+    if not pairs:
+        raise DataPrepError("give at least one --pair, or --raw-dir with --directions")
+    return pairs
+
+
+def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
+    try:
+        if args.max_len < 1 or args.max_ratio < 1:
+            raise DataPrepError("--max-len must be >= 1 and --max-ratio >= 1")
+        split = args.split or args.prefix
+        stats = clean_pairs(pairs_from_args(args), args.out, split, max_len=args.max_len,
+                            max_ratio=args.max_ratio, dedup=args.dedup,
+                            filter=not args.no_filter, max_sentences=args.max_sentences)
+    except DataPrepError as e:
+        sys.exit(f"parallel_files: error: {e}")
+    for (src, tgt), s in stats.items():
+        print(f"{split} {src}-{tgt}: {s.summary()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Thin wrapper: runs data_prep/prepare_multi30k.py with this checkout on PYTHONPATH, from any directory.
+# Relative paths in the arguments stay relative to the caller's directory. Usage: --help.
+# PYTHON picks the interpreter (default: python from PATH, e.g. the project's venv).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python}" -m data_prep.prepare_multi30k "$@"

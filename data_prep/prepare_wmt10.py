@@ -1,0 +1,144 @@
+"""WMT-10 (English <-> fr cs de fi lv et ro hi tr gu, after Wang et al. 2020) -> one data-bin.
+
+Wang, Zhai, Hassan Awadalla. "Multi-task Learning for Multilingual Neural Machine Translation",
+EMNLP 2020: 10 language pairs from past WMT news tasks, 20 directions to/from English.
+
+Expected --raw-dir layout (you assemble it; plain text or .gz, one sentence a line, line-aligned)::
+
+    {raw-dir}/train.fr-en.fr   {raw-dir}/train.fr-en.en
+    {raw-dir}/valid.fr-en.fr   {raw-dir}/valid.fr-en.en
+    {raw-dir}/test.fr-en.fr    {raw-dir}/test.fr-en.en
+    ... the same for cs de fi lv et ro hi tr gu ({split}.{xx}-en.{xx} and {split}.{xx}-en.en)
+
+train = all WMT training corpora of that year's task concatenated; valid/test = the news sets in
+WMT_10 below, as plain text (e.g. `sacrebleu -t wmt18 -l cs-en --echo src > test.cs-en.cs` and
+`--echo ref > test.cs-en.en`). `--download` prints the public URLs per language; the corpora come
+in many formats (tgz of plain text, tsv, tmx, sgm), so turning them into this layout is left to you.
+
+Each xx-en pair is binarized once and serves both xx->en and en->xx (see data_prep/pipeline.py).
+"""
+
+import argparse
+import sys
+
+from data_prep import pipeline
+from data_prep.parallel_files import DataPrepError, Pair, find_raw_file
+
+# language: (WMT task year, valid set, test set, sacrebleu valid, sacrebleu test,
+#            approx. bitext size in Wang et al. 2020, main training corpora URLs)
+# Corpus URLs are the ones the WMT task pages linked; check https://www.statmt.org/wmtYY/
+# translation-task.html for the full list and licences (CzEng and HindEnCorp need a sign-up).
+EP9 = "https://www.statmt.org/europarl/v9/training/europarl-v9.{}-en.tsv.gz"
+PC3 = "https://s3.amazonaws.com/web-language-models/paracrawl/release3/en-{}.bicleaner07.tmx.gz"
+NC14 = "http://data.statmt.org/news-commentary/v14/training/news-commentary-v14.{}-en.tsv.gz"
+WT1 = "http://data.statmt.org/wikititles/v1/wikititles-v1.{}-en.tsv.gz"
+CC13 = "https://www.statmt.org/wmt13/training-parallel-commoncrawl.tgz"
+WMT_10 = {
+    "fr": (2015, "newstest2013", "newsdiscusstest2015", "wmt13", "wmt15", "10M", [
+        "https://www.statmt.org/europarl/v7/fr-en.tgz", CC13,
+        "https://www.statmt.org/wmt13/training-parallel-un.tgz",
+        "https://www.statmt.org/wmt15/training-parallel-nc-v10.tgz",
+        "https://www.statmt.org/wmt10/training-giga-fren.tar"]),
+    "cs": (2019, "newstest2016", "newstest2018", "wmt16", "wmt18", "10M", [
+        EP9.format("cs"), PC3.format("cs"), CC13, NC14.format("cs"), WT1.format("cs"),
+        "https://ufal.mff.cuni.cz/czeng/czeng17 (registration)"]),
+    "de": (2019, "newstest2016", "newstest2018", "wmt16", "wmt18", "4.6M", [
+        EP9.format("de"), PC3.format("de"), CC13, NC14.format("de"), WT1.format("de"),
+        "https://s3-eu-west-1.amazonaws.com/tilde-model/rapid2019.de-en.zip"]),
+    "fi": (2019, "newstest2016", "newstest2018", "wmt16", "wmt18", "4.8M", [
+        EP9.format("fi"), PC3.format("fi"), WT1.format("fi")]),
+    "lv": (2017, "newsdev2017", "newstest2017", "wmt17/dev", "wmt17", "1.4M", [
+        "http://data.statmt.org/wmt17/translation-task/training-parallel-ep-v8.tgz",
+        "http://data.statmt.org/wmt17/translation-task/rapid2016.tgz",
+        "http://data.statmt.org/wmt17/translation-task/leta.v1.tgz",
+        "http://data.statmt.org/wmt17/translation-task/dcep.lv-en.v1.tgz",
+        "http://data.statmt.org/wmt17/translation-task/books.lv-en.v1.tgz"]),
+    "et": (2018, "newsdev2018", "newstest2018", "wmt18/dev", "wmt18", "0.7M", [
+        "http://data.statmt.org/wmt18/translation-task/training-parallel-ep-v8.tgz",
+        "https://s3.amazonaws.com/web-language-models/paracrawl/release1/"
+        "paracrawl-release1.en-et.zipporah0-dedup-clean.tgz",
+        "http://data.statmt.org/wmt18/translation-task/rapid2016.tgz"]),
+    "ro": (2016, "newsdev2016", "newstest2016", "wmt16/dev", "wmt16", "0.5M", [
+        "http://data.statmt.org/wmt16/translation-task/training-parallel-ep-v8.tgz",
+        "https://opus.nlpl.eu/download.php?f=SETIMES/v2/moses/en-ro.txt.zip"]),
+    "hi": (2014, "newsdev2014", "newstest2014", None, "wmt14/full", "0.26M", [
+        "https://lindat.mff.cuni.cz/repository/xmlui/handle/11858/00-097C-0000-0023-625F-0 "
+        "(HindEnCorp 0.5)"]),
+    "tr": (2018, "newstest2016", "newstest2018", "wmt16", "wmt18", "0.18M", [
+        "https://opus.nlpl.eu/download.php?f=SETIMES/v2/moses/en-tr.txt.zip"]),
+    "gu": (2019, "newsdev2019", "newstest2019", "wmt19/dev", "wmt19", "0.08M", [
+        "http://data.statmt.org/wmt19/translation-task/bible.gu-en.tsv.gz",
+        "http://data.statmt.org/wmt19/translation-task/wikipedia.gu-en.tsv.gz",
+        "http://data.statmt.org/wmt19/translation-task/govin-clean.gu-en.tsv.gz",
+        WT1.format("gu")]),
+}
+LANGS = tuple(WMT_10)
+
+
+def download_instructions(langs):
+    """The per-language source list printed by --download (no network access)."""
+    lines = []
+    for lang in langs:
+        year, valid, test, sb_valid, sb_test, size, urls = WMT_10[lang]
+        lines.append(f"== {lang}-en  (WMT{year % 100} training data, ~{size} pairs; "
+                     f"https://www.statmt.org/wmt{year % 100}/translation-task.html)")
+        lines += [f"  train: {u}" for u in urls]
+        for split, name, sb in (("valid", valid, sb_valid), ("test", test, sb_test)):
+            how = (f"sacrebleu -t {sb} -l {lang}-en --echo src > {split}.{lang}-en.{lang}; "
+                   f"sacrebleu -t {sb} -l {lang}-en --echo ref > {split}.{lang}-en.en"
+                   if sb else f"not in sacrebleu: extract {name}-{lang}en-*.sgm from "
+                   f"https://www.statmt.org/wmt{year % 100}/dev.tgz")
+            lines.append(f"  {split}: {name}: {how}")
+    return "\n".join(lines)
+
+
+def raw_pairs(raw_dir, langs):
+    """{split: [Pair(xx, en)]}; a missing file gives an error naming the directory and names."""
+    return {split: [Pair(lang, "en", find_raw_file(raw_dir, split, lang, "en", lang),
+                         find_raw_file(raw_dir, split, lang, "en", "en")) for lang in langs]
+            for split in pipeline.SPLITS}
+
+
+def build_arg_parser():
+    p = argparse.ArgumentParser(
+        prog="data_prep/prepare_wmt10.sh",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="WMT-10 (English <-> fr cs de fi lv et ro hi tr gu; Wang et al. 2020) -> "
+                    "clean -> joint sentencepiece -> fairseq-preprocess of all 20 directions into "
+                    "ONE data-bin with a shared dictionary.",
+        epilog="expected --raw-dir layout (plain or .gz, line-aligned):\n"
+               "  {split}.{xx}-en.{xx} and {split}.{xx}-en.en\n"
+               "  for split in train valid test, xx in " + " ".join(LANGS) + "\n"
+               "run with --download to see where each corpus comes from.")
+    p.add_argument("--raw-dir", help="directory with the layout below (required unless --download)")
+    p.add_argument("--download", action="store_true",
+                   help="print the public URLs of the training corpora and the valid/test sets "
+                        "per language, then exit (nothing is fetched)")
+    p.add_argument("--languages", default=",".join(LANGS),
+                   help="comma-separated subset of " + ",".join(LANGS) + " (default: all)")
+    p.add_argument("--destdir", default="data-bin/wmt10", help="output (data-bin/wmt10)")
+    pipeline.add_common_args(p, default_vocab_size=64000, default_spm_sentences=2_000_000)
+    return p
+
+
+def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
+    try:
+        langs = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
+        bad = [lang for lang in langs if lang not in WMT_10]
+        if bad or not langs:
+            raise DataPrepError(f"--languages: unknown {' '.join(bad) or '(none given)'} "
+                                f"(choose from {','.join(LANGS)})")
+        if args.download:
+            print(download_instructions(langs))
+            return
+        if not args.raw_dir:
+            raise DataPrepError("--raw-dir is required (see --help for the layout, --download "
+                                "for where to get the data)")
+        pipeline.run_from_args("wmt10", raw_pairs(args.raw_dir, langs), args)
+    except DataPrepError as e:
+        sys.exit(f"prepare_wmt10: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
