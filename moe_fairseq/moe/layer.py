@@ -8,6 +8,7 @@ import torch.nn as nn
 from .comm import LocalComm
 from .dispatch import combine, dispatch, plan_dispatch
 from .experts import FFNExperts
+from .gating_dropout import MODES as GATING_DROPOUT_MODES
 from .gating_dropout import check_rate, gating_dropout_fires
 from .routers import Router
 from .stats import RoutingStats, entropy_sum
@@ -49,6 +50,9 @@ class MoELayer(nn.Module):
                              f"{self.comm.num_local_experts} local experts")
         self.layer_index = layer_index
         self.gating_dropout = check_rate(gating_dropout, "--moe-gating-dropout")
+        if gating_dropout_mode not in GATING_DROPOUT_MODES:
+            raise MoEUsageError(f"--moe-gating-dropout-mode must be one of {', '.join(GATING_DROPOUT_MODES)} "
+                             f"(got {gating_dropout_mode!r})")
         self.gating_dropout_mode = gating_dropout_mode
         self.seed = seed
         self.num_updates = 0
@@ -56,7 +60,10 @@ class MoELayer(nn.Module):
         self.aux = MoEAux()
 
     def set_num_updates(self, num_updates: int):
+        # fairseq calls this on every module that has it, but a user of the bare layer only on the
+        # layer: forward it so the router's k schedule follows too.
         self.num_updates = num_updates
+        self.router.set_num_updates(num_updates)
 
     def gating_dropped(self) -> bool:
         return self.training and gating_dropout_fires(self.gating_dropout, self.seed, self.num_updates,

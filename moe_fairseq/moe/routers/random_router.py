@@ -36,8 +36,10 @@ class RandomRouter(Router):
 
     def forward(self, x: torch.Tensor) -> Routing:
         k = self.current_k()
-        with torch.no_grad():
-            logits = fp32_logits(x, self.weight)
+        # The weight is a buffer without requires_grad, so it gets no gradient; but the gates
+        # still depend on x, and the layer's backward must include that path (as in the
+        # reference code, which freezes the gate's weight, not its input): no torch.no_grad here.
+        logits = fp32_logits(x, self.weight)
         top_values, expert_index = logits.topk(k, dim=1)
         gates = torch.softmax(top_values, dim=1)
         keep = torch.ones_like(expert_index, dtype=torch.bool)

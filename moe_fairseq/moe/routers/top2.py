@@ -45,11 +45,13 @@ class Top2Router(Router):
         top2 = noisy.scatter(1, top1.unsqueeze(1), float("-inf")).argmax(dim=-1)
         expert_index = torch.stack([top1, top2], dim=1)
         gates = probs.gather(1, expert_index)
-        keep = torch.ones_like(expert_index, dtype=torch.bool)
-        if self.training and self.second_expert_policy == "random":
-            keep[:, 1] = 2 * gates[:, 1] > torch.rand_like(gates[:, 1])
         if self.normalize_before_dropping:
             gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+        keep = torch.ones_like(expert_index, dtype=torch.bool)
+        if self.training and self.second_expert_policy == "random":
+            # As fairseq's top2gating: the test 2 * g2 > U uses g2 after the optional
+            # normalisation before dropping.
+            keep[:, 1] = 2 * gates[:, 1] > torch.rand_like(gates[:, 1])
         keep, dropped = self.limit_capacity(expert_index, keep, 2)
         gates = gates * keep
         if not self.normalize_before_dropping:
