@@ -13,4 +13,7 @@ if fairseq is not None:
     from .cli_errors import install_excepthook
 
     install_excepthook()
+    from .checkpoint import fairseq_hooks
+
+    fairseq_hooks.install()
     from . import criterions, models, tasks  # noqa: F401

@@ -119,7 +119,10 @@ def test_eval_top_k_override_changes_the_output(data, tmp_path):
 
 def test_dense_model_is_exactly_fairseqs_transformer(data, tmp_path):
     def params(log):
-        return int(re.search(r"num\. shared model params: ([\d,]+)", log).group(1).replace(",", ""))
+        # fairseq counts parameters marked `expert` separately from the shared ones.
+        shared = int(re.search(r"num\. shared model params: ([\d,]+)", log).group(1).replace(",", ""))
+        expert = re.search(r"num\. expert model params: ([\d,]+)", log)
+        return shared + (int(expert.group(1).replace(",", "")) if expert else 0)
 
     dense = run(train_cmd(data, tmp_path / "a", "--moe-freq", "0", "--encoder-ffn-embed-dim", "128", max_update=1))
     cmd = train_cmd(data, tmp_path / "b", "--encoder-ffn-embed-dim", "128", max_update=1)

@@ -1,0 +1,1 @@
+"""Expert-sharded checkpoints: fairseq hooks, consolidation and resharding."""

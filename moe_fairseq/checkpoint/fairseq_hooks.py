@@ -1,0 +1,152 @@
+"""Hooks into fairseq's checkpoint functions for expert-parallel training.
+
+fairseq 0.12 saves one file from rank 0 and (by default) loads it on rank 0 and broadcasts it:
+with experts sharded over ranks that would keep rank 0's experts only.  These wrappers:
+
+- save: every rank writes its experts (and their optimizer state) into a shard directory named
+  after (epoch, update); after a barrier rank 0 lets fairseq write its usual files with the
+  shared parameters only and a pointer to that directory; shard directories that no checkpoint
+  points to any more are deleted afterwards.  Every file is written atomically, and the pointer
+  is written last, so a crash (even SIGKILL) never leaves a checkpoint with mixed shards.
+- load: every rank reads the checkpoint and its own shard; if the checkpoint was written by a
+  different world size (or is a consolidated single file) the experts are merged and re-sliced
+  for this rank, optimizer state included.  A single process (fairseq-generate) gets every
+  expert: a sharded checkpoint loads on one CPU or GPU as it is.
+- every checkpoint of a MoE model also records the parameter name of each optimizer slot
+  ("moe_param_names"), which is what makes optimizer state reshardable.
+"""
+import contextlib
+import glob
+import logging
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from fairseq import checkpoint_utils, utils
+from fairseq.trainer import Trainer
+
+from ..moe.collect import moe_layers
+from ..moe.errors import MoEUsageError
+from .sharded import POINTER, atomic_save, resolve_experts, shard_filename, split_experts
+
+logger = logging.getLogger(__name__)
+SHARD_ROOT = "moe_shards"
+
+
+def expert_parallel_comm(model):
+    layers = moe_layers(model)
+    if not layers or layers[0].comm.world_size == 1:
+        return None
+    return layers[0].comm
+
+
+def optimizer_param_names(trainer):
+    """Names of the parameters in the order of the optimizer's slots (fairseq's trainer builds
+    the optimizer from model then criterion parameters that require grad)."""
+    names = [n for n, p in trainer._model.named_parameters() if p.requires_grad]
+    names += [f"criterion.{n}" for n, p in trainer._criterion.named_parameters() if p.requires_grad]
+    return names
+
+
+@contextlib.contextmanager
+def _post_process_state(trainer, fn):
+    original = trainer.state_dict
+
+    def state_dict():
+        state = original()
+        fn(state)
+        return state
+
+    trainer.state_dict = state_dict
+    try:
+        yield
+    finally:
+        del trainer.state_dict
+
+
+def _referenced_tags(save_dir):
+    tags = set()
+    for path in glob.glob(os.path.join(save_dir, "checkpoint*.pt")):
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True)
+        except Exception:  # a file being written by someone else, or not ours: keep everything
+            return None
+        pointer = state.get(POINTER) if isinstance(state, dict) else None
+        if pointer:
+            tags.add(os.path.basename(pointer["dir"]))
+    return tags
+
+
+def _collect_garbage(save_dir, keep_tag):
+    root = os.path.join(save_dir, SHARD_ROOT)
+    tags = _referenced_tags(save_dir)
+    if tags is None or not os.path.isdir(root):
+        return
+    for tag in os.listdir(root):
+        if tag != keep_tag and tag not in tags:
+            shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+
+
+_original_save_checkpoint = checkpoint_utils.save_checkpoint
+_original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
+_original_trainer_load_checkpoint = Trainer.load_checkpoint
+
+
+def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+    if not moe_layers(trainer._model):
+        return _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    names = optimizer_param_names(trainer)
+    comm = expert_parallel_comm(trainer._model)
+    if comm is None or cfg.no_save:
+        with _post_process_state(trainer, lambda s: s.__setitem__("moe_param_names", names)):
+            return _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    if getattr(trainer.optimizer, "has_flat_params", False):
+        raise MoEUsageError("expert-parallel checkpoints need per-parameter optimizer state: use "
+                            "--memory-efficient-fp16 (or --fp16-no-flatten-grads) instead of plain --fp16")
+    rank, world = dist.get_rank(comm.group), dist.get_world_size(comm.group)
+    tag = f"e{epoch_itr.epoch}-u{trainer.get_num_updates()}"
+    shard_dir = os.path.join(cfg.save_dir, SHARD_ROOT, tag)
+    shard = split_experts(utils.move_to_cpu(trainer.state_dict()), names)
+    shard["meta"] = {"rank": rank, "world_size": world, "tag": tag, "num_updates": trainer.get_num_updates()}
+    atomic_save(shard, os.path.join(shard_dir, shard_filename(rank, world)))
+    dist.barrier(group=comm.group)  # every shard is on disk before anything points to them
+
+    def strip_and_point(state):
+        split_experts(state, names)  # rank 0's experts are in its shard
+        state[POINTER] = {"dir": os.path.join(SHARD_ROOT, tag), "tag": tag, "world_size": world,
+                          "param_names": names, "version": 1}
+        state["moe_param_names"] = names
+
+    with _post_process_state(trainer, strip_and_point):
+        result = _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
+    if rank == 0:
+        _collect_garbage(cfg.save_dir, tag)
+    return result
+
+
+def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+    state = _original_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if POINTER in state or world > 1:
+        state = resolve_experts(state, path, rank, world)
+    return state
+
+
+def trainer_load_checkpoint(self, filename, *args, **kwargs):
+    # Each rank must read its own shard: never let rank 0 read for everyone and broadcast.
+    if expert_parallel_comm(self._model) is not None and not self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks:
+        from omegaconf import open_dict
+
+        with open_dict(self.cfg):
+            self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+    return _original_trainer_load_checkpoint(self, filename, *args, **kwargs)
+
+
+def install():
+    checkpoint_utils.save_checkpoint = save_checkpoint
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    Trainer.load_checkpoint = trainer_load_checkpoint

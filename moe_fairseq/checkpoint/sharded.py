@@ -1,0 +1,196 @@
+"""Expert-sharded checkpoints: split a training state into shared + per-rank expert parts, and
+merge them back for any world size.
+
+Layout written by a training run on W ranks (see fairseq_hooks.py for when):
+
+    save_dir/checkpoint_last.pt                 fairseq's file: shared parameters + their
+                                                optimizer state + a pointer "moe_shards"
+    save_dir/moe_shards/e3-u1200/rank-0-of-2.pt experts held by rank 0 + their optimizer state
+    save_dir/moe_shards/e3-u1200/rank-1-of-2.pt
+
+The shard directory is named after (epoch, update) and is complete before the fairseq file that
+points to it is written (atomically), so a crash at any moment leaves every checkpoint file
+pointing at a complete set of shards: never a mix of old and new.
+
+Expert tensors are stacked per MoE layer with the expert as dimension 0 ([L, ...] on a rank,
+[E, ...] in a single-process model), and so are their Adam moments; merging concatenates
+along dimension 0, sharding slices it (see moe.expert_parallel.expert_sharding).
+"""
+import os
+import re
+from typing import Dict, List, Optional
+
+import torch
+
+from ..moe.errors import MoEUsageError
+from ..moe.expert_parallel import expert_sharding
+
+# fairseq parameter names of expert weights: ...fc1.moe.experts.{w1,b1,w2,b2}
+EXPERT_KEY = re.compile(r"(^|\.)moe\.experts\.(w1|b1|w2|b2)$")
+POINTER = "moe_shards"
+FORMAT_VERSION = 1
+
+
+def is_expert_key(name: str) -> bool:
+    return EXPERT_KEY.search(name) is not None
+
+
+def shard_filename(rank: int, world_size: int) -> str:
+    return f"rank-{rank}-of-{world_size}.pt"
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _optimizer_state_by_name(opt_state: Optional[dict], param_names: List[str], keep) -> Dict[str, dict]:
+    """Pop the per-parameter optimizer entries whose parameter name satisfies `keep`."""
+    out = {}
+    if not opt_state or "state" not in opt_state:
+        return out
+    for index, name in enumerate(param_names):
+        if keep(name) and index in opt_state["state"]:
+            out[name] = opt_state["state"].pop(index)
+    return out
+
+
+def split_experts(state: dict, param_names: List[str]) -> dict:
+    """Remove the expert tensors and their optimizer entries from a fairseq training state (in
+    place) and return them as a shard: {"model": {...}, "optimizer": {name: entry}}."""
+    model = state["model"]
+    shard_model = {k: model.pop(k) for k in [k for k in model if is_expert_key(k)]}
+    shard_opt = _optimizer_state_by_name(state.get("last_optimizer_state"), param_names, is_expert_key)
+    return {"model": shard_model, "optimizer": shard_opt}
+
+
+def insert_experts(state: dict, shard: dict, param_names: List[str]):
+    """Put a shard's expert tensors and optimizer entries back into a fairseq state (in place)."""
+    state["model"].update(shard["model"])
+    opt = state.get("last_optimizer_state")
+    if opt is not None and "state" in opt:
+        index = {name: i for i, name in enumerate(param_names)}
+        for name, entry in shard["optimizer"].items():
+            if name not in index:
+                raise MoEUsageError(f"checkpoint shard has optimizer state for unknown parameter {name}")
+            opt["state"][index[name]] = entry
+
+
+def _map_tensors(entry, fn):
+    if torch.is_tensor(entry):
+        return fn(entry)
+    if isinstance(entry, dict):
+        return {k: _map_tensors(v, fn) for k, v in entry.items()}
+    return entry
+
+
+def _stacked(value) -> bool:
+    """Per-expert tensors (params, Adam moments) have the expert dimension; scalars (step) don't."""
+    return torch.is_tensor(value) and value.dim() > 0
+
+
+def merge_shards(shards: List[dict], num_experts: int) -> dict:
+    """Shards of ranks 0..W-1 -> one shard with every expert ([E, ...] tensors)."""
+    world = len(shards)
+    local, replicas = expert_sharding(num_experts, world)
+    owners = list(range(world)) if replicas == 1 else [g * replicas for g in range(num_experts)]
+    model = {}
+    for name in shards[0]["model"]:
+        model[name] = torch.cat([shards[r]["model"][name] for r in owners], dim=0)
+    optimizer = {}
+    for name, entry in shards[0]["optimizer"].items():
+        merged = {}
+        for key, value in entry.items():
+            if _stacked(value):
+                merged[key] = torch.cat([shards[r]["optimizer"][name][key] for r in owners], dim=0)
+            else:
+                merged[key] = value
+        optimizer[name] = merged
+    return {"model": model, "optimizer": optimizer}
+
+
+def slice_shard(full: dict, num_experts: int, rank: int, world_size: int) -> dict:
+    """The experts rank `rank` of `world_size` holds, from a merged shard."""
+    local, replicas = expert_sharding(num_experts, world_size)
+    first = rank * local if replicas == 1 else rank // replicas
+    count = local
+
+    def take(t):
+        if t.shape[0] != num_experts:
+            raise MoEUsageError(f"expert tensor of leading size {t.shape[0]} does not match "
+                                f"--moe-expert-count={num_experts}")
+        return t[first:first + count].clone()
+
+    model = {k: take(v) for k, v in full["model"].items()}
+    optimizer = {k: {kk: take(vv) if _stacked(vv) else vv for kk, vv in entry.items()}
+                 for k, entry in full["optimizer"].items()}
+    return {"model": model, "optimizer": optimizer}
+
+
+def read_shard(path: str, expect_world: int, expect_rank: int, expect_tag: str) -> dict:
+    if not os.path.exists(path):
+        raise MoEUsageError(f"checkpoint shard {path} is missing (the checkpoint points to it)")
+    try:
+        shard = torch.load(path, map_location="cpu")
+    except Exception as e:  # truncated or corrupt file
+        raise MoEUsageError(f"checkpoint shard {path} cannot be read ({type(e).__name__}: {e})") from None
+    meta = shard.get("meta", {})
+    if (meta.get("rank"), meta.get("world_size"), meta.get("tag")) != (expect_rank, expect_world, expect_tag):
+        raise MoEUsageError(f"checkpoint shard {path} does not match its checkpoint: it holds rank "
+                            f"{meta.get('rank')} of {meta.get('world_size')} from save {meta.get('tag')}, "
+                            f"expected rank {expect_rank} of {expect_world} from save {expect_tag}")
+    return shard
+
+
+def shard_paths(checkpoint_path: str, pointer: dict) -> List[str]:
+    base = os.path.dirname(os.path.abspath(checkpoint_path))
+    return [os.path.join(base, pointer["dir"], shard_filename(r, pointer["world_size"]))
+            for r in range(pointer["world_size"])]
+
+
+def num_experts_of(state: dict) -> int:
+    cfg = state.get("cfg")
+    model_cfg = cfg["model"] if cfg is not None and "model" in cfg else state.get("args")
+    value = getattr(model_cfg, "moe_expert_count", None)
+    if value is None and hasattr(model_cfg, "get"):
+        value = model_cfg.get("moe_expert_count")
+    return int(value or 0)
+
+
+def resolve_experts(state: dict, checkpoint_path: str, rank: int, world_size: int) -> dict:
+    """Make `state` hold exactly the experts of `rank` in a job of `world_size` ranks, whatever
+    world size wrote it (a sharded checkpoint of any W, or a consolidated single file)."""
+    pointer = state.pop(POINTER, None)
+    num_experts = num_experts_of(state)
+    param_names = pointer["param_names"] if pointer else state.get("moe_param_names")
+    if pointer is not None:
+        paths = shard_paths(checkpoint_path, pointer)
+        if pointer["world_size"] == world_size:
+            # Same layout: read this rank's shard only.
+            shard = read_shard(paths[rank], world_size, rank, pointer["tag"])
+            insert_experts(state, shard, param_names)
+            return state
+        full = merge_shards([read_shard(p, pointer["world_size"], r, pointer["tag"])
+                             for r, p in enumerate(paths)], num_experts)
+    else:
+        if world_size == 1 or not num_experts:
+            return state
+        if param_names is None:
+            raise MoEUsageError(f"{checkpoint_path} was not written by moe_fairseq (no parameter names), so its "
+                                f"optimizer state cannot be resharded; pass --reset-optimizer")
+        full = split_experts(state, param_names)
+    if world_size == 1:
+        insert_experts(state, full, param_names)
+    else:
+        insert_experts(state, slice_shard(full, num_experts, rank, world_size), param_names)
+    return state
