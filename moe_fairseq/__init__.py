@@ -16,4 +16,7 @@ if fairseq is not None:
     from .checkpoint import fairseq_hooks
 
     fairseq_hooks.install()
+    from .distributed import expert_parallel_training
+
+    expert_parallel_training.install()
     from . import criterions, models, tasks  # noqa: F401

@@ -7,6 +7,8 @@
    (ZeroDivisionError), and with the default --distributed-world-size of 1 it ignores torchrun's
    environment so every process silently trains alone.  Here the world size, rank and device
    come from torchrun's environment, and gloo replaces nccl when there is no GPU.
+3. fairseq's pytorch_ddp backend passes device_ids=[device_id] to DistributedDataParallel even
+   for a CPU model, which torch rejects; CPU models get device_ids=None.
 """
 import argparse
 import logging
@@ -75,5 +77,24 @@ def patch_fairseq_torchrun_detection():
     distributed_utils.infer_init_method = infer_init_method
 
 
+def patch_cpu_ddp():
+    from fairseq.models import distributed_fairseq_model
+
+    base = distributed_fairseq_model.DistributedDataParallel
+    if getattr(base, "_moe_fairseq_patched", False):
+        return
+
+    class DistributedDataParallel(base):
+        _moe_fairseq_patched = True
+
+        def __init__(self, module, device_ids=None, output_device=None, **kwargs):
+            if all(p.device.type == "cpu" for p in module.parameters()):
+                device_ids = output_device = None
+            super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    distributed_fairseq_model.DistributedDataParallel = DistributedDataParallel
+
+
 allowlist_checkpoint_types()
 patch_fairseq_torchrun_detection()
+patch_cpu_ddp()

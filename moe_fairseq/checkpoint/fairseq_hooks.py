@@ -107,6 +107,7 @@ def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
     rank, world = dist.get_rank(comm.group), dist.get_world_size(comm.group)
     tag = f"e{epoch_itr.epoch}-u{trainer.get_num_updates()}"
     shard_dir = os.path.join(cfg.save_dir, SHARD_ROOT, tag)
+    trainer.consolidate_optimizer()  # fairseq's state_dict() expects it (it sets the optimizer hand-off)
     shard = split_experts(utils.move_to_cpu(trainer.state_dict()), names)
     shard["meta"] = {"rank": rank, "world_size": world, "tag": tag, "num_updates": trainer.get_num_updates()}
     atomic_save(shard, os.path.join(shard_dir, shard_filename(rank, world)))

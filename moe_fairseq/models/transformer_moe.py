@@ -117,9 +117,12 @@ def validate_moe_args(args):
     if args.moe_split_ffn and args.moe_expert_ffn_dim:
         raise MoEUsageError("--moe-split-ffn and --moe-expert-ffn-dim are exclusive")
     if dist.is_available() and dist.is_initialized():
-        from ..moe.expert_parallel import check_sharding
+        from ..moe.expert_parallel import expert_sharding
 
-        check_sharding(args.moe_expert_count, dist.get_world_size())
+        try:
+            expert_sharding(args.moe_expert_count, dist.get_world_size())
+        except ValueError as e:
+            raise MoEUsageError(str(e)) from None
 
 
 def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):

@@ -1,14 +1,15 @@
 """Expert capacity: how many (token, slot) assignments one expert accepts per step.
 
 Priority follows GShard / fairseq: every token's first choice is served before any token's
-second choice, and within a slot earlier tokens win.  Positions are computed with a cumulative
-sum over a (k*S, E) count matrix, which is O(S k E) integers -- never the S x E x C one-hot
-dispatch tensor of the einsum formulation.
+second choice, and within a slot earlier tokens win.  A slot's position in its expert's queue is
+its rank among the kept slots of that expert in this priority order, read off one stable sort of
+the expert ids: O(S k log(S k)) and independent of E -- neither the (k*S, E) cumulative count
+matrix of fairseq's implementation nor the S x E x C one-hot dispatch tensor of the einsum
+formulation.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 from .errors import MoEUsageError
 
 
@@ -25,8 +26,17 @@ def apply_capacity(expert_index: torch.Tensor, keep: torch.Tensor, num_experts: 
     expert_index, keep: (S, k).  Slots already not kept do not use capacity.
     """
     flat_e = expert_index.t().reshape(-1)  # slot-major order: all first choices, then seconds
-    flat_keep = keep.t().reshape(-1)
-    counts = F.one_hot(flat_e, num_experts) * flat_keep.unsqueeze(1)
-    position = (torch.cumsum(counts, dim=0) - 1).gather(1, flat_e.unsqueeze(1)).squeeze(1)
-    flat_keep = flat_keep & (position < capacity)
-    return flat_keep.view(keep.shape[1], keep.shape[0]).t()
+    flat_keep = keep.t().reshape(-1).bool()
+    if flat_e.numel() and (int(flat_e.min()) < 0 or int(flat_e.max()) >= num_experts):
+        raise ValueError(f"expert ids must be in [0, {num_experts})")
+    # Slots not kept get the sentinel id E and take no place in any queue.  A stable sort keeps
+    # the priority order within each expert, so a slot's position in its expert's queue is its
+    # index in the sorted order minus the index where that expert's run starts.
+    key = torch.where(flat_keep, flat_e, torch.full_like(flat_e, num_experts))
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(sorted_key, minlength=num_experts + 1)
+    run_start = torch.cumsum(counts, dim=0) - counts
+    position_sorted = torch.arange(key.numel(), device=key.device) - run_start[sorted_key]
+    kept_sorted = (position_sorted < capacity) & (sorted_key < num_experts)
+    new_keep = torch.empty_like(flat_keep).index_put_((order,), kept_sorted)
+    return new_keep.view(keep.shape[1], keep.shape[0]).t()

@@ -27,87 +27,96 @@ _ACTIVATION_BACKWARD = {
 
 class _GroupedFFN(torch.autograd.Function):
     """y[rows of e] = act(x[rows of e] @ w1[e] + b1[e]) (dropout) @ w2[e] + b2[e], with rows
-    grouped by expert (counts[e] consecutive rows for expert e)."""
+    grouped by expert (counts[e] consecutive rows for expert e).
+
+    Only the GEMMs are per expert; activation, dropout, their derivatives and the bias
+    gradients are single ops over all N rows (fewer, larger kernels: each parallel region has
+    a fixed cost, large when the cores are shared)."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, counts: Sequence[int], activation, dropout_p: float):
         n, hidden, model_dim = x.shape[0], w1.shape[2], w2.shape[2]
-        h = x.new_empty(n, hidden)
-        y = x.new_empty(n, model_dim)
+        groups = [(e, start, c) for e, (start, c) in enumerate(zip(_starts(counts), counts)) if c > 0]
         is_relu = activation is F.relu
-        pre_all = None if is_relu else x.new_empty(n, hidden)
-        mask_all = x.new_empty(n, hidden) if dropout_p > 0 and not is_relu else None
+        h = x.new_empty(n, hidden)
+        pre = h if is_relu else x.new_empty(n, hidden)
+        for e, start, c in groups:
+            torch.addmm(b1[e], x[start:start + c], w1[e], out=pre[start:start + c])
+        if is_relu:
+            h.relu_()
+        else:
+            h.copy_(activation(pre))
+        mask = None
         scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            xe, he = x[start:start + c], h[start:start + c]
+        if dropout_p > 0:
+            mask = torch.empty_like(h).bernoulli_(1.0 - dropout_p)
+            h.mul_(mask).mul_(scale)
             if is_relu:
-                torch.addmm(b1[e], xe, w1[e], out=he)
-                he.relu_()
-            else:
-                pre = pre_all[start:start + c]
-                torch.addmm(b1[e], xe, w1[e], out=pre)
-                he.copy_(activation(pre))
-            if dropout_p > 0:
-                mask = torch.empty_like(he).bernoulli_(1.0 - dropout_p)
-                if mask_all is not None:
-                    mask_all[start:start + c] = mask
-                he.mul_(mask).mul_(scale)
-            torch.addmm(b2[e], he, w2[e], out=y[start:start + c])
-            start += c
+                mask = None  # not needed: see below
+        y = x.new_empty(n, model_dim)
+        for e, start, c in groups:
+            torch.addmm(b2[e], h[start:start + c], w2[e], out=y[start:start + c])
         ctx.counts, ctx.activation, ctx.scale = tuple(counts), activation, scale
         # For relu, h (after dropout) alone gives both d/dw2 and the derivative mask: h > 0
         # exactly where pre > 0 and the unit was not dropped.
-        ctx.save_for_backward(x, w1, w2, h, pre_all, mask_all)
+        ctx.save_for_backward(x, w1, w2, h, None if is_relu else pre, mask)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, w1, w2, h, pre_all, mask_all = ctx.saved_tensors
+        x, w1, w2, h, pre, mask = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        counts = ctx.counts
+        groups = [(e, start, c) for e, (start, c) in enumerate(zip(_starts(counts), counts)) if c > 0]
+        num_experts = w1.shape[0]
         gy = gy.contiguous()
-        gx = torch.empty_like(x) if need_x else None
-        # Every expert with rows writes its whole slice; only the others need zeros.
+        # Every expert with rows writes its whole GEMM slice; only the others need zeros.
         gw1 = torch.empty_like(w1) if need_w1 else None
-        gb1 = w1.new_empty(w1.shape[0], w1.shape[2]) if need_b1 else None
         gw2 = torch.empty_like(w2) if need_w2 else None
-        gb2 = w2.new_empty(w2.shape[0], w2.shape[2]) if need_b2 else None
-        for e in range(w1.shape[0]):
-            if e >= len(ctx.counts) or ctx.counts[e] == 0:
-                for g in (gw1, gb1, gw2, gb2):
+        for e in range(num_experts):
+            if e >= len(counts) or counts[e] == 0:
+                for g in (gw1, gw2):
                     if g is not None:
                         g[e].zero_()
-        need_hidden = need_x or need_w1 or need_b1
-        start = 0
-        for e, c in enumerate(ctx.counts):
-            if c == 0:
-                continue
-            rows = slice(start, start + c)
-            ge, he = gy[rows], h[rows]
-            if need_w2:
-                torch.mm(he.t(), ge, out=gw2[e])
-            if need_b2:
-                torch.sum(ge, 0, out=gb2[e])
-            if need_hidden:
-                gh = torch.mm(ge, w2[e].t())
-                if ctx.activation is F.relu:
-                    gh = torch.ops.aten.threshold_backward(gh, he, 0)
-                    if ctx.scale != 1.0:
-                        gh.mul_(ctx.scale)
-                else:
-                    if mask_all is not None:
-                        gh.mul_(mask_all[rows]).mul_(ctx.scale)
-                    gh = _ACTIVATION_BACKWARD[ctx.activation](gh, pre_all[rows])
-                if need_w1:
-                    torch.mm(x[rows].t(), gh, out=gw1[e])
-                if need_b1:
-                    torch.sum(gh, 0, out=gb1[e])
-                if need_x:
-                    torch.mm(gh, w1[e].t(), out=gx[rows])
-            start += c
+        row_expert = None
+        if need_b1 or need_b2:
+            row_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device),
+                                                 torch.tensor(counts, device=x.device), output_size=x.shape[0])
+        gb2 = w2.new_zeros(num_experts, w2.shape[2]).index_add_(0, row_expert, gy) if need_b2 else None
+        if need_w2:
+            for e, start, c in groups:
+                torch.mm(h[start:start + c].t(), gy[start:start + c], out=gw2[e])
+        gx = gb1 = None
+        if need_x or need_w1 or need_b1:
+            gh = h.new_empty(h.shape)
+            for e, start, c in groups:
+                torch.mm(gy[start:start + c], w2[e].t(), out=gh[start:start + c])
+            if ctx.activation is F.relu:
+                torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
+                if ctx.scale != 1.0:
+                    gh.mul_(ctx.scale)
+            else:
+                if mask is not None:
+                    gh.mul_(mask).mul_(ctx.scale)
+                gh = _ACTIVATION_BACKWARD[ctx.activation](gh, pre)
+            if need_b1:
+                gb1 = w1.new_zeros(num_experts, w1.shape[2]).index_add_(0, row_expert, gh)
+            if need_w1:
+                for e, start, c in groups:
+                    torch.mm(x[start:start + c].t(), gh[start:start + c], out=gw1[e])
+            if need_x:
+                gx = torch.empty_like(x)
+                for e, start, c in groups:
+                    torch.mm(gh[start:start + c], w1[e].t(), out=gx[start:start + c])
         return gx, gw1, gb1, gw2, gb2, None, None, None
+
+
+def _starts(counts: Sequence[int]) -> List[int]:
+    starts, total = [], 0
+    for c in counts:
+        starts.append(total)
+        total += c
+    return starts
 
 
 class FFNExperts(nn.Module):

@@ -129,6 +129,11 @@ class MoELayer(nn.Module):
                 gate_entropy_sum=torch.tensor(0.0), gating_dropped=torch.tensor(1.0),
                 a2a_bytes=torch.tensor(0.0))
         self.aux = MoEAux({}, stats)  # no balance loss from a layer that did not route
+        # The router took no part in this step; tie its parameters to the output with weight 0
+        # so that data-parallel training (DDP without find_unused_parameters) sees every
+        # non-expert parameter used on every rank.  Their gradient is exactly zero.
+        for p in self.router.parameters():
+            out = out + 0.0 * p.sum()
         return out
 
 

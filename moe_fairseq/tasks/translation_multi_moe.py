@@ -16,6 +16,7 @@ from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
+from ..distributed.expert_parallel_training import prepare_expert_parallel
 from ..models.transformer_moe import apply_eval_overrides
 from ..moe.collect import moe_layers
 from ..moe.errors import MoEUsageError
@@ -48,6 +49,7 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
         apply_eval_overrides(model, getattr(self.args, "moe_eval_top_k", None))
+        prepare_expert_parallel(model, self.args)
         if getattr(self.args, "eval_bleu", False):
             gen_args = Namespace(**json.loads(self.args.eval_bleu_args or "{}"))
             # The parent's build_generator needs one --target-lang; validation mixes all

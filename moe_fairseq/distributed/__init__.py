@@ -1,0 +1,1 @@
+"""fairseq-side set-up of expert-parallel training."""
