@@ -45,11 +45,11 @@ def read_lines(path: Path) -> List[str]:
 
 
 def find_references(raw_dir: Path, split: str, src: str, tgt: str) -> Path:
-    for name in (f"{split}.{src}-{tgt}.{tgt}", f"{split}.{tgt}", f"{split}.{tgt}.gz"):
+    for name in (f"{split}.{src}-{tgt}.{tgt}", f"{split}.{tgt}-{src}.{tgt}", f"{split}.{tgt}", f"{split}.{tgt}.gz"):
         if (raw_dir / name).exists():
             return raw_dir / name
     raise MoEUsageError(f"no references for {src}-{tgt} in {raw_dir} (looked for {split}.{src}-{tgt}.{tgt}, "
-                        f"{split}.{tgt}[.gz])")
+                        f"{split}.{tgt}-{src}.{tgt}, {split}.{tgt}[.gz])")
 
 
 def align(hyps: Dict[int, str], n_refs: int, allow_missing: bool, label: str) -> List[str]:
@@ -74,13 +74,14 @@ def score(hyps: List[str], refs: List[str]):
 
 
 def run_generate(data: str, path: str, src: str, tgt: str, lang_pairs: str, split: str, beam: int,
-                 batch_size: int, cpu: bool, extra: List[str]) -> str:
+                 batch_size: int, cpu: bool, extra: List[str], langs: Optional[str] = None) -> str:
     exe = Path(sys.executable).parent / "fairseq-generate"
     cmd = [str(exe) if exe.exists() else "fairseq-generate", data, "--user-dir", USER_DIR,
            "--task", "translation_multi_moe", "--lang-pairs", lang_pairs, "--source-lang", src,
            "--target-lang", tgt, "--encoder-langtok", "src", "--decoder-langtok", "--path", path,
            "--gen-subset", split, "--beam", str(beam), "--batch-size", str(batch_size),
-           "--post-process", "sentencepiece", *(["--cpu"] if cpu else []), *extra]
+           "--post-process", "sentencepiece", *(["--langs", langs] if langs else []),
+           *(["--cpu"] if cpu else []), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"fairseq-generate failed for {src}-{tgt}:\n{proc.stderr[-3000:]}")
@@ -98,7 +99,7 @@ def evaluate(args) -> List[dict]:
         refs = read_lines(find_references(raw_dir, args.split, src, tgt))
         start = time.time()
         text = run_generate(args.data, args.path, src, tgt, args.lang_pairs, args.split, args.beam,
-                            args.batch_size, args.cpu, args.generate_args)
+                            args.batch_size, args.cpu, args.generate_args, args.langs)
         if out:
             (out / f"generate.{args.split}.{pair}.txt").write_text(text, encoding="utf-8")
         hyps = align(parse_generate_output(text), len(refs), args.allow_missing, pair)
@@ -132,6 +133,7 @@ def build_parser():
     p.add_argument("data", help="fairseq data-bin directory")
     p.add_argument("--path", required=True, help="checkpoint to evaluate")
     p.add_argument("--lang-pairs", required=True, help="directions to evaluate, e.g. en-de,en-fr")
+    p.add_argument("--langs", help="the training run's --langs, if it set one (keeps language-token ids)")
     p.add_argument("--raw-dir", required=True, help="directory with the raw (untokenized) references")
     p.add_argument("--split", default="test", help="fairseq subset name (default: test)")
     p.add_argument("--beam", type=int, default=5)
@@ -141,15 +143,18 @@ def build_parser():
                    help="score sentences fairseq-generate left out as empty hypotheses instead of failing")
     p.add_argument("--copy-baseline", action="store_true", help="also score a copy of the source")
     p.add_argument("--out", help="write generate output, results.md and results.json here")
-    p.add_argument("generate_args", nargs=argparse.REMAINDER,
-                   help="after '--': extra fairseq-generate arguments (e.g. --moe-eval-top-k 2)")
+    p.epilog = "Arguments after '--' go to fairseq-generate (e.g. -- --moe-eval-top-k 2)."
     return p
 
 
 def cli_main(argv: Optional[List[str]] = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # split by hand: argparse.REMAINDER would swallow our own options too
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
-    if args.generate_args and args.generate_args[0] == "--":
-        args.generate_args = args.generate_args[1:]
+    args.generate_args = extra
     if not os.path.exists(args.path):
         sys.exit(f"moe-evaluate: error: --path {args.path} does not exist")
     try:

@@ -1,0 +1,68 @@
+"""moe-reshard: rewrite a MoE checkpoint for continued training on another world size.
+
+    moe-reshard save_dir/checkpoint_last.pt new_save_dir --world-size 4
+
+Writes new_save_dir/checkpoint_last.pt (shared parameters + a pointer) and one expert shard per
+rank, optimizer state included (fairseq's NLLB branch drops it); then train with
+`--save-dir new_save_dir` on that many ranks.  Training also reshards on the fly when it loads
+a checkpoint written by another world size; this command makes the layout explicit and lets
+the new run start from a directory of its own.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from ..moe.errors import MoEUsageError
+from ..moe.expert_parallel import expert_sharding
+from .sharded import POINTER, atomic_save, num_experts_of, resolve_experts, shard_filename, slice_shard, split_experts
+
+SHARD_ROOT = "moe_shards"
+
+
+def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_last.pt"):
+    state = torch.load(src, map_location="cpu")
+    num_experts = num_experts_of(state)
+    if not num_experts:
+        raise MoEUsageError(f"{src} has no MoE layers (moe_expert_count is 0)")
+    try:
+        expert_sharding(num_experts, world_size)
+    except ValueError as e:
+        raise MoEUsageError(str(e)) from None
+    names = (state.get(POINTER) or {}).get("param_names") or state.get("moe_param_names")
+    if names is None:
+        raise MoEUsageError(f"{src} lacks parameter names (not written by moe_fairseq); cannot reshard optimizer state")
+    state = resolve_experts(state, src, rank=0, world_size=1)  # every expert in one state
+    full = split_experts(state, names)
+    updates = state["optimizer_history"][-1].get("num_updates", 0) if state.get("optimizer_history") else 0
+    tag = f"resharded-u{updates}-w{world_size}"
+    for rank in range(world_size):
+        shard = slice_shard(full, num_experts, rank, world_size)
+        shard["meta"] = {"rank": rank, "world_size": world_size, "tag": tag, "num_updates": updates}
+        atomic_save(shard, os.path.join(out_dir, SHARD_ROOT, tag, shard_filename(rank, world_size)))
+    state[POINTER] = {"dir": os.path.join(SHARD_ROOT, tag), "tag": tag, "world_size": world_size,
+                      "param_names": names, "version": 1}
+    state["moe_param_names"] = names
+    atomic_save(state, os.path.join(out_dir, name))  # written last: it makes the set visible
+    return os.path.join(out_dir, name)
+
+
+def cli_main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--world-size", type=int, required=True, help="ranks of the run that will continue")
+    p.add_argument("--name", default="checkpoint_last.pt", help="file name in out_dir (checkpoint_last.pt)")
+    args = p.parse_args(argv)
+    import moe_fairseq  # noqa: F401
+
+    try:
+        path = reshard(args.checkpoint, args.out_dir, args.world_size, args.name)
+    except MoEUsageError as e:
+        sys.exit(f"moe-reshard: error: {e}")
+    print(f"wrote {path} with {args.world_size} expert shards")
+
+
+if __name__ == "__main__":
+    cli_main()

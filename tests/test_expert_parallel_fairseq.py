@@ -1,0 +1,200 @@
+"""Expert parallelism through the real CLI: 2 CPU processes (gloo) under torchrun.
+
+Proves the ranks form one job (world size 2, distinct ranks, tokens crossing the all-to-all),
+that a SIGKILLed run resumes from complete shards at the saved update, that a sharded
+checkpoint, its consolidation and the expert-parallel model give the same outputs, and that
+resharding 2 -> 1 and 1 -> 2 continues training with the optimizer state.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import moe_fairseq  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
+
+from cli_helpers import BIN, USER_DIR, cli, generate_cmd, hypotheses, last_value, make_tiny_corpus, run, train_cmd
+
+MOE = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-gating-dropout", "0.3", "--dropout", "0.0"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(cmd, nproc=2):
+    """fairseq-train under torchrun: the launcher script path replaces argv[0]."""
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *cmd]
+
+
+def descendants(pid):
+    """Every process below `pid` (torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group would leave the ranks running)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def saved_updates(path):
+    return torch.load(path)["optimizer_history"][-1]["num_updates"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_corpus(tmp_path_factory.mktemp("ep_corpus"))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ep_run")
+    proc = run(torchrun_cmd(train_cmd(data, save, *MOE, "--save-interval-updates", "4", max_update=12)))
+    return save, proc.stdout + proc.stderr
+
+
+def test_two_processes_form_one_expert_parallel_job(sharded_run):
+    save, log = sharded_run
+    assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in log
+    assert "'distributed_world_size': 2" in log
+    # Each rank holds 2 of the 4 experts per MoE layer (2 layers x 4 tensors), and tokens
+    # crossed the all-to-all (0 bytes in a single process).
+    shard0 = torch.load(next(save.glob("moe_shards/*/rank-0-of-2.pt")))
+    assert all(t.shape[0] == 2 for t in shard0["model"].values()) and len(shard0["model"]) == 8
+    assert max(float(v) for v in re.findall(r"moe_a2a_mb=([0-9.]+)", log)) > 0
+    # only one process wrote fairseq's files; each rank wrote its own shard
+    last = torch.load(save / "checkpoint_last.pt")
+    assert not any(".moe.experts." in k for k in last["model"]), "experts must live in the shards only"
+    tag = last["moe_shards"]["tag"]
+    assert sorted(p.name for p in (save / "moe_shards" / tag).iterdir()) == ["rank-0-of-2.pt", "rank-1-of-2.pt"]
+
+
+def test_sigkill_mid_training_then_resume_at_saved_update(data, tmp_path):
+    save = tmp_path / "killed"
+    cmd = torchrun_cmd(train_cmd(data, save, *MOE, "--save-interval-updates", "3", max_update=400))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            time.sleep(1)
+            if (save / "checkpoint_last.pt").exists():
+                try:
+                    if saved_updates(save / "checkpoint_last.pt") >= 9:
+                        break
+                except Exception:
+                    pass
+        else:
+            pytest.fail("no checkpoint after 300 s")
+    finally:
+        for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both ranks, mid-training
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    time.sleep(1)
+    assert not descendants(proc.pid)
+    saved = saved_updates(save / "checkpoint_last.pt")
+    assert saved < 400
+    resumed = run(torchrun_cmd(train_cmd(data, save, *MOE, "--save-interval-updates", "3", max_update=saved + 4)))
+    log = resumed.stdout + resumed.stderr
+    assert re.search(rf"Loaded checkpoint \S*checkpoint_last\.pt \(epoch \d+ @ {saved} updates\)", log), log[-3000:]
+    assert last_value(log, "num_updates") == saved + 4
+    # garbage collection kept exactly the shard sets that checkpoints point to
+    pointed = {torch.load(p)["moe_shards"]["tag"] for p in save.glob("checkpoint*.pt")}
+    assert {p.name for p in (save / "moe_shards").iterdir()} == pointed
+
+
+def test_consolidated_checkpoint_generates_like_the_sharded_one(data, sharded_run, tmp_path):
+    save, _ = sharded_run
+    consolidated = tmp_path / "model.pt"
+    run([cli("moe-consolidate"), save / "checkpoint_last.pt", consolidated])
+    state = torch.load(consolidated)
+    assert "moe_shards" not in state
+    assert all(v.shape[0] == 4 for k, v in state["model"].items() if ".moe.experts." in k)
+    sharded = hypotheses(run(generate_cmd(data, save / "checkpoint_last.pt")).stdout)
+    single = hypotheses(run(generate_cmd(data, consolidated)).stdout)
+    assert len(single) == 40 and single == sharded
+
+
+EP_FORWARD = r'''
+import sys, torch, torch.distributed as dist
+import moe_fairseq  # registers the plugin and its checkpoint hooks
+from fairseq import checkpoint_utils
+ckpt, data, out = sys.argv[1:4]
+if len(sys.argv) > 4:
+    dist.init_process_group("gloo")
+models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": data})
+model = models[0].eval()
+torch.manual_seed(0)
+src = torch.randint(4, 40, (3, 7)); prev = torch.randint(4, 40, (3, 5))
+with torch.no_grad():
+    logits = model(src, torch.full((3,), 7), prev)[0]
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save(logits, out)
+'''
+
+
+def test_expert_parallel_model_equals_consolidated_model(data, sharded_run, tmp_path):
+    save, _ = sharded_run
+    script = tmp_path / "ep_forward.py"
+    script.write_text(EP_FORWARD)
+    consolidated = tmp_path / "model.pt"
+    run([cli("moe-consolidate"), save / "checkpoint_last.pt", consolidated])
+    run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), script,
+         save / "checkpoint_last.pt", data, tmp_path / "ep.pt", "dist"])
+    run([sys.executable, script, consolidated, data, tmp_path / "single.pt"])
+    ep, single = torch.load(tmp_path / "ep.pt"), torch.load(tmp_path / "single.pt")
+    assert torch.allclose(ep, single, atol=1e-5), (ep - single).abs().max()
+
+
+def test_reshard_two_to_one_continues_with_optimizer_state(data, sharded_run, tmp_path):
+    save, _ = sharded_run
+    before = saved_updates(save / "checkpoint_last.pt")
+    run([cli("moe-reshard"), save / "checkpoint_last.pt", tmp_path, "--world-size", "1"])
+    proc = run(train_cmd(data, tmp_path, *MOE, max_update=before + 3))
+    log = proc.stdout + proc.stderr
+    assert re.search(rf"Loaded checkpoint .*\(epoch \d+ @ {before} updates\)", log), log[-3000:]
+    assert "reset" not in log.lower() or "reset_optimizer': False" in log
+    state = torch.load(tmp_path / "checkpoint_last.pt")
+    assert state["optimizer_history"][-1]["num_updates"] == before + 3
+    steps = [int(s["step"]) for s in state["last_optimizer_state"]["state"].values()]
+    assert max(steps) == before + 3  # Adam continued from the saved moments, not from zero
+
+
+def test_reshard_one_to_two_continues_training(data, tmp_path):
+    single = tmp_path / "single"
+    run(train_cmd(data, single, *MOE, max_update=6))
+    two = tmp_path / "two"
+    run([cli("moe-reshard"), single / "checkpoint_last.pt", two, "--world-size", "2"])
+    shards = sorted(p.name for p in two.glob("moe_shards/*/*.pt"))
+    assert shards == ["rank-0-of-2.pt", "rank-1-of-2.pt"]
+    proc = run(torchrun_cmd(train_cmd(data, two, *MOE, max_update=9)))
+    log = proc.stdout + proc.stderr
+    assert re.search(r"Loaded checkpoint .*\(epoch \d+ @ 6 updates\)", log), log[-3000:]
+    assert last_value(log, "num_updates") == 9
+
+
+def test_expert_count_the_world_cannot_hold_is_refused(data, tmp_path):
+    proc = run(torchrun_cmd(train_cmd(data, tmp_path, "--moe-expert-count", "3", max_update=1)), check=False)
+    assert proc.returncode != 0
+    assert "--moe-expert-count=3 cannot be sharded over a world size of 2" in proc.stderr + proc.stdout
