@@ -151,6 +151,9 @@ with torch.no_grad():
     logits = model(src, torch.full((3,), 7), prev)[0]
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save(logits, out)
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 '''
 
 

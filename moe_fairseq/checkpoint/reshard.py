@@ -41,6 +41,15 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
         shard = slice_shard(full, num_experts, rank, world_size)
         shard["meta"] = {"rank": rank, "world_size": world_size, "tag": tag, "num_updates": updates}
         atomic_save(shard, os.path.join(out_dir, SHARD_ROOT, tag, shard_filename(rank, world_size)))
+    old_world = (state.get("cfg") or {}).get("distributed_training", {}).get("distributed_world_size")
+    itr = (state.get("extra_state") or {}).get("train_iterator")
+    if itr and itr.get("iterations_in_epoch") and old_world != world_size:
+        # Batches of an epoch are split over ranks, so a position inside an epoch means nothing
+        # on another world size: continue at the start of the next epoch (fairseq would refuse
+        # with "dataloader mismatch").
+        print(f"note: the run stopped inside epoch {itr['epoch']}; continuing at the start of epoch "
+              f"{itr['epoch'] + 1} on {world_size} ranks")
+        itr.update(epoch=itr["epoch"] + 1, iterations_in_epoch=0)
     state[POINTER] = {"dir": os.path.join(SHARD_ROOT, tag), "tag": tag, "world_size": world_size,
                       "param_names": names, "version": 1}
     state["moe_param_names"] = names

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Expert usage of a MoE run: (a) tokens per expert per layer over training, (b) per language.
+
+  python scripts/plot_expert_usage.py checkpoints/m30k_top2 --data data-bin/multi30k \
+      --out-dir plots/m30k_top2 [--split valid] [--sentences 200] [--cpu] [--lang-pairs en-de,en-fr]
+
+The training logs only hold aggregates (moe_load_cv, ...), so the usage is measured: every
+checkpoint (a directory's checkpoint_E_U.pt files, written by --save-interval-updates, in update
+order; or the checkpoint files given) is loaded in turn with
+fairseq.checkpoint_utils.load_model_ensemble_and_task(arg_overrides={'data': DATA}), and run
+in evaluation mode, teacher-forced, on the same first N sentences of --split for every
+direction; each MoE layer's `aux.stats.tokens_per_expert` (slots per expert: a top-2 token
+counts twice; what the evaluation capacity dropped is not counted unless
+--moe-eval-capacity-factor is raised) is summed.
+
+Writes to --out-dir:
+  expert_usage_over_training.png   one heatmap per MoE layer: rows = checkpoints (updates),
+                                   columns = experts, colour = share of the layer's tokens
+  expert_usage_per_language.png    one heatmap per MoE layer for the last checkpoint (or
+                                   --language-checkpoint): rows = directions, columns = experts
+  expert_usage.json                the raw counts: {checkpoint: {layer: {direction: [E counts]}}}
+"""
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)_(\d+)\.pt$")
+
+
+def find_checkpoints(paths):
+    """[(label, update or None, path)] in training order."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            numbered = [(int(CHECKPOINT_NAME.match(f.name).group(2)), f) for f in p.iterdir()
+                        if CHECKPOINT_NAME.match(f.name)]
+            if numbered:
+                found += [(f"update {u}", u, f) for u, f in sorted(numbered)]
+            elif (p / "checkpoint_last.pt").exists():
+                found.append(("last", None, p / "checkpoint_last.pt"))
+            else:
+                raise SystemExit(f"plot_expert_usage: no checkpoint_E_U.pt or checkpoint_last.pt in {p}")
+        elif p.is_file():
+            m = CHECKPOINT_NAME.match(p.name)
+            found.append((f"update {m.group(2)}" if m else p.stem, int(m.group(2)) if m else None, p))
+        else:
+            raise SystemExit(f"plot_expert_usage: no such checkpoint or directory: {p}")
+    if any(u is None for _, u, _ in found):
+        return found  # keep the given order when some files carry no update number
+    return sorted(found, key=lambda item: item[1])
+
+
+def layer_label(name: str) -> str:
+    m = re.search(r"(encoder|decoder)\.layers\.(\d+)", name)
+    return f"{m.group(1)} layer {m.group(2)}" if m else name
+
+
+def moe_layer_names(model):
+    from moe_fairseq.moe.layer import MoELayer
+
+    return [(layer_label(n), m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def direction_batches(cfg, data, pairs, split, sentences, batch_size):
+    """{direction: [batch, ...]}: the first `sentences` sentences of each direction, built by a
+    per-direction inference task (so language tokens are exactly as in generation)."""
+    from fairseq import tasks
+    from omegaconf import open_dict
+
+    out = {}
+    for pair in pairs:
+        src, tgt = pair.split("-")
+        task_cfg = copy.deepcopy(cfg.task)  # an argparse.Namespace for this (legacy) task
+        overrides = dict(data=data, source_lang=src, target_lang=tgt, gen_subset=split)
+        if isinstance(task_cfg, argparse.Namespace):
+            vars(task_cfg).update(overrides)
+        else:
+            with open_dict(task_cfg):
+                for key, value in overrides.items():
+                    setattr(task_cfg, key, value)
+        task = tasks.setup_task(task_cfg)
+        task.load_dataset(split)
+        dataset = task.dataset(split)
+        n = min(sentences, len(dataset))
+        items = [dataset[i] for i in range(n)]
+        out[pair] = [dataset.collater(items[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return out
+
+
+def measure(model, batches, device):
+    """{layer: {direction: [tokens per expert]}} for one model on the fixed batches."""
+    import torch
+    from fairseq import utils
+
+    layers = moe_layer_names(model)
+    counts = {label: {} for label, _ in layers}
+    with torch.no_grad():
+        for pair, pair_batches in batches.items():
+            totals = [None] * len(layers)
+            for batch in pair_batches:
+                batch = utils.move_to_cuda(batch, device=device) if device.type == "cuda" else batch
+                model(**batch["net_input"])
+                for i, (_, layer) in enumerate(layers):
+                    stats = layer.aux.stats
+                    if stats is None:
+                        continue
+                    tpe = stats.tokens_per_expert.detach().double().cpu()
+                    totals[i] = tpe if totals[i] is None else totals[i] + tpe
+            for i, (label, _) in enumerate(layers):
+                counts[label][pair] = totals[i].tolist() if totals[i] is not None else []
+    return counts
+
+
+def shares(rows):
+    import numpy as np
+
+    a = np.asarray(rows, dtype=float)
+    sums = a.sum(axis=1, keepdims=True)
+    return np.divide(a, sums, out=np.zeros_like(a), where=sums > 0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("checkpoints", nargs="+", help="a save dir (its checkpoint_E_U.pt files) or checkpoint files")
+    p.add_argument("--data", required=True, help="data-bin directory (overrides the path saved in the checkpoints)")
+    p.add_argument("--out-dir", default="expert_usage", help="where the PNGs and JSON go")
+    p.add_argument("--split", default="valid", help="data split for the fixed batch (default valid)")
+    p.add_argument("--sentences", type=int, default=200, help="sentences per direction (default 200)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (default 64)")
+    p.add_argument("--lang-pairs", help="directions to measure (default: the checkpoint's --lang-pairs)")
+    p.add_argument("--language-checkpoint", help="checkpoint for the per-language plot (default: the last one)")
+    p.add_argument("--moe-eval-top-k", type=int, help="evaluation k for noisy_topk/random routers")
+    p.add_argument("--moe-eval-capacity-factor", type=float,
+                   help="evaluation capacity factor; a large value (e.g. 1000) counts the router's choices "
+                        "before capacity dropping (default: as trained, i.e. what inference computes)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    p.add_argument("--verbose", action="store_true", help="show fairseq's INFO logging")
+    args = p.parse_args(argv)
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    for name in ("fairseq", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose and name == "fairseq" else logging.WARNING)
+    from fairseq import checkpoint_utils, utils
+
+    utils.import_user_module(argparse.Namespace(user_dir=str(REPO / "moe_fairseq")))
+    from moe_fairseq.models.transformer_moe import apply_eval_overrides
+    from moe_fairseq import plots
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    ckpts = find_checkpoints(args.checkpoints)
+    n_training = len(ckpts)  # rows of the over-training plot
+    lang_path = Path(args.language_checkpoint) if args.language_checkpoint else ckpts[-1][2]
+    if all(Path(path).resolve() != lang_path.resolve() for _, _, path in ckpts):
+        ckpts.append((lang_path.stem, None, lang_path))  # measured for the per-language plot only
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(ckpts)} checkpoint(s), device {device}", flush=True)
+
+    results, batches, pairs, layer_names = {}, None, None, None
+    start = time.time()
+    for i, (label, update, path) in enumerate(ckpts, 1):
+        models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": args.data})
+        model = models[0].to(device).eval()
+        apply_eval_overrides(model, args.moe_eval_top_k, args.moe_eval_capacity_factor)
+        if batches is None:
+            pairs = args.lang_pairs.split(",") if args.lang_pairs else list(cfg.task.lang_pairs)
+            batches = direction_batches(cfg, args.data, pairs, args.split, args.sentences, args.batch_size)
+            layer_names = [name for name, _ in moe_layer_names(model)]
+            if not layer_names:
+                raise SystemExit(f"plot_expert_usage: {path} has no MoE layer (a dense model?)")
+            print(f"{len(layer_names)} MoE layers; directions {', '.join(pairs)}; "
+                  f"{sum(len(b) for b in batches.values())} batches of {args.split}", flush=True)
+        results[str(Path(path).resolve())] = {"label": label, "update": update, "counts": measure(model, batches, device)}
+        print(f"[{i}/{len(ckpts)}] {path.name} ({label}) done, {time.time() - start:.0f}s elapsed", flush=True)
+        del model, models
+
+    (out_dir / "expert_usage.json").write_text(json.dumps(
+        {"split": args.split, "sentences_per_direction": args.sentences, "directions": pairs,
+         "layers": layer_names, "checkpoints": results}, indent=1) + "\n")
+
+    training = list(results.values())[:n_training]
+    over_time = {name: shares([[sum(col) for col in zip(*r["counts"][name].values())] for r in training])
+                 for name in layer_names}
+    png_a = plots.plot_heatmaps(over_time, [r["label"] for r in training],
+                                out_dir / "expert_usage_over_training.png", ylabel="checkpoint",
+                                title=f"share of tokens per expert over training ({args.split}, all directions)")
+    last = results[str(lang_path.resolve())]
+    per_lang = {name: shares([last["counts"][name][pair] for pair in pairs]) for name in layer_names}
+    png_b = plots.plot_heatmaps(per_lang, pairs, out_dir / "expert_usage_per_language.png", ylabel="direction",
+                                title=f"share of tokens per expert by direction ({last['label']})")
+    print(f"wrote {png_a}, {png_b} and {out_dir / 'expert_usage.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Data-/expert-parallel training with torchrun: one process per GPU, on one or several machines.
+#
+#   [NPROC=8] scripts/train_torchrun.sh CONFIG DATA_BIN SAVE_DIR [extra fairseq-train args]
+#
+# One machine, all its GPUs:   NPROC=8 scripts/train_torchrun.sh configs/wmt10/moe_top2.args data-bin/wmt10 ckpt/top2
+# Several machines (run on each, same MASTER_ADDR/MASTER_PORT, NODE_RANK = 0 .. NNODES-1):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=4 scripts/train_torchrun.sh CONFIG DATA SAVE
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=4 scripts/train_torchrun.sh CONFIG DATA SAVE
+# CPU test of the distributed path (gloo, no GPU):  CPU=1 NPROC=2 scripts/train_torchrun.sh ...
+#
+# Environment: NPROC (processes per machine; default: the GPUs nvidia-smi lists, 2 with CPU=1),
+# NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), CPU (unset; 1 adds
+# --cpu --distributed-backend gloo), DRY_RUN (1: print the command only).
+# Always passes --distributed-world-size NNODES*NPROC.  With --moe-expert-count E, each rank
+# holds E/W experts: choose W dividing E (see configs/README.md).  Fairseq's own flags that
+# come later win (extra args), e.g. --update-freq to keep the batch when W changes.
+set -euo pipefail
+if [ "$#" -lt 3 ]; then
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+CONFIG=$1 DATA_BIN=$2 SAVE_DIR=$3
+shift 3
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ -f "$CONFIG" ] || { echo "train_torchrun.sh: no config file $CONFIG" >&2; exit 2; }
+
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+if [ -z "${NPROC:-}" ]; then
+  if [ -n "${CPU:-}" ]; then
+    NPROC=2
+  elif command -v nvidia-smi > /dev/null 2>&1; then
+    NPROC=$(nvidia-smi -L | grep -c '^GPU' || true)
+  else
+    NPROC=0
+  fi
+fi
+if [ "$NPROC" -lt 1 ]; then
+  echo "train_torchrun.sh: no GPU found: set NPROC, or CPU=1 for a CPU (gloo) run" >&2
+  exit 2
+fi
+WORLD=$((NNODES * NPROC))
+
+set -f  # the config is `$(grep -v '^#' CONFIG)`: split on whitespace, never globbed
+CONFIG_ARGS=($(grep -v '^#' "$CONFIG" || true))
+set +f
+DEVICE_ARGS=()
+if [ -n "${CPU:-}" ]; then
+  DEVICE_ARGS=(--cpu --distributed-backend gloo)
+fi
+FAIRSEQ_TRAIN=${FAIRSEQ_TRAIN:-$(command -v fairseq-train || echo fairseq-train)}
+
+CMD=("${TORCHRUN:-torchrun}" --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+     "$FAIRSEQ_TRAIN" "$DATA_BIN" --user-dir "$REPO/moe_fairseq" "${CONFIG_ARGS[@]}"
+     --distributed-world-size "$WORLD" "${DEVICE_ARGS[@]}" --save-dir "$SAVE_DIR" "$@")
+if [ -n "${DRY_RUN:-}" ]; then
+  printf '%q ' "${CMD[@]}"; echo
+  exit 0
+fi
+mkdir -p "$SAVE_DIR"
+LOG="$SAVE_DIR/train.log"
+[ "$NODE_RANK" = 0 ] || LOG="$SAVE_DIR/train.node$NODE_RANK.log"
+echo "== $(date '+%F %T') $(printf '%q ' "${CMD[@]}")" >> "$LOG"
+# One process per GPU: keep CPU threads per process modest unless the caller chose.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+"${CMD[@]}" 2>&1 | tee -a "$LOG"

@@ -1,0 +1,238 @@
+"""Worker processes of the expert-parallel tests (gloo on CPU), started by torch.multiprocessing.
+
+Each process builds a single-process reference MoE layer (same seed everywhere, so identical on
+every rank) and the expert-parallel layer whose local experts are copies of the reference's
+slices.  Every rank feeds its own batch; the reference processes that batch alone (routing is
+per rank anyway), and the comparisons are made inside the workers: an assertion error in any
+rank fails the spawning test with the traceback.
+"""
+import os
+import sys
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+if "moe_fairseq" not in sys.modules:
+    # Import the layer library without the fairseq glue of the top-level package (slow to
+    # import, and not needed here).
+    _stub = types.ModuleType("moe_fairseq")
+    _stub.__path__ = [os.path.join(ROOT, "moe_fairseq")]
+    sys.modules["moe_fairseq"] = _stub
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from moe_fairseq.moe import MoEConfig, build_moe_layer  # noqa: E402
+from moe_fairseq.moe.expert_parallel import ExpertParallelComm, all_reduce_expert_grads  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+M, F = 16, 24
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+def run(rank, world_size, port, jobs):
+    """Entry point for torch.multiprocessing.spawn: run [(scenario, kwargs), ...] in order."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        for name, kwargs in jobs:
+            try:
+                SCENARIOS[name](rank, world_size, **kwargs)
+            except Exception as exc:
+                raise AssertionError(f"rank {rank}, scenario {name} {kwargs}: {exc}") from exc
+    finally:
+        dist.destroy_process_group()
+
+
+def close(a, b, what):
+    if not torch.allclose(a, b, **TOL):
+        diff = (a - b).abs().max().item() if a.shape == b.shape else f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+        raise AssertionError(f"{what} differs from the reference (max abs diff {diff})")
+
+
+def grad(p):
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def build_pair(cfg, comm, orthogonal_router=False):
+    torch.manual_seed(cfg.seed)
+    ref = build_moe_layer(cfg, M, F)
+    ep = build_moe_layer(cfg, M, F, comm=comm)
+    if orthogonal_router:  # rows of the router are orthonormal: x = 20 q_e routes to expert e
+        q, _ = torch.linalg.qr(torch.randn(M, M))
+        with torch.no_grad():
+            ref.router.wg.weight.copy_(q[:cfg.num_experts])
+    ep.router.load_state_dict(ref.router.state_dict())
+    ids = comm.local_expert_ids()
+    with torch.no_grad():
+        for name in EXPERT_PARAMS:
+            getattr(ep.experts, name).copy_(getattr(ref.experts, name)[ids])
+    return ref, ep
+
+
+def batch(rank, num_tokens, seed, local_only=None, router=None):
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.randn(num_tokens, M, generator=g)
+    if local_only is not None:  # every token's top choices are among `local_only` (router rows)
+        q = router.wg.weight.detach()[local_only]
+        x = 0.1 * x + 20 * q.sum(0) if len(local_only) > 1 else 0.1 * x + 20 * q[0]
+        pick = torch.randint(len(local_only), (num_tokens,), generator=g)
+        if len(local_only) > 1:  # vary which local expert wins the first slot
+            x = x + 2 * q[pick]
+    target = torch.randn(num_tokens, M, generator=g)
+    return x, target
+
+
+def step(layer, x, target, rank, seed):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(7 * seed + rank)  # same Gumbel / sampling noise in both layers
+    out = layer(x)
+    loss = (out * target).sum() + sum(layer.aux.losses.values())
+    loss.backward()
+    return out.detach(), x.grad, layer.aux
+
+
+def equivalence(rank, world, num_experts, router="top2", tokens=None, capacity_factor=None, dropless=False,
+                second_expert_policy="sampling", local_only_rank=None, expect_drops=False, seed=1):
+    """EP layer == reference: outputs, input grads, router grads per rank; expert grads summed
+    over ranks; replica all-reduce for E < W."""
+    cfg = MoEConfig(num_experts=num_experts, router=router, capacity_factor=capacity_factor, dropless=dropless,
+                    second_expert_policy=second_expert_policy, seed=seed)
+    comm = ExpertParallelComm(num_experts)
+    ref, ep = build_pair(cfg, comm, orthogonal_router=local_only_rank is not None)
+    ref.train(), ep.train()
+    num_tokens = tokens[rank] if tokens else 32
+    local_only = None
+    if rank == local_only_rank:
+        local_only = comm.local_expert_ids() if router == "top2" and comm.num_local_experts > 1 else \
+            comm.local_expert_ids()[:1]
+        if router == "top2" and len(local_only) < 2:
+            raise ValueError("a top2 local-only rank needs L >= 2")
+    x, target = batch(rank, num_tokens, seed, local_only, ref.router)
+
+    out_ref, gx_ref, aux_ref = step(ref, x, target, rank, seed)
+    calls = comm.all_to_all_calls
+    out_ep, gx_ep, aux_ep = step(ep, x, target, rank, seed)
+    assert comm.all_to_all_calls - calls == 5, f"{comm.all_to_all_calls - calls} all-to-alls (3 forward + 2 backward)"
+
+    close(out_ep, out_ref, "output")
+    close(gx_ep, gx_ref, "input gradient")
+    close(grad(ep.router.wg.weight), grad(ref.router.wg.weight), "router gradient")
+    assert torch.equal(aux_ep.stats.tokens_per_expert, aux_ref.stats.tokens_per_expert)
+    for k in aux_ref.losses:
+        close(aux_ep.losses[k].detach(), aux_ref.losses[k].detach(), f"loss {k}")
+    if expect_drops:
+        drops = torch.tensor([float(aux_ep.stats.dropped_by_capacity)])
+        dist.all_reduce(drops)
+        assert drops.item() > 0, "the capacity scenario dropped nothing"
+    if local_only is not None:
+        assert float(aux_ep.stats.a2a_bytes) == 0, "the local-only rank sent rows to another rank"
+        assert num_tokens > 0 and float(comm.remote_rows(aux_ep.stats.tokens_per_expert)) == 0
+
+    # Expert gradients: the reference's summed over every rank's batch.
+    ids = comm.local_expert_ids()
+    ref_sum = {}
+    for name in EXPERT_PARAMS:
+        g = grad(getattr(ref.experts, name)).clone()
+        dist.all_reduce(g)
+        ref_sum[name] = g[ids]
+    raw = {name: grad(getattr(ep.experts, name)).clone() for name in EXPERT_PARAMS}
+    if comm.num_replicas == 1:
+        for name in EXPERT_PARAMS:
+            close(raw[name], ref_sum[name], f"expert gradient {name}")
+    else:
+        # Each replica saw only the tokens of the ranks r with r % R == its index.
+        for name in EXPERT_PARAMS:
+            assert not torch.allclose(raw[name], ref_sum[name], **TOL), "a replica already holds the full gradient"
+    for divide_by, divisor in (("none", 1), ("replicas", comm.num_replicas), ("world_size", world)):
+        for name in EXPERT_PARAMS:
+            getattr(ep.experts, name).grad = raw[name].clone()
+        all_reduce_expert_grads(ep, comm, divide_by)
+        for name in EXPERT_PARAMS:
+            close(getattr(ep.experts, name).grad, ref_sum[name] / divisor, f"expert gradient {name} ({divide_by})")
+    # The router is not an expert parameter: all_reduce_expert_grads leaves it alone.
+    close(grad(ep.router.wg.weight), grad(ref.router.wg.weight), "router gradient after all_reduce_expert_grads")
+
+
+def exchange_layout(rank, world, num_experts, seed=3):
+    """exchange() returns rows grouped by local expert, source-rank-major inside a group, each
+    from the right source; a replica receives only from sources r with r % R == its index;
+    exchange_back() is the exact inverse."""
+    comm = ExpertParallelComm(num_experts)
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    n = int(torch.randint(0, 30, (1,), generator=g))
+    expert = torch.sort(torch.randint(num_experts, (n,), generator=g)).values
+    counts = torch.bincount(expert, minlength=num_experts)
+    # Row = (source rank, global expert, position): identifies itself after the exchange.
+    x = torch.stack([torch.full((n,), float(rank)), expert.float(), torch.arange(n).float()], 1)
+    local, local_counts, handle = comm.exchange(x, counts, counts.tolist())
+    assert sum(local_counts) == local.shape[0]
+    ids = comm.local_expert_ids()
+    start = 0
+    for l, c in enumerate(local_counts):
+        block = local[start:start + c]
+        start += c
+        assert torch.all(block[:, 1] == ids[l]), "a row landed in the wrong local expert group"
+        assert torch.all(block[1:, 0] >= block[:-1, 0]), "rows of a group are not ordered by source rank"
+        if comm.num_replicas > 1:
+            assert torch.all(block[:, 0].long() % comm.num_replicas == rank % comm.num_replicas), "unbalanced replica"
+    back = comm.exchange_back(local, handle)
+    assert torch.equal(back, x), "exchange_back is not the inverse of exchange"
+    # The counts every rank sent add up to what the local experts received.
+    all_counts = [None] * world
+    dist.all_gather_object(all_counts, counts.tolist())
+    if comm.num_replicas == 1:
+        expected = [sum(c[e] for c in all_counts) for e in ids]
+    else:
+        expected = [sum(c[ids[0]] for s, c in enumerate(all_counts) if s % comm.num_replicas == rank % comm.num_replicas)]
+    assert local_counts == expected, (local_counts, expected)
+
+
+def gating_dropout(rank, world, num_experts, mode="gate_drop", p=0.3, updates=200, run_updates=12):
+    cfg = MoEConfig(num_experts=num_experts, router="top2", gating_dropout=p, gating_dropout_mode=mode, seed=11)
+    comm = ExpertParallelComm(num_experts)
+    torch.manual_seed(0)
+    layer = build_moe_layer(cfg, M, F, layer_index=2, comm=comm).train()
+    decisions = []
+    for u in range(updates):
+        layer.set_num_updates(u)
+        decisions.append(layer.gating_dropped())
+    gathered = [None] * world
+    dist.all_gather_object(gathered, decisions)
+    assert all(d == decisions for d in gathered), "ranks took different gating-dropout decisions"
+    frac = sum(decisions) / updates
+    assert abs(frac - p) < 0.12, f"drop fraction {frac} far from p={p}"
+    assert any(decisions[:run_updates]) and not all(decisions[:run_updates])
+    x0 = torch.randn(8 + 3 * rank, M)
+    for u in range(run_updates):
+        layer.set_num_updates(u)
+        x = x0.clone().requires_grad_(True)
+        calls, sent = comm.all_to_all_calls, comm.stats.bytes_sent
+        out = x + layer(x)
+        (out * out).sum().backward()
+        issued = comm.all_to_all_calls - calls
+        if decisions[u]:
+            assert issued == 0 and comm.stats.bytes_sent == sent, f"dropped update {u} issued {issued} all-to-alls"
+            assert float(layer.aux.stats.gating_dropped) == 1 and float(layer.aux.stats.a2a_bytes) == 0
+            if mode == "gate_expert_drop":
+                assert torch.equal(out.detach(), x0)
+        else:
+            assert issued == 5, f"routed update {u} issued {issued} all-to-alls"
+        all_reduce_expert_grads(layer, comm)  # a collective after every update: ranks stay in step
+        layer.zero_grad()
+
+
+def bad_sharding(rank, world, num_experts):
+    try:
+        ExpertParallelComm(num_experts)
+    except ValueError as exc:
+        expected = (f"--moe-expert-count={num_experts} cannot be sharded over a world size of {world}: "
+                    f"it must be a multiple or a divisor of {world}")
+        assert str(exc) == expected, str(exc)
+    else:
+        raise AssertionError("no ValueError")
+
+
+SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
+             "bad_sharding": bad_sharding}

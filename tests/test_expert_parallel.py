@@ -1,0 +1,119 @@
+"""Expert parallelism with gloo on CPU: W = 2 and 4 processes against the single-process layer.
+
+Each test starts W processes (tests/ep_worker.py, forked where possible) that run several scenarios in one process
+group; every comparison happens inside the workers (tolerance 1e-5, float32).
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ep_worker
+from moe_fairseq.moe.all_to_all import A2AStats
+from moe_fairseq.moe.expert_parallel import GRAD_DIVISORS, expert_destination, expert_sharding
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# fork skips re-importing torch in every worker (seconds each on a loaded 2-core machine); the
+# parent never initialises torch.distributed and runs torch with one thread, so forking is safe.
+# MOE_EP_TEST_START_METHOD=spawn selects the slower, fully isolated start.
+START_METHOD = os.environ.get("MOE_EP_TEST_START_METHOD",
+                              "fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def spawn(world_size, *jobs):
+    mp.start_processes(ep_worker.run, args=(world_size, free_port(), list(jobs)), nprocs=world_size, join=True,
+                       start_method=START_METHOD)
+
+
+# ------------------------------------------------------------------ no processes needed
+@pytest.mark.parametrize("E,W,expected", [(4, 2, (2, 1)), (4, 4, (1, 1)), (2, 4, (1, 2)), (8, 2, (4, 1)),
+                                          (1, 4, (1, 4)), (3, 1, (3, 1))])
+def test_sharding_rule(E, W, expected):
+    assert expert_sharding(E, W) == expected
+
+
+@pytest.mark.parametrize("E,W", [(3, 2), (6, 4), (4, 3)])
+def test_sharding_error_message(E, W):
+    with pytest.raises(ValueError) as err:
+        expert_sharding(E, W)
+    assert str(err.value) == (f"--moe-expert-count={E} cannot be sharded over a world size of {W}: "
+                              f"it must be a multiple or a divisor of {W}")
+
+
+def test_destinations():
+    # E=4 over W=2: experts 0,1 on rank 0, experts 2,3 on rank 1, whatever the source.
+    assert [expert_destination(g, r, 4, 2) for r in range(2) for g in range(4)] == [0, 0, 1, 1] * 2
+    # E=2 over W=4 (R=2): expert g on ranks 2g, 2g+1; source r uses replica r % 2.
+    assert [[expert_destination(g, r, 2, 4) for g in range(2)] for r in range(4)] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert GRAD_DIVISORS == ("world_size", "replicas", "none")
+
+
+def test_a2a_stats_counts_remote_bytes():
+    s = A2AStats()
+    s.record(torch.zeros(6, 4), [1, 2, 3], 1)
+    assert (s.calls, s.bytes_sent, s.remote_bytes_sent) == (1, 96, 64)
+
+
+# ------------------------------------------------------------------ W = 2
+def test_w2_e4_two_local_experts():
+    spawn(2,
+          ("exchange_layout", dict(num_experts=4)),
+          ("equivalence", dict(num_experts=4, router="top1", capacity_factor=0.5, expect_drops=True)),
+          ("equivalence", dict(num_experts=4, router="top2")),
+          ("equivalence", dict(num_experts=4, router="top2", dropless=True, seed=2)),
+          ("equivalence", dict(num_experts=4, router="top2", capacity_factor=0.75, expect_drops=True, seed=3)))
+
+
+def test_w2_e4_uneven_tokens_and_local_only_rank():
+    spawn(2,
+          # rank 0: 23 tokens all routed to its own experts (sends no row away); rank 1: 57 tokens.
+          ("equivalence", dict(num_experts=4, router="top2", tokens=[23, 57], local_only_rank=0)),
+          ("equivalence", dict(num_experts=4, router="top1", tokens=[9, 40], local_only_rank=1, capacity_factor=1.0)),
+          # a rank with no token at all still joins every collective
+          ("equivalence", dict(num_experts=4, router="top2", tokens=[0, 31], dropless=True)),
+          # ... and one that also receives no row (its experts do not run; the backward
+          # all-to-all must still be issued there)
+          ("equivalence", dict(num_experts=4, router="top2", tokens=[0, 30], local_only_rank=1)))
+
+
+def test_w2_bad_sharding_and_gating_dropout():
+    spawn(2,
+          ("bad_sharding", dict(num_experts=3)),
+          ("gating_dropout", dict(num_experts=4, mode="gate_drop")),
+          ("gating_dropout", dict(num_experts=4, mode="gate_expert_drop", p=0.5)))
+
+
+# ------------------------------------------------------------------ W = 4
+def test_w4_e4_one_expert_per_rank():
+    spawn(4,
+          ("exchange_layout", dict(num_experts=4)),
+          ("equivalence", dict(num_experts=4, router="top1", capacity_factor=0.5, expect_drops=True)),
+          ("equivalence", dict(num_experts=4, router="top2", dropless=True)))
+
+
+def test_w4_e4_uneven_tokens_and_gating_dropout():
+    spawn(4,
+          ("equivalence", dict(num_experts=4, router="top1", tokens=[13, 0, 41, 26], local_only_rank=2,
+                               dropless=True)),
+          ("gating_dropout", dict(num_experts=4, mode="gate_drop", p=0.3)))
+
+
+def test_w4_e2_replicated_experts():
+    spawn(4,
+          ("exchange_layout", dict(num_experts=2)),
+          ("equivalence", dict(num_experts=2, router="top2")),
+          ("equivalence", dict(num_experts=2, router="top1", capacity_factor=0.5, expect_drops=True)),
+          ("equivalence", dict(num_experts=2, router="top2", dropless=True, tokens=[20, 7, 33, 12])),
+          ("gating_dropout", dict(num_experts=2, mode="gate_drop", p=0.3)))

@@ -1,0 +1,389 @@
+"""Experiment recipes: configs/*.args, the launchers, the plot scripts and slimmable_eval.
+
+The static checks take milliseconds.  The `slow` tests run fairseq for real on tiny data
+(MOE_FAST_TESTS=1 skips them): every multi30k config trains one update (all seven in one
+process, about 30 s on a busy 2-core machine), a 2-update SMoE-Dropout model feeds the
+expert-usage plot and slimmable_eval (three fairseq-generate runs, one per k).
+"""
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import REPO, USER_DIR, make_tiny_corpus, run, train_cmd
+
+CONFIGS = REPO / "configs"
+SCRIPTS = REPO / "scripts"
+SETUPS = ("multi30k", "wmt10")
+EXPERIMENTS = ("dense", "moe_top1", "moe_top2", "moe_top2_gate_drop", "moe_top2_gate_expert_drop",
+               "smoe_dropout", "noisy_topk")
+WMT10_LANGS = ("fr", "cs", "de", "fi", "lv", "et", "ro", "hi", "tr", "gu")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+slow = pytest.mark.skipif(os.environ.get("MOE_FAST_TESTS") == "1",
+                          reason="slow-ish (runs fairseq); unset MOE_FAST_TESTS to run")
+
+
+def config_path(setup, name):
+    return CONFIGS / setup / f"{name}.args"
+
+
+def config_args(path):
+    """What `$(grep -v '^#' FILE)` gives the shell: whole-line comments dropped, whitespace split."""
+    return [tok for line in Path(path).read_text().splitlines() if not line.startswith("#") for tok in line.split()]
+
+
+def config_flags(path):
+    """{flag: value or True} of an args file (one flag per line)."""
+    flags = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        toks = line.split()
+        flags[toks[0]] = toks[1] if len(toks) > 1 else True
+    return flags
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_png(path):
+    path = Path(path)
+    assert path.is_file() and path.stat().st_size > 1000, path
+    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
+
+
+# ---------------------------------------------------------------- configs: static checks
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_every_experiment_has_a_config(setup):
+    assert sorted(p.stem for p in (CONFIGS / setup).glob("*.args")) == sorted(EXPERIMENTS)
+    assert (CONFIGS / "README.md").is_file()
+
+
+def test_config_files_are_one_flag_per_line_and_shell_safe():
+    for path in sorted(CONFIGS.glob("*/*.args")):
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith("#") or not line.strip():
+                continue
+            toks = line.split()
+            where = f"{path.relative_to(REPO)}:{lineno}: {line!r}"
+            assert toks[0].startswith("--") and len(toks) <= 2, f"one flag (and its value) per line: {where}"
+            assert "#" not in line, f"comments only on lines of their own: {where}"
+            assert not any(c in line for c in "*?[]'\\"), f"glob/quote characters: {where}"
+
+
+def test_the_shell_splits_configs_as_the_tests_do():
+    paths = sorted(CONFIGS.glob("*/*.args"))
+    script = 'set -f; for f in "$@"; do printf "%s\\n" $(grep -v "^#" "$f"); printf "=== end\\n"; done'
+    out = subprocess.run(["bash", "-c", script, "_", *map(str, paths)], capture_output=True, text=True,
+                         check=True).stdout
+    chunks = out.split("=== end\n")[:-1]
+    assert len(chunks) == len(paths)
+    for path, chunk in zip(paths, chunks):
+        assert chunk.split("\n")[:-1] == config_args(path), path
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_experiments_of_a_setup_differ_only_in_moe_and_ffn_flags(setup):
+    """A fair comparison: same data, optimisation, schedule, logging in every experiment."""
+    def shared(name):
+        return {k: v for k, v in config_flags(config_path(setup, name)).items()
+                if not k.startswith("--moe-") and not k.endswith("-ffn-embed-dim")}
+
+    reference = shared("moe_top2")
+    for name in EXPERIMENTS:
+        assert shared(name) == reference, f"{setup}/{name} differs from moe_top2 outside the MoE/FFN flags"
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_dense_config_matches_top2_active_ffn_compute(setup):
+    dense, top2 = config_flags(config_path(setup, "dense")), config_flags(config_path(setup, "moe_top2"))
+    assert dense["--moe-freq"] == "0" and dense["--moe-expert-count"] == "0"
+    for side in ("encoder", "decoder"):
+        layers = int(top2[f"--{side}-layers"])
+        freq, ffn = int(top2["--moe-freq"]), int(top2[f"--{side}-ffn-embed-dim"])
+        active = sum(2 * ffn if (i + 1) % freq == 0 else ffn for i in range(layers))  # top-2: 2 experts
+        dense_total = layers * int(dense[f"--{side}-ffn-embed-dim"])
+        assert abs(dense_total - active) / active < 0.005, (setup, side, dense_total, active)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_moe_configs_use_the_methods_settings(setup):
+    flags = {name: config_flags(config_path(setup, name)) for name in EXPERIMENTS}
+    for name in EXPERIMENTS[1:]:
+        assert flags[name]["--moe-expert-count"] == "8"
+    assert flags["moe_top1"]["--moe-router"] == "top1"
+    assert flags["moe_top2"]["--moe-router"] == "top2"
+    assert (flags["moe_top2_gate_drop"]["--moe-gating-dropout"],
+            flags["moe_top2_gate_drop"]["--moe-gating-dropout-mode"]) == ("0.3", "gate_drop")
+    assert (flags["moe_top2_gate_expert_drop"]["--moe-gating-dropout"],
+            flags["moe_top2_gate_expert_drop"]["--moe-gating-dropout-mode"]) == ("0.2", "gate_expert_drop")
+    smoe = flags["smoe_dropout"]
+    assert smoe["--moe-router"] == "random" and smoe["--moe-split-ffn"] is True
+    assert (smoe["--moe-top-k-min"], smoe["--moe-top-k-max"], smoe["--moe-top-k-schedule"]) == ("1", "8", "linear")
+    assert smoe["--moe-top-k-schedule-steps"] == smoe["--max-update"], "k must reach E at the end of the run"
+    assert flags["noisy_topk"]["--moe-router"] == "noisy_topk"
+
+
+def parse_with_fairseq(path, data="data-bin/x"):
+    from fairseq import options
+
+    parser = options.get_training_parser()
+    return options.parse_args_and_arch(parser, input_args=[data, "--user-dir", USER_DIR, *config_args(path)])
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_wmt10_config_parses_with_fairseqs_parser(name):
+    from moe_fairseq.models.transformer_moe import validate_moe_args
+
+    args = parse_with_fairseq(config_path("wmt10", name))
+    assert args.task == "translation_multi_moe" and args.arch == "transformer_moe_base"
+    pairs = args.lang_pairs.split(",") if isinstance(args.lang_pairs, str) else list(args.lang_pairs)
+    assert sorted(pairs) == sorted([f"en-{x}" for x in WMT10_LANGS] + [f"{x}-en" for x in WMT10_LANGS])
+    assert args.encoder_langtok == "src" and args.decoder_langtok
+    assert args.sampling_method == "temperature" and args.sampling_temperature == 5
+    assert args.fp16 and args.ddp_backend == "legacy_ddp"
+    assert args.encoder_embed_dim == 512 and args.encoder_layers == 6
+    validate_moe_args(args)  # the MoE flags are consistent (k <= E, split FFN divisible, ...)
+    assert args.moe_expert_count == (0 if name == "dense" else 8)
+
+
+# ---------------------------------------------------------------- launchers (dry runs)
+
+def dry_run(script, *args, **env):
+    proc = subprocess.run(["bash", str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, DRY_RUN="1", **env))
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout)  # the scripts print the command with printf %q
+
+
+def test_train_sh_puts_config_then_extra_args():
+    cmd = dry_run("train.sh", config_path("multi30k", "moe_top2"), "DATA", "SAVE", "--cpu", "--max-update", "7")
+    assert cmd[1] == "DATA" and cmd[cmd.index("--user-dir") + 1] == USER_DIR
+    body = cmd[cmd.index("--user-dir") + 2:]
+    n = len(config_args(config_path("multi30k", "moe_top2")))
+    assert body[:n] == config_args(config_path("multi30k", "moe_top2"))
+    assert body[n:] == ["--save-dir", "SAVE", "--cpu", "--max-update", "7"]
+
+
+def test_train_torchrun_sh_world_size_and_cpu_mode():
+    cmd = dry_run("train_torchrun.sh", config_path("wmt10", "moe_top2"), "DATA", "SAVE", NNODES="2", NPROC="4",
+                  NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="1234")
+    assert cmd[0].endswith("torchrun")
+    for flag, value in (("--nproc_per_node", "4"), ("--nnodes", "2"), ("--node_rank", "1"),
+                        ("--master_addr", "node0"), ("--master_port", "1234"), ("--distributed-world-size", "8")):
+        assert cmd[cmd.index(flag) + 1] == value, flag
+    assert "--cpu" not in cmd
+    cmd = dry_run("train_torchrun.sh", config_path("multi30k", "moe_top2"), "DATA", "SAVE", CPU="1", NPROC="2")
+    assert cmd[cmd.index("--distributed-world-size") + 1] == "2"
+    assert "--cpu" in cmd and cmd[cmd.index("--distributed-backend") + 1] == "gloo"
+
+
+def test_train_slurm_sh_uses_fairseqs_slurm_detection():
+    cmd = dry_run("train_slurm.sh", config_path("wmt10", "moe_top2"), "DATA", "SAVE", SLURM_NNODES="2",
+                  SLURM_NTASKS="16", SLURM_JOB_ID="4242")
+    assert cmd[0] == "srun"
+    assert cmd[cmd.index("--distributed-world-size") + 1] == "16"
+    assert cmd[cmd.index("--distributed-port") + 1] == str(10000 + 4242 % 20000)
+    assert {"MASTER_ADDR", "WORLD_SIZE", "RANK"} <= {cmd[i + 1] for i, a in enumerate(cmd) if a == "-u"}
+    assert cmd[cmd.index("--user-dir") + 1] == USER_DIR
+
+
+# ---------------------------------------------------------------- configs train one update
+
+TRAIN_DRIVER = r"""
+import json, os, sys
+os.dup2(1, 2)  # one stream: the markers below and fairseq's logging stay in order
+import torch
+torch.set_num_threads(1)
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.distributed import utils as distributed_utils
+from fairseq_cli.train import main
+for label, argv in json.loads(sys.argv[1]):
+    print("=== begin " + label, flush=True)
+    args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
+    distributed_utils.call_main(convert_namespace_to_omegaconf(args), main)
+    print("=== trained " + label, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_tiny_corpus(tmp_path_factory.mktemp("recipes_corpus"))  # en -> de, fr
+
+
+@slow
+def test_multi30k_configs_train_one_update(corpus, tmp_path):
+    """Each multi30k config, exactly as the CLI reads it, plus overrides for the tiny corpus
+    (the last value wins): one update, then validation (with --eval-bleu).  One process runs
+    fairseq-train's main for all seven, so fairseq is imported once."""
+    overrides = ["--lang-pairs", "en-de,en-fr", "--max-update", "1", "--cpu", "--num-workers", "0",
+                 "--no-save", "--max-tokens", "1000", "--log-format", "json", "--log-interval", "1"]
+    jobs = [[name, [str(corpus), "--user-dir", USER_DIR, *config_args(config_path("multi30k", name)), *overrides,
+                    "--save-dir", str(tmp_path / name)]] for name in EXPERIMENTS]
+    proc = run([sys.executable, "-c", TRAIN_DRIVER, json.dumps(jobs)], timeout=600)
+    log = proc.stdout
+    for name in EXPERIMENTS:
+        assert f"=== trained {name}" in log, f"{name} did not finish:\n{log[-3000:]}"
+        part = log.split(f"=== begin {name}")[1].split(f"=== trained {name}")[0]
+        assert '"train_num_updates": "1"' in part, f"{name}: not exactly one update\n{part[-2000:]}"
+        assert '"valid_bleu"' in part, f"{name}: validation BLEU missing"
+        experts = int(part.split("num. expert model params: ")[1].split()[0].replace(",", ""))
+        assert (experts == 0) == (name == "dense"), (name, experts)
+        if name == "noisy_topk":
+            assert "moe_importance_loss" in part
+
+
+# ---------------------------------------------------------------- plot_convergence
+
+JSON_LOG = """\
+2024-05-01 10:00:00 | INFO | fairseq_cli.train | begin training epoch 1
+2024-05-01 10:01:40 | INFO | train_inner | {"epoch": 1, "update": 0.5, "loss": "9.1", "nll_loss": "8.9", "num_updates": "100", "wall": "100"}
+2024-05-01 10:01:40 | INFO | fairseq_cli.train | begin validation on "valid" subset
+2024-05-01 10:01:50 | INFO | valid | {"epoch": 1, "valid_loss": "8.5", "valid_nll_loss": "8.2", "valid_ppl": "294.07", "valid_num_updates": "100"}
+2024-05-01 10:03:30 | INFO | train_inner | {"epoch": 1, "update": 1.0, "loss": "8.1", "nll_loss": "7.9", "num_updates": "200", "wall": "210"}
+2024-05-01 10:03:45 | INFO | valid | {"epoch": 1, "valid_loss": "7.5", "valid_nll_loss": "7.2", "valid_num_updates": "200", "valid_best_loss": "7.5"}
+2024-05-01 10:03:46 | INFO | train | {"epoch": 1, "train_loss": "8.6", "train_nll_loss": "8.4", "train_num_updates": "200", "train_wall": "226"}
+"""
+SIMPLE_LOG = """\
+INFO:fairseq_cli.train:begin training epoch 1
+INFO:train_inner:epoch 001:    100 / 200 loss=9.0, nll_loss=8.8, ppl=445.7, num_updates=100, lr=0.0001, wall=50
+INFO:valid:epoch 001 | valid on 'valid' subset | loss 8.0 | nll_loss 7.8 | ppl 222.9 | num_updates 100
+INFO:train:epoch 001 | loss 8.5 | nll_loss 8.3 | num_updates 200 | train_wall 90 | wall 100
+INFO:valid:epoch 001 | valid on 'valid' subset | loss 7.0 | nll_loss 6.8 | ppl 111.4 | num_updates 200 | best_loss 7.0
+"""
+
+
+def test_plot_convergence_from_json_and_simple_logs(tmp_path):
+    (tmp_path / "top2").mkdir()
+    (tmp_path / "top2" / "train.log").write_text(JSON_LOG)
+    (tmp_path / "dense.log").write_text(SIMPLE_LOG)
+    out = tmp_path / "plots" / "conv.png"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "plot_convergence.py"), str(tmp_path / "top2" / "train.log"),
+                           str(tmp_path / "dense.log"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert_png(out)
+    points = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(points) == ["dense", "top2"]
+    # json log: wall of the last train line + the time between the two timestamps
+    assert [(p["num_updates"], p["wall"], p["loss"], p["nll_loss"]) for p in points["top2"]] == \
+        [(100, 110, 8.5, 8.2), (200, 225, 7.5, 7.2)]
+    # simple log without timestamps: the last train line's wall
+    assert [(p["num_updates"], p["wall"], p["loss"], p["nll_loss"]) for p in points["dense"]] == \
+        [(100, 50, 8.0, 7.8), (200, 100, 7.0, 6.8)]
+    # updates on the x axis, labels given
+    out2 = load_script("plot_convergence").main([str(tmp_path / "dense.log"), "--labels", "d", "--x", "updates",
+                                                 "--out", str(tmp_path / "conv_updates.png")])
+    assert_png(out2)
+
+
+# ---------------------------------------------------------------- a tiny SMoE-Dropout run
+
+@pytest.fixture(scope="module")
+def smoe_run(corpus, tmp_path_factory):
+    """Random router, E=4 split experts, k 1 -> 4 over 2 updates; a checkpoint after each update."""
+    save = tmp_path_factory.mktemp("smoe")
+    run(train_cmd(corpus, save, "--moe-router", "random", "--moe-expert-count", "4", "--moe-split-ffn",
+                  "--moe-top-k-max", "4", "--moe-top-k-schedule-steps", "2", "--save-interval-updates", "1",
+                  max_update=2))
+    assert (save / "checkpoint_1_1.pt").exists() and (save / "checkpoint_1_2.pt").exists()
+    return save
+
+
+@slow
+def test_plot_expert_usage_from_checkpoints(corpus, smoe_run, tmp_path):
+    usage = load_script("plot_expert_usage")
+    out = tmp_path / "usage"
+    usage.main([str(smoe_run), "--data", str(corpus), "--out-dir", str(out), "--sentences", "16", "--cpu"])
+    assert_png(out / "expert_usage_over_training.png")
+    assert_png(out / "expert_usage_per_language.png")
+    report = json.loads((out / "expert_usage.json").read_text())
+    assert report["directions"] == ["en-de", "en-fr"]
+    assert report["layers"] == ["encoder layer 1", "decoder layer 1"]
+    runs = list(report["checkpoints"].values())
+    assert [r["update"] for r in runs] == [1, 2]
+    for r in runs:
+        for layer in report["layers"]:
+            for counts in r["counts"][layer].values():
+                # evaluation k = k_max = E = 4: every token goes to every expert
+                assert len(counts) == 4 and counts[0] > 0 and len(set(counts)) == 1
+
+    # --moe-eval-top-k 1: each token goes to one expert, so the layer sees a quarter of the slots
+    usage.main([str(smoe_run / "checkpoint_1_2.pt"), "--data", str(corpus), "--out-dir", str(tmp_path / "k1"),
+                "--sentences", "16", "--cpu", "--moe-eval-top-k", "1"])
+    k1 = list(json.loads((tmp_path / "k1" / "expert_usage.json").read_text())["checkpoints"].values())[0]
+    for layer in report["layers"]:
+        for pair in report["directions"]:
+            assert 4 * sum(k1["counts"][layer][pair]) == sum(runs[1]["counts"][layer][pair])
+
+
+# ---------------------------------------------------------------- slimmable_eval
+
+@slow
+def test_slimmable_eval_scores_each_k(corpus, smoe_run, tmp_path):
+    """k in {1, 2, 4} for E=4, through moe-evaluate (fairseq-generate --moe-eval-top-k K +
+    sacrebleu).  One direction of the two trained: --langs keeps the dictionary as trained.
+    The tiny corpus has no sentencepiece, so post-processing joins the tokens: a smoke test."""
+    out = tmp_path / "slim"
+    result = load_script("slimmable_eval").main([
+        str(smoe_run / "checkpoint_last.pt"), "--data", str(corpus), "--raw-dir", str(corpus.parent / "raw"),
+        "--out", str(out), "--lang-pairs", "en-de", "--cpu", "--beam", "1",
+        "--", "--max-len-a", "1", "--max-len-b", "5"])
+    saved = json.loads((out / "slimmable.json").read_text())
+    assert saved["experts"] == 4 and saved["ks"] == [1, 2, 4] and result["ks"] == [1, 2, 4]
+    assert sorted(saved["bleu"]) == ["1", "2", "4"]
+    assert all(isinstance(saved["bleu"][k]["en-de"], float) for k in saved["bleu"])
+    assert "nrefs:1" in saved["signature"]
+    assert (out / "k1" / "generate.test.en-de.txt").is_file()
+    table = (out / "slimmable.md").read_text()
+    assert table.startswith("| k | en-de |") and "| 4 |" in table
+    assert_png(out / "slimmable_bleu.png")
+
+
+def test_slimmable_eval_refuses_a_fixed_k_router(tmp_path):
+    """A top-2 checkpoint cannot change k: a clear error before any generation."""
+    import argparse
+
+    import torch
+
+    ckpt = tmp_path / "top2.pt"
+    model = argparse.Namespace(moe_expert_count=8, moe_router="top2", moe_top1_expert=False)
+    torch.save({"cfg": {"model": model, "task": argparse.Namespace(lang_pairs=["en-de"])}}, ckpt)
+    with pytest.raises(SystemExit, match="fixed k"):
+        load_script("slimmable_eval").main([str(ckpt), "--data", "x", "--raw-dir", "x", "--out", str(tmp_path / "o")])
+
+
+def test_slimmable_eval_default_ks_and_wmt10_reference_links(tmp_path):
+    slim = load_script("slimmable_eval")
+    assert slim.default_ks(4) == [1, 2, 4] and slim.default_ks(8) == [1, 2, 4, 8] and slim.default_ks(6) == [1, 2, 4, 6]
+    assert slim.training_langs_args(argparse_ns(lang_pairs=["en-fr", "en-de"], langs=None, lang_dict=None)) == \
+        ["--langs", "de,en,fr"]
+    raw = tmp_path / "raw"  # the wmt10 recipe's layout: one file pair per language, named xx-en
+    raw.mkdir()
+    for name in ("test.fr-en.fr", "test.fr-en.en"):
+        (raw / name).write_text("x\n")
+    view = slim.reference_dir(raw, "test", ["en-fr", "fr-en"], tmp_path / "refs")
+    assert view == tmp_path / "refs"
+    assert (view / "test.en-fr.fr").resolve() == (raw / "test.fr-en.fr").resolve()
+    assert (view / "test.fr-en.en").resolve() == (raw / "test.fr-en.en").resolve()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "test.de").write_text("x\n")
+    assert slim.reference_dir(plain, "test", ["en-de"], tmp_path / "unused") == plain
+
+
+def argparse_ns(**kw):
+    import argparse
+
+    return argparse.Namespace(**kw)
