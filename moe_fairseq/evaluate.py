@@ -147,7 +147,8 @@ def build_parser():
     return p
 
 
-def cli_main(argv: Optional[List[str]] = None):
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    """Run the evaluation; returns one record per direction."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:  # split by hand: argparse.REMAINDER would swallow our own options too
@@ -167,6 +168,10 @@ def cli_main(argv: Optional[List[str]] = None):
         Path(args.out, "results.md").write_text(table + "\n", encoding="utf-8")
         Path(args.out, "results.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return rows
+
+
+def cli_main(argv: Optional[List[str]] = None) -> None:
+    main(argv)  # a console script's return value would become its exit status
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . "${VENV:-.venv}/bin/activate"
 OUT=${OUT:-quickstart_out}
-UPDATES=${UPDATES:-1200}
+UPDATES=${UPDATES:-600}
 PAIRS=en-xa,en-xb,en-xc
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
@@ -26,11 +26,11 @@ fairseq-train "$OUT/data-bin" --user-dir moe_fairseq --task translation_multi_mo
   --criterion moe_label_smoothed_cross_entropy --label-smoothing 0.1 \
   --optimizer adam --adam-betas '(0.9,0.98)' --lr 0.003 --lr-scheduler inverse_sqrt --warmup-updates 100 \
   --max-tokens 4096 --max-update "$UPDATES" --cpu --num-workers 0 --seed 1 \
-  --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --save-interval-updates 400 --keep-interval-updates 1 \
-  --validate-interval-updates 400 --log-format simple --log-interval 100 2>&1 \
+  --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --save-interval-updates 200 --keep-interval-updates 1 \
+  --validate-interval-updates 200 --log-format simple --log-interval 50 --no-progress-bar 2>&1 \
   | grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true
 test -f "$OUT/checkpoints/checkpoint_last.pt" || { echo "training failed: see above" >&2; exit 1; }
 
 echo "== 3/3 fairseq-generate + sacrebleu (hypotheses aligned to references by sentence id)"
-moe-evaluate "$OUT/data-bin" --path "$OUT/checkpoints/checkpoint_last.pt" --lang-pairs "$PAIRS" \
+moe-evaluate "$OUT/data-bin" --path "$OUT/checkpoints/checkpoint_best.pt" --lang-pairs "$PAIRS" \
   --raw-dir "$OUT/raw" --split test --beam 4 --cpu --copy-baseline --out "$OUT/eval"

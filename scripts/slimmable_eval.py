@@ -166,7 +166,7 @@ def main(argv=None):
     raw = reference_dir(Path(args.raw_dir), args.split, pairs, out / "refs")
     print(f"{ckpt}: {router} router, E={num_experts}; k in {ks}; directions {', '.join(pairs)}", flush=True)
 
-    from moe_fairseq.evaluate import cli_main as moe_evaluate
+    from moe_fairseq.evaluate import main as moe_evaluate
 
     table, rows_all, signature = {}, [], ""
     start = time.time()
