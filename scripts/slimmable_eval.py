@@ -16,9 +16,9 @@ slimmable.json, slimmable.md (table: k x direction, with the mean) and slimmable
 
 The training languages (the checkpoint's --langs, or its --lang-pairs' languages, sorted as
 fairseq infers them) are passed to fairseq-generate as --langs, so evaluating a subset of the
-directions keeps the dictionary's language tokens where training put them.  References named
-{split}.{tgt}-{src}.{tgt} (the wmt10 recipe's layout for en->xx: raw/test.fr-en.fr) are linked
-under --out/refs with the name moe-evaluate looks for (test.en-fr.fr).
+directions keeps the dictionary's language tokens where training put them.  moe-evaluate finds
+references named {split}.{src}-{tgt}.{tgt}, {split}.{tgt}-{src}.{tgt} (the wmt10 recipe's layout)
+or {split}.{tgt}.
 """
 import argparse
 import json
@@ -80,34 +80,6 @@ def training_langs_args(task_args):
     return ["--langs", ",".join(langs)] if langs else []
 
 
-def reference_dir(raw_dir: Path, split: str, pairs, view: Path) -> Path:
-    """raw_dir if moe-evaluate finds every direction's references there; else a directory of
-    links named as it expects ({split}.{src}-{tgt}.{tgt})."""
-    from moe_fairseq.evaluate import find_references
-    from moe_fairseq.moe.errors import MoEUsageError
-
-    links, direct = {}, True
-    for pair in pairs:
-        src, tgt = pair.split("-")
-        try:
-            links[f"{split}.{src}-{tgt}.{tgt}"] = find_references(raw_dir, split, src, tgt)
-        except MoEUsageError:
-            reverse = raw_dir / f"{split}.{tgt}-{src}.{tgt}"
-            if not reverse.exists():
-                raise SystemExit(f"slimmable_eval: no references for {pair} in {raw_dir} (looked for "
-                                 f"{split}.{src}-{tgt}.{tgt}, {split}.{tgt}-{src}.{tgt}, {split}.{tgt}[.gz])")
-            links[f"{split}.{src}-{tgt}.{tgt}"], direct = reverse, False
-    if direct:
-        return raw_dir
-    view.mkdir(parents=True, exist_ok=True)
-    for name, path in links.items():
-        link = view / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(path.resolve())
-    return view
-
-
 def markdown(ks, pairs, table, signature):
     cols = ["k", *pairs] + (["mean"] if len(pairs) > 1 else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -163,7 +135,7 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = reference_dir(Path(args.raw_dir), args.split, pairs, out / "refs")
+    raw = Path(args.raw_dir)
     print(f"{ckpt}: {router} router, E={num_experts}; k in {ks}; directions {', '.join(pairs)}", flush=True)
 
     from moe_fairseq.evaluate import main as moe_evaluate

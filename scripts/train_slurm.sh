@@ -21,18 +21,14 @@
 # Environment: PORT (rendezvous port; default 10000 + job id % 20000), VENV (activate it
 # first), DRY_RUN=1 (print the srun command only; runs outside Slurm too).
 set -euo pipefail
-if [ "$#" -lt 3 ]; then
-  sed -n '2,/^set -euo/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
-CONFIG=$1 DATA_BIN=$2 SAVE_DIR=$3
-shift 3
 # sbatch runs a copy of this script from the spool directory: find the repository from the
 # submission directory when needed.
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 [ -d "$REPO/moe_fairseq" ] || REPO=${SLURM_SUBMIT_DIR:-$PWD}
 [ -d "$REPO/moe_fairseq" ] || { echo "train_slurm.sh: set REPO to the moe-fairseq checkout" >&2; exit 2; }
-[ -f "$CONFIG" ] || { echo "train_slurm.sh: no config file $CONFIG" >&2; exit 2; }
+. "$REPO/scripts/_launch_common.sh"
+launch_init "$@"
+shift 3
 if [ -n "${VENV:-}" ]; then . "$VENV/bin/activate"; fi
 
 NNODES=${SLURM_NNODES:-1}
@@ -44,18 +40,9 @@ fi
 JOB=${SLURM_JOB_ID:-0}
 PORT=${PORT:-$((10000 + JOB % 20000))}
 
-set -f  # the config is `$(grep -v '^#' CONFIG)`: split on whitespace, never globbed
-CONFIG_ARGS=($(grep -v '^#' "$CONFIG" || true))
-set +f
 
 CMD=(srun --kill-on-bad-exit=1 env -u MASTER_ADDR -u MASTER_PORT -u WORLD_SIZE -u RANK -u LOCAL_RANK
      OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
      "${FAIRSEQ_TRAIN:-fairseq-train}" "$DATA_BIN" --user-dir "$REPO/moe_fairseq" "${CONFIG_ARGS[@]}"
      --distributed-world-size "$NTASKS" --distributed-port "$PORT" --save-dir "$SAVE_DIR" "$@")
-if [ -n "${DRY_RUN:-}" ]; then
-  printf '%q ' "${CMD[@]}"; echo
-  exit 0
-fi
-mkdir -p "$SAVE_DIR"
-echo "== $(date '+%F %T') job ${JOB}: $(printf '%q ' "${CMD[@]}")" >> "$SAVE_DIR/train.log"
-"${CMD[@]}" 2>&1 | tee -a "$SAVE_DIR/train.log"
+launch_run "job ${JOB}: "

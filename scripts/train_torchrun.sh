@@ -16,14 +16,10 @@
 # holds E/W experts: choose W dividing E (see configs/README.md).  Fairseq's own flags that
 # come later win (extra args), e.g. --update-freq to keep the batch when W changes.
 set -euo pipefail
-if [ "$#" -lt 3 ]; then
-  sed -n '2,/^set -euo/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
-CONFIG=$1 DATA_BIN=$2 SAVE_DIR=$3
-shift 3
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-[ -f "$CONFIG" ] || { echo "train_torchrun.sh: no config file $CONFIG" >&2; exit 2; }
+. "$REPO/scripts/_launch_common.sh"
+launch_init "$@"
+shift 3
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -44,9 +40,6 @@ if [ "$NPROC" -lt 1 ]; then
 fi
 WORLD=$((NNODES * NPROC))
 
-set -f  # the config is `$(grep -v '^#' CONFIG)`: split on whitespace, never globbed
-CONFIG_ARGS=($(grep -v '^#' "$CONFIG" || true))
-set +f
 DEVICE_ARGS=()
 if [ -n "${CPU:-}" ]; then
   DEVICE_ARGS=(--cpu --distributed-backend gloo)
@@ -57,14 +50,4 @@ CMD=("${TORCHRUN:-torchrun}" --nproc_per_node "$NPROC" --nnodes "$NNODES" --node
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      "$FAIRSEQ_TRAIN" "$DATA_BIN" --user-dir "$REPO/moe_fairseq" "${CONFIG_ARGS[@]}"
      --distributed-world-size "$WORLD" "${DEVICE_ARGS[@]}" --save-dir "$SAVE_DIR" "$@")
-if [ -n "${DRY_RUN:-}" ]; then
-  printf '%q ' "${CMD[@]}"; echo
-  exit 0
-fi
-mkdir -p "$SAVE_DIR"
-LOG="$SAVE_DIR/train.log"
-[ "$NODE_RANK" = 0 ] || LOG="$SAVE_DIR/train.node$NODE_RANK.log"
-echo "== $(date '+%F %T') $(printf '%q ' "${CMD[@]}")" >> "$LOG"
-# One process per GPU: keep CPU threads per process modest unless the caller chose.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-"${CMD[@]}" 2>&1 | tee -a "$LOG"
+launch_run
