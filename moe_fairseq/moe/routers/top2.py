@@ -1,39 +1,36 @@
 """GShard top-2 router (Lepikhin et al., 2021), with fairseq's MoE-branch options."""
 import torch
 
-from ..losses import gshard_balance_loss, router_z_loss
-from .base import Router, Routing, fp32_logits
 from ..errors import MoEUsageError
+from ..losses import gshard_balance_loss
+from .base import Routing
+from .softmax_router import SoftmaxRouter
 
 SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
 
 
-class Top2Router(Router):
+class Top2Router(SoftmaxRouter):
     """Second expert: argmax with the first masked, after Gumbel noise under `sampling`;
     under `random` it is kept only when 2 * g2 > U(0, 1).  Noise and the random policy act in
     training only, so generation is deterministic."""
+
+    balance_loss = staticmethod(gshard_balance_loss)
 
     def __init__(self, model_dim, num_experts, capacity_factor=1.0, eval_capacity_factor=2.0,
                  second_expert_policy="sampling", normalize_gate_prob_before_dropping=False,
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):
         if num_experts < 2:
             raise MoEUsageError(f"--moe-router top2 needs --moe-expert-count >= 2 (got {num_experts})")
-        super().__init__(model_dim, num_experts, 2, capacity_factor, eval_capacity_factor)
+        super().__init__(model_dim, num_experts, 2, capacity_factor, eval_capacity_factor,
+                         balance_loss_weight, z_loss_weight, jitter_eps)
         if second_expert_policy not in SECOND_EXPERT_POLICIES:
             raise MoEUsageError(f"--moe-second-expert-policy must be one of {', '.join(SECOND_EXPERT_POLICIES)} "
                              f"(got {second_expert_policy!r})")
-        self.wg = torch.nn.Linear(model_dim, num_experts, bias=False)
         self.second_expert_policy = second_expert_policy
         self.normalize_before_dropping = normalize_gate_prob_before_dropping
-        self.balance_loss_weight = balance_loss_weight
-        self.z_loss_weight = z_loss_weight
-        self.jitter_eps = jitter_eps
 
     def forward(self, x: torch.Tensor) -> Routing:
-        if self.training and self.jitter_eps > 0:
-            x = x * torch.empty_like(x).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        logits = fp32_logits(x, self.wg.weight)
-        probs = torch.softmax(logits, dim=-1)
+        logits, probs = self.logits_and_probs(x)
         top1 = probs.argmax(dim=-1)
         noisy = logits
         if self.training and self.second_expert_policy == "sampling":
@@ -56,9 +53,4 @@ class Top2Router(Router):
         gates = gates * keep
         if not self.normalize_before_dropping:
             gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
-        losses = {}
-        if self.balance_loss_weight > 0:
-            losses["balance"] = self.balance_loss_weight * gshard_balance_loss(probs, top1)
-        if self.z_loss_weight > 0:
-            losses["z"] = self.z_loss_weight * router_z_loss(logits)
-        return Routing(expert_index, gates, keep, probs, losses, dropped)
+        return Routing(expert_index, gates, keep, probs, self.aux_losses(logits, probs, top1), dropped)
