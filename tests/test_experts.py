@@ -125,3 +125,26 @@ def test_experts_gradcheck_float64(activation, dropout):
         ref = experts(x, counts).detach()
         experts.train()
         assert not torch.allclose(experts(x, counts), ref)
+
+
+def test_expert_init_does_not_depend_on_the_world_size():
+    """Global expert g starts from the same weights whether a rank holds all experts or a
+    shard, and different experts start different (seeded per (seed, layer, g))."""
+    from moe_fairseq.moe import MoEConfig, build_moe_layer
+    from moe_fairseq.moe.comm import LocalComm
+
+    class SecondHalf(LocalComm):  # what rank 1 of 2 holds
+        def __init__(self):
+            super().__init__(4)
+            self.num_local_experts = 2
+
+        def local_expert_ids(self):
+            return [2, 3]
+
+    full = build_moe_layer(MoEConfig(num_experts=4, seed=5), 8, 16, layer_index=1)
+    shard = build_moe_layer(MoEConfig(num_experts=4, seed=5), 8, 16, layer_index=1, comm=SecondHalf())
+    for name in ("w1", "b1", "w2", "b2"):
+        assert torch.equal(getattr(full.experts, name)[2:], getattr(shard.experts, name))
+    assert not torch.equal(full.experts.w1[0], full.experts.w1[1])
+    other_layer = build_moe_layer(MoEConfig(num_experts=4, seed=5), 8, 16, layer_index=2)
+    assert not torch.equal(full.experts.w1, other_layer.experts.w1)

@@ -7,7 +7,7 @@ slot in the backward (O(E^2 M F)), and `torch.cat` one more copy of the output; 
 does exactly the work of a dense FFN on the same N rows: 2 GEMMs forward, 4 backward.
 """
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -146,12 +146,27 @@ class FFNExperts(nn.Module):
             p.expert = True
         self.reset_parameters()
 
-    def reset_parameters(self):
-        # nn.Linear's default init per expert, like fairseq's dense fc1/fc2.
-        for w, b, fan_in in ((self.w1, self.b1, self.model_dim), (self.w2, self.b2, self.hidden_dim)):
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+    def reset_parameters(self, global_ids: Optional[List[int]] = None, seed: Optional[int] = None):
+        """nn.Linear's default init per expert, like fairseq's dense fc1/fc2.
+
+        With `global_ids` and `seed`, expert g is drawn from its own generator seeded by
+        (seed, g): a global expert then starts from the same weights whatever the world size,
+        so an expert-parallel model starts equal to its single-process twin (otherwise every
+        rank, seeded alike, would start its local experts as copies of the other ranks')."""
+        params = ((self.w1, self.b1, self.model_dim), (self.w2, self.b2, self.hidden_dim))
+        if global_ids is None or seed is None:
+            for w, b, fan_in in params:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(w, -bound, bound)
+                nn.init.uniform_(b, -bound, bound)
+            return
+        with torch.no_grad():
+            for local, g in enumerate(global_ids):
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + g) % (2 ** 63))
+                for w, b, fan_in in params:
+                    bound = 1.0 / math.sqrt(fan_in)
+                    w[local].copy_(torch.empty(w.shape[1:]).uniform_(-bound, bound, generator=gen))
+                    b[local].copy_(torch.empty(b.shape[1:]).uniform_(-bound, bound, generator=gen))
 
     def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """x: (N, M) rows grouped by local expert, counts[e] rows for expert e."""

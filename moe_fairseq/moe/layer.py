@@ -149,5 +149,7 @@ def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, 
         hidden_dim //= cfg.num_experts
     comm = comm if comm is not None else LocalComm(cfg.num_experts)
     experts = FFNExperts(comm.num_local_experts, model_dim, hidden_dim, activation, cfg.expert_dropout)
+    # Seeded per (seed, layer, global expert): the same experts on any world size.
+    experts.reset_parameters(comm.local_expert_ids(), seed=(cfg.seed * 7919 + layer_index) * 65537)
     return MoELayer(cfg.build_router(model_dim), experts, layer_index, comm, cfg.gating_dropout,
                     cfg.gating_dropout_mode, cfg.seed)

@@ -1,0 +1,51 @@
+"""moe-evaluate's alignment of fairseq-generate output to the references (no fairseq run)."""
+import pytest
+
+from moe_fairseq.evaluate import align, find_references, markdown_table, parse_generate_output, score
+from moe_fairseq.moe.errors import MoEUsageError
+
+GENERATE_OUTPUT = """S-2\t__en__ a b
+T-2\tx y
+H-2\t-0.5\t▁x ▁y
+D-2\t-0.5\tx y
+P-2\t-0.1 -0.2
+S-0\t__en__ c
+H-0\t-0.3\t▁z
+D-0\t-0.3\tz
+"""
+
+
+def test_hypotheses_are_keyed_by_sentence_id_not_by_order():
+    assert parse_generate_output(GENERATE_OUTPUT) == {2: "x y", 0: "z"}
+    assert align({2: "x y", 0: "z", 1: "w"}, 3, False, "en-de") == ["z", "w", "x y"]
+
+
+def test_a_missing_sentence_is_refused_not_scored_on_a_shorter_list():
+    with pytest.raises(MoEUsageError, match=r"returned 2 of 3 sentences \(missing ids \[1\]\)"):
+        align({0: "z", 2: "x y"}, 3, False, "en-de")
+    assert align({0: "z", 2: "x y"}, 3, True, "en-de") == ["z", "", "x y"]
+
+
+def test_ids_beyond_the_references_mean_the_wrong_reference_file():
+    with pytest.raises(MoEUsageError, match="outside the 2 references"):
+        align({0: "a", 1: "b", 5: "c"}, 2, False, "en-de")
+
+
+def test_scores_match_sacrebleu_and_table_carries_the_signature():
+    import sacrebleu
+
+    hyps, refs = ["the cat sat on the mat", "a dog"], ["the cat sat on a mat", "a dog runs"]
+    bleu, signature = score(hyps, refs)
+    assert bleu == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert signature.startswith("nrefs:1|case:mixed") and "tok:13a" in signature
+    table = markdown_table([{"direction": "en-de", "bleu": bleu, "sentences": 2, "signature": signature}])
+    assert "| en-de |" in table and signature in table
+
+
+def test_reference_lookup(tmp_path):
+    (tmp_path / "test.fr-en.fr").write_text("x\n")
+    (tmp_path / "test.de").write_text("x\n")
+    assert find_references(tmp_path, "test", "en", "fr") == tmp_path / "test.fr-en.fr"
+    assert find_references(tmp_path, "test", "en", "de") == tmp_path / "test.de"
+    with pytest.raises(MoEUsageError, match="no references for en-cs"):
+        find_references(tmp_path, "test", "en", "cs")
