@@ -107,3 +107,12 @@ def test_dispatch_combine_gradcheck_float64():
         return combine(out, plan, S)
 
     assert torch.autograd.gradcheck(fn, (x, gate, *params.values()))
+
+
+def test_capacity_formula_is_exact_despite_float_rounding():
+    from moe_fairseq.moe.capacity import expert_capacity
+
+    assert expert_capacity(50, 1, 1, 1.1) == 55  # 1.1 * 50 is 55.000000000000007 in floats
+    assert expert_capacity(2048, 16, 2, 1.0) == 256  # GShard: 2 * ceil(S / E)
+    assert expert_capacity(10, 3, 1, 1.0) == 4  # Switch: ceil(cf * S / E)
+    assert expert_capacity(10, 4, 1, 1.25) == 4  # ceil(3.125)

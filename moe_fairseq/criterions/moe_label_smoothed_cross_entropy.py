@@ -77,8 +77,6 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         super().reduce_metrics(logging_outputs)
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
         keys = {k for log in logging_outputs for k in log if k.startswith("moe_") and k.endswith("_loss")}
-        if "moe_loss" in {k for log in logging_outputs for k in log}:
-            keys.add("moe_loss")
         for key in sorted(keys):
             total = utils.item(sum(log.get(key, 0) for log in logging_outputs))
             metrics.log_scalar(key, total / max(sample_size, 1), sample_size, round=5)

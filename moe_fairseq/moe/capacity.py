@@ -17,7 +17,8 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     """C = k * ceil(cf * S / E): Switch's ceil(cf*S/E) for k=1, GShard's 2*ceil(S/E) for k=2, cf=1."""
     if capacity_factor <= 0:
         raise MoEUsageError(f"capacity_factor must be > 0 (got {capacity_factor}); use dropless routing instead")
-    return k * math.ceil(capacity_factor * num_tokens / num_experts)
+    # The small tolerance keeps float error from adding a slot: 1.1 * 50 / 1 is 55.000000000000007.
+    return k * math.ceil(capacity_factor * num_tokens / num_experts - 1e-9)
 
 
 def apply_capacity(expert_index: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -27,8 +28,6 @@ def apply_capacity(expert_index: torch.Tensor, keep: torch.Tensor, num_experts: 
     """
     flat_e = expert_index.t().reshape(-1)  # slot-major order: all first choices, then seconds
     flat_keep = keep.t().reshape(-1).bool()
-    if flat_e.numel() and (int(flat_e.min()) < 0 or int(flat_e.max()) >= num_experts):
-        raise ValueError(f"expert ids must be in [0, {num_experts})")
     # Slots not kept get the sentinel id E and take no place in any queue.  A stable sort keeps
     # the priority order within each expert, so a slot's position in its expert's queue is its
     # index in the sorted order minus the index where that expert's run starts.
