@@ -160,6 +160,13 @@ def plot_convergence(runs: Dict[str, List[Dict[str, float]]], out, metrics=("los
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save(fig, out)
+
+
+def _save(fig, out) -> Path:
+    """Lay out, write as PNG (creating the directory) and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,9 +239,4 @@ def plot_bleu_vs_k(results: Dict[str, Dict[int, float]], out, title: Optional[st
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
