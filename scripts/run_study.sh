@@ -50,7 +50,7 @@ python scripts/plot_convergence.py "${logs[@]}" --labels "$(IFS=,; echo "${label
   --title "Multi30k en->de,fr,cs, $MINUTES min per run on $(nproc) CPU cores"
 if [[ " $RUNS " == *" smoe_dropout "* ]]; then
   python scripts/slimmable_eval.py "$OUT/smoe_dropout/checkpoint_best.pt" --data "$DATA" --raw-dir "$DATA/raw" \
-    --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 200 --cpu
+    --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 200 --cpu -- --max-len-a 1.2 --max-len-b 10
 fi
 python - "$OUT" $RUNS <<'PY'
 import json, sys
