@@ -67,9 +67,13 @@ def test_smoe_dropout_k_schedule_reaches_k_max(data, tmp_path):
     run(train_cmd(data, tmp_path, *ROUTER_RUNS["random"], max_update=10))
     from moe_fairseq.moe.k_schedule import KSchedule
 
-    schedule = KSchedule(1, 4, 8, "linear")
-    assert [schedule(t) for t in (0, 2, 4, 6, 8, 10)] == [1, 2, 3, 4, 4, 4][:1] + [schedule(t) for t in (2, 4, 6, 8, 10)]
-    assert schedule(0) == 1 and schedule(8) == 4
+    schedule = KSchedule(1, 4, 8, "linear")  # round-half-up of 3 t / 8, plus 1, clipped
+    assert [schedule(t) for t in (0, 2, 4, 6, 8, 10)] == [1, 2, 3, 3, 4, 4]
+    state = torch.load(tmp_path / "checkpoint_last.pt")
+    assert state["optimizer_history"][-1]["num_updates"] == 10  # past the schedule's 8 steps
+    # parameter-matched experts (--moe-split-ffn): hidden size FFN / E = 128 / 4
+    w1 = next(v for k, v in state["model"].items() if k.endswith("moe.experts.w1"))
+    assert tuple(w1.shape) == (4, 64, 32)
 
 
 def test_generate_produces_hypotheses_for_every_sentence(data, trained_top2):
