@@ -4,7 +4,7 @@
 # and distort the clock), then sacrebleu BLEU on test_2016_flickr, the convergence plot and the
 # SMoE-Dropout BLEU-vs-k curve.
 #
-#   DATA=data-bin/multi30k OUT=study MINUTES=20 bash scripts/run_study.sh
+#   DATA=data-bin/multi30k OUT=study MINUTES=20 VALID_EVERY=200 SMOE_STEPS=900 KEEP=20 bash scripts/run_study.sh
 #
 # The configs are used as committed, minus the per-validation BLEU (--eval-bleu and the
 # BLEU-based checkpoint selection: decoding the 3,042 validation sentences at every validation
@@ -19,6 +19,8 @@ RUNS=${RUNS:-"dense moe_top2 moe_top2_gate_drop moe_top2_gate_expert_drop smoe_d
 WARMUP=${WARMUP:-300}
 VALID_EVERY=${VALID_EVERY:-100}
 SMOE_STEPS=${SMOE_STEPS:-500}
+# interval checkpoints kept per run: scripts/plot_expert_usage.py reads them for usage over training
+KEEP=${KEEP:-1}
 BEAM=${BEAM:-4}
 [ -f "$DATA/train.en-de.en.idx" ] || { echo "run_study: no Multi30k data-bin at $DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)" >&2; exit 2; }
 HOURS=$(python -c "print($MINUTES / 60)")
@@ -36,7 +38,7 @@ for run in $RUNS; do
     FAIRSEQ_TRAIN=fairseq-train bash scripts/train.sh "$OUT/$run.args" "$DATA" "$save" \
       --cpu --num-workers 0 --stop-time-hours "$HOURS" --max-update 1000000 \
       --warmup-updates "$WARMUP" --validate-interval-updates "$VALID_EVERY" \
-      --save-interval-updates "$VALID_EVERY" --keep-interval-updates 1 "${extra[@]}" > /dev/null
+      --save-interval-updates "$VALID_EVERY" --keep-interval-updates "$KEEP" "${extra[@]}" > /dev/null
   fi
   if [ ! -f "$OUT/$run/eval/results.json" ]; then
     echo "== $run: BLEU on test_2016_flickr ($(date +%T))"
