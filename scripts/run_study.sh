@@ -54,6 +54,12 @@ if [[ " $RUNS " == *" smoe_dropout "* ]]; then
   python scripts/slimmable_eval.py "$OUT/smoe_dropout/checkpoint_best.pt" --data "$DATA" --raw-dir "$DATA/raw" \
     --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 200 --cpu -- --max-len-a 1.2 --max-len-b 10
 fi
+if [[ " $RUNS " == *" moe_top2 "* ]]; then
+  # sacrebleu's paired bootstrap of every run against plain top-2 (test-set noise; one seed each)
+  dirs=(); for run in $RUNS; do dirs+=("$OUT/$run/eval"); done
+  python scripts/compare_runs.py "${dirs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --baseline moe_top2 \
+    --raw-dir "$DATA/raw" --split test --out "$OUT/significance"
+fi
 python - "$OUT" $RUNS <<'PY'
 import json, sys
 out, runs = sys.argv[1], sys.argv[2:]
