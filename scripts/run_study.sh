@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The Multi30k study of docs/results.md: en -> de, fr, cs, one run per committed config, every
 # run with the same wall-clock budget, one after another (parallel runs would share the cores
-# and distort the clock), then sacrebleu BLEU on test_2016_flickr, the convergence plot and the
-# SMoE-Dropout BLEU-vs-k curve.
+# and distort the clock), then sacrebleu BLEU on test_2016_flickr, the convergence plots, the
+# SMoE-Dropout BLEU-vs-k curve, the expert-usage plots and a paired bootstrap against top-2.
+# Finished steps (a trained run, its BLEU, the k curve) are skipped on a rerun.
 #
-#   DATA=data-bin/multi30k OUT=study MINUTES=20 VALID_EVERY=200 SMOE_STEPS=900 KEEP=20 bash scripts/run_study.sh
+#   DATA=data-bin/multi30k OUT=study MINUTES=20 bash scripts/run_study.sh
 #
 # The configs are used as committed, minus the per-validation BLEU (--eval-bleu and the
 # BLEU-based checkpoint selection: decoding the 3,042 validation sentences at every validation
@@ -17,10 +18,10 @@ OUT=${OUT:-study}
 MINUTES=${MINUTES:-20}
 RUNS=${RUNS:-"dense moe_top2 moe_top2_gate_drop moe_top2_gate_expert_drop smoe_dropout"}
 WARMUP=${WARMUP:-300}
-VALID_EVERY=${VALID_EVERY:-100}
-SMOE_STEPS=${SMOE_STEPS:-500}
+VALID_EVERY=${VALID_EVERY:-200}
+SMOE_STEPS=${SMOE_STEPS:-900}
 # interval checkpoints kept per run: scripts/plot_expert_usage.py reads them for usage over training
-KEEP=${KEEP:-1}
+KEEP=${KEEP:-20}
 BEAM=${BEAM:-4}
 [ -f "$DATA/train.en-de.en.idx" ] || { echo "run_study: no Multi30k data-bin at $DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)" >&2; exit 2; }
 HOURS=$(python -c "print($MINUTES / 60)")
@@ -50,10 +51,19 @@ logs=(); labels=()
 for run in $RUNS; do logs+=("$OUT/$run/train.log"); labels+=("$run"); done
 python scripts/plot_convergence.py "${logs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --out "$OUT/convergence.png" \
   --title "Multi30k en->de,fr,cs, $MINUTES min per run on $(nproc) CPU cores"
-if [[ " $RUNS " == *" smoe_dropout "* ]]; then
+python scripts/plot_convergence.py "${logs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --x updates \
+  --out "$OUT/convergence_updates.png" --title "Multi30k en->de,fr,cs: validation loss per update"
+if [[ " $RUNS " == *" smoe_dropout "* ]] && [ ! -f "$OUT/smoe_slimmable/slimmable.json" ]; then
   python scripts/slimmable_eval.py "$OUT/smoe_dropout/checkpoint_best.pt" --data "$DATA" --raw-dir "$DATA/raw" \
     --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 200 --cpu -- --max-len-a 1.2 --max-len-b 10
 fi
+# expert usage over training and per language, from the interval checkpoints; SMoE-Dropout at
+# k = 1 (at k = E every token uses every expert, so its usage is uniform by construction)
+for run in $RUNS; do
+  [ "$run" = dense ] && continue
+  k=(); [ "$run" = smoe_dropout ] && k=(--moe-eval-top-k 1)
+  python scripts/plot_expert_usage.py "$OUT/$run" --data "$DATA" --out-dir "$OUT/usage/$run" --cpu "${k[@]}"
+done
 if [[ " $RUNS " == *" moe_top2 "* ]]; then
   # sacrebleu's paired bootstrap of every run against plain top-2 (test-set noise; one seed each)
   dirs=(); for run in $RUNS; do dirs+=("$OUT/$run/eval"); done
