@@ -124,7 +124,11 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", help="write significance.md and significance.json here")
     args = p.parse_args(argv)
-    labels = args.labels.split(",") if args.labels else [Path(r).resolve().parent.name for r in args.runs]
+    # default names: the directory's own name, or its run's name for the run_study layout RUN/eval
+    labels = args.labels.split(",") if args.labels else [
+        Path(r).resolve().parent.name if Path(r).resolve().name == "eval" else Path(r).resolve().name for r in args.runs]
+    if len(set(labels)) != len(labels):
+        raise MoEUsageError(f"run names {labels} are not unique: give --labels")
     if args.samples < 100:
         raise MoEUsageError(f"--samples {args.samples}: use at least 100 bootstrap resamples")
     result = compare(args.runs, labels, args.raw_dir, args.split, args.baseline or labels[0], args.samples)

@@ -108,6 +108,14 @@ def test_bad_input_is_refused_in_one_line(study, tmp_path):
         compare_runs.main([str(root / "weak"), "--baseline", "nope", "--labels", "weak", "--raw-dir", raw])
     with pytest.raises(MoEUsageError, match="does not exist"):
         compare_runs.main([str(root / "missing"), "--raw-dir", raw])
+    with pytest.raises(MoEUsageError, match="not unique"):
+        compare_runs.main([str(root / "weak"), str(root / "strong"), "--labels", "a,a", "--raw-dir", raw])
+    # without --labels a run is named after its directory (or RUN for RUN/eval)
+    (root / "other" / "eval").mkdir(parents=True)
+    for f in (root / "strong").iterdir():
+        (root / "other" / "eval" / f.name).write_text(f.read_text())
+    result = compare_runs.main([str(root / "weak"), str(root / "other" / "eval"), "--raw-dir", raw, "--samples", "100"])
+    assert [r["system"] for r in result["table"]["all"]] == ["weak", "other"]
     # a run lacking a direction
     (root / "partial").mkdir()
     (root / "partial" / "generate.test.en-de.txt").write_text((root / "weak" / "generate.test.en-de.txt").read_text())
