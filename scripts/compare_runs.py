@@ -55,7 +55,7 @@ def load_runs(run_dirs, split):
 
 
 def paired_bootstrap(named_systems, refs, samples):
-    """[(name, bleu, mean, ci, p or None)], baseline first, from sacrebleu's PairedTest."""
+    """[{system, bleu, mean, ci95, p_value (None for the baseline)}], baseline first, from sacrebleu's PairedTest."""
     from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
 
