@@ -21,7 +21,7 @@
 # SAVE/.trained exists (an interrupted run resumes from its checkpoint_last.pt), evaluated when
 # SAVE/eval/results.json exists; each run's record is SAVE/record.json.
 #
-# Environment: DATA, OUT, RUNS, SEEDS (default "1 2 3"), PARALLEL (2), BEAM (5),
+# Environment: DATA, OUT, RUNS, SEEDS (default "1 2 3"), PARALLEL (2), THREADS (nproc / PARALLEL), BEAM (5),
 # SKIP_THROUGHPUT=1 (no speed benchmark), STUDY_JSON (default $OUT/study.json; docs/study.json for
 # the committed study), RESULTS_MD (a Markdown file whose generated section the report rewrites).
 set -euo pipefail
@@ -35,7 +35,7 @@ PARALLEL=${PARALLEL:-2}
 BEAM=${BEAM:-5}
 STUDY_JSON=${STUDY_JSON:-$OUT/study.json}
 ANCHOR=fairseq_dense
-THREADS=$(( $(nproc) / PARALLEL )); [ "$THREADS" -ge 1 ] || THREADS=1
+THREADS=${THREADS:-$(( $(nproc) / PARALLEL ))}; [ "$THREADS" -ge 1 ] || THREADS=1
 [ -f "$DATA/train.en-de.en.idx" ] || { echo "run_study: no Multi30k data-bin at $DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)" >&2; exit 2; }
 for run in $RUNS; do
   [ -f "configs/multi30k/$run.args" ] || { echo "run_study: RUNS: no config configs/multi30k/$run.args" >&2; exit 2; }
@@ -98,5 +98,6 @@ if [[ " $RUNS " == *" smoe_dropout "* ]] && [ ! -f "$OUT/smoe_slimmable/slimmabl
 fi
 
 # 5. the report: study.json, tables, significance over seeds and test sentences, plots
+# (the PNGs go beside RESULTS_MD, which links them by name)
 python scripts/study_report.py report "$OUT" --anchor "$ANCHOR" --raw-dir "$DATA/raw" --json "$STUDY_JSON" \
-  ${RESULTS_MD:+--results-md "$RESULTS_MD"}
+  --beam "$BEAM" ${RESULTS_MD:+--results-md "$RESULTS_MD" --figures "$(dirname "$RESULTS_MD")"}
