@@ -16,22 +16,18 @@ with experts sharded over ranks that would keep rank 0's experts only.  These wr
   ("moe_param_names"), which is what makes optimizer state reshardable.
 """
 import contextlib
-import glob
 import logging
-import os
-import shutil
 
-import torch
 import torch.distributed as dist
 from fairseq import checkpoint_utils, utils
 from fairseq.trainer import Trainer
 
 from ..moe.collect import moe_layers
 from ..moe.errors import MoEUsageError
-from .sharded import POINTER, atomic_save, resolve_experts, shard_filename, split_experts
+from .format import PARAM_NAMES, POINTER, optimizer_param_names, point_to_shards, shard_meta, shard_path
+from .sharded import atomic_save, remove_unreferenced_shards, resolve_experts, split_experts
 
 logger = logging.getLogger(__name__)
-SHARD_ROOT = "moe_shards"
 
 
 def expert_parallel_comm(model):
@@ -39,14 +35,6 @@ def expert_parallel_comm(model):
     if not layers or layers[0].comm.world_size == 1:
         return None
     return layers[0].comm
-
-
-def optimizer_param_names(trainer):
-    """Names of the parameters in the order of the optimizer's slots (fairseq's trainer builds
-    the optimizer from model then criterion parameters that require grad)."""
-    names = [n for n, p in trainer._model.named_parameters() if p.requires_grad]
-    names += [f"criterion.{n}" for n, p in trainer._criterion.named_parameters() if p.requires_grad]
-    return names
 
 
 @contextlib.contextmanager
@@ -65,29 +53,6 @@ def _post_process_state(trainer, fn):
         del trainer.state_dict
 
 
-def _referenced_tags(save_dir):
-    tags = set()
-    for path in glob.glob(os.path.join(save_dir, "checkpoint*.pt")):
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True)
-        except Exception:  # a file being written by someone else, or not ours: keep everything
-            return None
-        pointer = state.get(POINTER) if isinstance(state, dict) else None
-        if pointer:
-            tags.add(os.path.basename(pointer["dir"]))
-    return tags
-
-
-def _collect_garbage(save_dir, keep_tag):
-    root = os.path.join(save_dir, SHARD_ROOT)
-    tags = _referenced_tags(save_dir)
-    if tags is None or not os.path.isdir(root):
-        return
-    for tag in os.listdir(root):
-        if tag != keep_tag and tag not in tags:
-            shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
-
-
 _original_save_checkpoint = checkpoint_utils.save_checkpoint
 _original_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
 _original_trainer_load_checkpoint = Trainer.load_checkpoint
@@ -96,33 +61,30 @@ _original_trainer_load_checkpoint = Trainer.load_checkpoint
 def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
     if not moe_layers(trainer._model):
         return _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
-    names = optimizer_param_names(trainer)
+    names = optimizer_param_names(trainer._model, trainer._criterion)
     comm = expert_parallel_comm(trainer._model)
     if comm is None or cfg.no_save:
-        with _post_process_state(trainer, lambda s: s.__setitem__("moe_param_names", names)):
+        with _post_process_state(trainer, lambda s: s.__setitem__(PARAM_NAMES, names)):
             return _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
     if getattr(trainer.optimizer, "has_flat_params", False):
         raise MoEUsageError("expert-parallel checkpoints need per-parameter optimizer state: use "
                             "--memory-efficient-fp16 (or --fp16-no-flatten-grads) instead of plain --fp16")
     rank, world = dist.get_rank(comm.group), dist.get_world_size(comm.group)
     tag = f"e{epoch_itr.epoch}-u{trainer.get_num_updates()}"
-    shard_dir = os.path.join(cfg.save_dir, SHARD_ROOT, tag)
     trainer.consolidate_optimizer()  # fairseq's state_dict() expects it (it sets the optimizer hand-off)
     shard = split_experts(utils.move_to_cpu(trainer.state_dict()), names)
-    shard["meta"] = {"rank": rank, "world_size": world, "tag": tag, "num_updates": trainer.get_num_updates()}
-    atomic_save(shard, os.path.join(shard_dir, shard_filename(rank, world)))
+    shard["meta"] = shard_meta(rank, world, tag, trainer.get_num_updates())
+    atomic_save(shard, shard_path(cfg.save_dir, tag, rank, world))
     dist.barrier(group=comm.group)  # every shard is on disk before anything points to them
 
     def strip_and_point(state):
         split_experts(state, names)  # rank 0's experts are in its shard
-        state[POINTER] = {"dir": os.path.join(SHARD_ROOT, tag), "tag": tag, "world_size": world,
-                          "param_names": names, "version": 1}
-        state["moe_param_names"] = names
+        point_to_shards(state, tag, world, names)
 
     with _post_process_state(trainer, strip_and_point):
         result = _original_save_checkpoint(cfg, trainer, epoch_itr, val_loss)
     if rank == 0:
-        _collect_garbage(cfg.save_dir, tag)
+        remove_unreferenced_shards(cfg.save_dir, tag)
     return result
 
 
