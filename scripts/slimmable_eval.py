@@ -40,10 +40,12 @@ def _get(ns, key, default=None):
 
 def read_checkpoint_args(path):
     """(model args, task args) saved in a fairseq checkpoint, loaded with torch.load's default
-    weights_only check (moe_fairseq allowlists what fairseq checkpoints hold)."""
+    weights_only check (fairseq_patches allowlists what fairseq checkpoints hold)."""
     import torch
 
-    import moe_fairseq  # noqa: F401  (registers the allowlist)
+    from moe_fairseq import fairseq_patches
+
+    fairseq_patches.install()
 
     state = torch.load(path, map_location="cpu")
     cfg = state.get("cfg")

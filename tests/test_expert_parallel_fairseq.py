@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-import moe_fairseq  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
+import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
 
 from cli_helpers import BIN, USER_DIR, cli, generate_cmd, hypotheses, last_value, make_tiny_corpus, run, train_cmd
 
@@ -138,7 +138,7 @@ def test_consolidated_checkpoint_generates_like_the_sharded_one(data, sharded_ru
 
 EP_FORWARD = r'''
 import sys, torch, torch.distributed as dist
-import moe_fairseq  # registers the plugin and its checkpoint hooks
+import moe_fairseq.plugin  # registers the plugin and its checkpoint hooks
 from fairseq import checkpoint_utils
 ckpt, data, out = sys.argv[1:4]
 if len(sys.argv) > 4:

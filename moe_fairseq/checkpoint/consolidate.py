@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from .format import is_expert_key
 from .sharded import atomic_save, resolve_experts
@@ -36,7 +37,7 @@ def cli_main(argv=None):
     p.add_argument("output", help="path of the consolidated checkpoint to write")
     p.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state (smaller file)")
     args = p.parse_args(argv)
-    import moe_fairseq  # noqa: F401  (checkpoint type allowlist)
+    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
 
     try:
         state = consolidate(args.checkpoint, args.output, keep_optimizer=not args.no_optimizer)

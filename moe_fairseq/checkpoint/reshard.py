@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
 from .format import param_names_of, point_to_shards, read_pointer, shard_meta, shard_path
@@ -61,7 +62,7 @@ def cli_main(argv=None):
     p.add_argument("--world-size", type=int, required=True, help="ranks of the run that will continue")
     p.add_argument("--name", default="checkpoint_last.pt", help="file name in out_dir (checkpoint_last.pt)")
     args = p.parse_args(argv)
-    import moe_fairseq  # noqa: F401
+    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
 
     try:
         path = reshard(args.checkpoint, args.out_dir, args.world_size, args.name)
