@@ -85,9 +85,9 @@ class TransformerMoEModel(TransformerModel):
     def build_model(cls, args, task):
         set_moe_defaults(args)
         validate_moe_args(args)
-        model = super().build_model(args, task)
-        apply_eval_overrides(model, getattr(args, "moe_eval_top_k", None))
-        return model
+        # The MoE config (moe_eval_top_k included) reaches every router when it is built; the
+        # task applies its own --moe-eval-top-k (generation) afterwards.
+        return super().build_model(args, task)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
@@ -128,20 +128,14 @@ def validate_moe_args(args):
 def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):
     """Set the evaluation-time k (self-slimmable inference) and capacity on every router."""
     from ..moe.collect import moe_layers
-    from ..moe.routers.base import check_top_k
+    from ..moe.routers.base import check_capacity_factor
 
     for layer in moe_layers(model):
-        router = layer.router
         if eval_top_k is not None:
-            if not hasattr(router, "eval_k"):
-                raise MoEUsageError(f"--moe-eval-top-k applies to the noisy_topk and random routers, "
-                                 f"not to {type(router).__name__}")
-            check_top_k(eval_top_k, router.num_experts, "--moe-eval-top-k")
-            router.eval_k = eval_top_k
+            layer.router.set_eval_k(eval_top_k)
         if eval_capacity_factor is not None:
-            if eval_capacity_factor <= 0:
-                raise MoEUsageError(f"--moe-eval-capacity-factor must be > 0 (got {eval_capacity_factor})")
-            router.eval_capacity_factor = eval_capacity_factor
+            check_capacity_factor(eval_capacity_factor, "--moe-eval-capacity-factor")
+            layer.router.eval_capacity_factor = eval_capacity_factor
 
 
 def _moe_architecture(args, experts, freq):

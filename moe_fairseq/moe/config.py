@@ -5,12 +5,8 @@ from typing import Optional
 from .gating_dropout import MODES as GATING_DROPOUT_MODES
 from .gating_dropout import check_rate
 from .k_schedule import SCHEDULES, KSchedule
-from .routers import ROUTERS, SECOND_EXPERT_POLICIES, NoisyTopKRouter, RandomRouter, Top1Router, Top2Router
+from .routers import ROUTERS, SECOND_EXPERT_POLICIES, build_router
 from .errors import MoEUsageError
-
-# Routers that drop tokens past capacity by default; noisy_topk and random are dropless by
-# default, as in their papers.
-_DEFAULT_CAPACITY = {"top1": (1.0, 2.0), "top2": (1.0, 2.0), "noisy_topk": (None, None), "random": (None, None)}
 
 
 @dataclass
@@ -65,7 +61,7 @@ class MoEConfig:
     def capacity_factors(self):
         if self.dropless:
             return None, None
-        default_train, default_eval = _DEFAULT_CAPACITY[self.router]
+        default_train, default_eval = ROUTERS[self.router].default_capacity_factors
         train = self.capacity_factor if self.capacity_factor is not None else default_train
         evaluation = self.eval_capacity_factor if self.eval_capacity_factor is not None else default_eval
         for name, cf in (("--moe-capacity-factor", train), ("--moe-eval-capacity-factor", evaluation)):
@@ -80,18 +76,4 @@ class MoEConfig:
         return KSchedule(self.top_k_min, k_max, self.top_k_schedule_steps, self.top_k_schedule)
 
     def build_router(self, model_dim: int):
-        cf, eval_cf = self.capacity_factors()
-        common = dict(capacity_factor=cf, eval_capacity_factor=eval_cf)
-        if self.router == "top1":
-            return Top1Router(model_dim, self.num_experts, balance_loss_weight=self.gate_loss_weight,
-                              z_loss_weight=self.z_loss_weight, jitter_eps=self.jitter_eps, **common)
-        if self.router == "top2":
-            return Top2Router(model_dim, self.num_experts, second_expert_policy=self.second_expert_policy,
-                              normalize_gate_prob_before_dropping=self.normalize_gate_prob_before_dropping,
-                              balance_loss_weight=self.gate_loss_weight, z_loss_weight=self.z_loss_weight,
-                              jitter_eps=self.jitter_eps, **common)
-        if self.router == "noisy_topk":
-            return NoisyTopKRouter(model_dim, self.num_experts, k=self.top_k,
-                                   importance_loss_weight=self.importance_loss_weight,
-                                   load_loss_weight=self.load_loss_weight, eval_k=self.eval_top_k, **common)
-        return RandomRouter(model_dim, self.num_experts, self.k_schedule(), eval_k=self.eval_top_k, **common)
+        return build_router(self, model_dim)

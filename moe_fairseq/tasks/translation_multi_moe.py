@@ -60,8 +60,7 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         for layer in moe_layers(model):
-            layer.set_num_updates(update_num)
-            layer.router.set_num_updates(update_num)
+            layer.set_num_updates(update_num)  # the layer passes it on to its router
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
