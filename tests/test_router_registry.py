@@ -1,5 +1,6 @@
 """The router registry: the built-in routers by name, and a new router added in one file with
 one decorator (tests/toy_router.py) that the config, the layer and the flags then accept."""
+import argparse
 import importlib
 import sys
 
@@ -45,6 +46,16 @@ def test_a_router_added_in_one_file_trains_in_a_moe_layer(toy_router):
     assert layer.experts.w1.grad is not None
     with pytest.raises(MoEUsageError, match="--moe-eval-top-k applies to the noisy_topk and random routers"):
         MoEConfig(num_experts=3, router="toy_round_robin", eval_top_k=1).validate()
+
+
+def test_the_flags_accept_a_registered_router(toy_router):
+    from moe_fairseq.models.moe_args import add_moe_args, moe_config_from_args, set_moe_defaults
+
+    parser = argparse.ArgumentParser()
+    add_moe_args(parser)
+    args = parser.parse_args(["--moe-router", "toy_round_robin", "--moe-expert-count", "3"])
+    set_moe_defaults(args)
+    assert moe_config_from_args(args).validate().router == "toy_round_robin"
 
 
 def test_an_unknown_router_names_the_registered_ones():
