@@ -8,7 +8,6 @@ resharding 2 -> 1 and 1 -> 2 continues training with the optimizer state.
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ import torch
 
 import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
 
-from cli_helpers import BIN, USER_DIR, cli, generate_cmd, hypotheses, last_value, make_tiny_corpus, run, train_cmd
+from cli_helpers import (BIN, USER_DIR, cli, free_port, generate_cmd, hypotheses, last_value, make_tiny_corpus, run,
+                         train_cmd)
 
 MOE = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-gating-dropout", "0.3", "--dropout", "0.0"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(cmd, nproc=2):
