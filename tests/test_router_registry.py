@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from moe_fairseq.moe import MoEConfig, build_moe_layer
+from moe_fairseq.moe import KSchedule, MoEConfig, build_moe_layer
 from moe_fairseq.moe.errors import MoEUsageError
 from moe_fairseq.moe.routers import ROUTERS, NoisyTopKRouter, RandomRouter, Top1Router, Top2Router, register_router
 
@@ -61,3 +61,17 @@ def test_the_flags_accept_a_registered_router(toy_router):
 def test_an_unknown_router_names_the_registered_ones():
     with pytest.raises(MoEUsageError, match="--moe-router must be one of top1, top2, noisy_topk, random "):
         MoEConfig(router="toy_round_robin").validate()
+
+
+@pytest.mark.parametrize("make", [lambda: RandomRouter(6, 4, KSchedule(1, 4, 100)),
+                                  lambda: NoisyTopKRouter(6, 4, k=3)])
+def test_evaluation_k_is_the_final_k_unless_set(make):
+    router = make()
+    router.set_num_updates(0)  # the random router's schedule is at k = 1 here
+    x = torch.randn(5, 6)
+    router.eval()
+    assert router(x).expert_index.shape[1] == router.k
+    router.set_eval_k(2)
+    assert router(x).expert_index.shape[1] == 2
+    router.set_eval_k(None)
+    assert router(x).expert_index.shape[1] == router.k

@@ -14,6 +14,7 @@ from .gating_dropout import MODES as GATING_DROPOUT_MODES
 from .gating_dropout import check_rate
 from .k_schedule import SCHEDULES, KSchedule
 from .routers import ROUTERS, SECOND_EXPERT_POLICIES, build_router
+from .routers.base import check_capacity_factor
 
 
 def option(default, flag: Optional[str] = None, help: str = "", *, arg_default=MISSING, choices=None,
@@ -114,8 +115,7 @@ class MoEConfig:
         train = self.capacity_factor if self.capacity_factor is not None else default_train
         evaluation = self.eval_capacity_factor if self.eval_capacity_factor is not None else default_eval
         for name, cf in (("--moe-capacity-factor", train), ("--moe-eval-capacity-factor", evaluation)):
-            if cf is not None and cf <= 0:
-                raise MoEUsageError(f"{name} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
+            check_capacity_factor(cf, name)
         return train, evaluation
 
     def k_schedule(self) -> KSchedule:

@@ -80,13 +80,14 @@ class Router(nn.Module):
         self.eval_k = k
 
     def training_k(self) -> int:
+        """k in training (a schedule may make it vary); self.k is the final one."""
         return self.k
 
     def current_k(self) -> int:
-        """k of this forward: the evaluation-time k when one is set and the router is in eval mode."""
-        if not self.training and self.eval_k is not None:
-            return self.eval_k
-        return self.training_k()
+        """k of this forward: in evaluation the evaluation-time k, else the final k."""
+        if self.training:
+            return self.training_k()
+        return self.eval_k if self.eval_k is not None else self.k
 
     def current_capacity_factor(self) -> Optional[float]:
         return self.capacity_factor if self.training else self.eval_capacity_factor

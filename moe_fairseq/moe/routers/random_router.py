@@ -35,7 +35,7 @@ class RandomRouter(Router):
         return cls(model_dim, cfg.num_experts, cfg.k_schedule(), *cfg.capacity_factors())
 
     def training_k(self) -> int:
-        return self.schedule(self.num_updates)  # self.k, the k without an eval_k, is the schedule's k_max
+        return self.schedule(self.num_updates)  # self.k, the k of evaluation, is the schedule's k_max
 
     def forward(self, x: torch.Tensor) -> Routing:
         k = self.current_k()
