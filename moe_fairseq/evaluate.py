@@ -73,15 +73,63 @@ def score(hyps: List[str], refs: List[str]):
     return result.score, str(metric.get_signature())
 
 
+def _get(ns, key, default=None):
+    return ns.get(key, default) if isinstance(ns, dict) else getattr(ns, key, default)
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+
+
+def read_checkpoint_args(path):
+    """(model args, task args) saved in a fairseq checkpoint, loaded with torch.load's default
+    weights_only check (fairseq_patches allowlists what fairseq checkpoints hold)."""
+    import torch
+
+    from . import fairseq_patches
+
+    fairseq_patches.install()
+
+    state = torch.load(path, map_location="cpu")
+    cfg = state.get("cfg")
+    if cfg is not None and _get(cfg, "model") is not None:
+        return _get(cfg, "model"), _get(cfg, "task")
+    if state.get("args") is not None:
+        return state["args"], state["args"]
+    raise MoEUsageError(f"{path} holds neither cfg nor args: not a fairseq checkpoint")
+
+
+def training_task_args(task_args) -> List[str]:
+    """The fairseq-generate flags that must repeat the training task's: the task itself (a plain
+    fairseq checkpoint keeps fairseq's translation_multi_simple_epoch), where the language tokens
+    go (--encoder-langtok src|tgt, --decoder-langtok) and --langs / --lang-dict, so the dictionary's
+    language tokens are where training put them even when a subset of directions is evaluated."""
+    task = _get(task_args, "task") or _get(task_args, "_name") or "translation_multi_moe"
+    flags = ["--task", task]
+    if _get(task_args, "encoder_langtok"):
+        flags += ["--encoder-langtok", _get(task_args, "encoder_langtok")]
+    if _get(task_args, "decoder_langtok"):
+        flags.append("--decoder-langtok")
+    if _get(task_args, "lang_dict"):
+        flags += ["--lang-dict", _get(task_args, "lang_dict")]
+    else:
+        langs = _as_list(_get(task_args, "langs"))
+        if not langs:
+            langs = sorted({lang for pair in _as_list(_get(task_args, "lang_pairs")) for lang in pair.split("-")})
+        if langs:
+            flags += ["--langs", ",".join(langs)]
+    return flags
+
+
 def run_generate(data: str, path: str, src: str, tgt: str, lang_pairs: str, split: str, beam: int,
-                 batch_size: int, cpu: bool, extra: List[str], langs: Optional[str] = None) -> str:
+                 batch_size: int, cpu: bool, extra: List[str], task_flags: List[str]) -> str:
     exe = Path(sys.executable).parent / "fairseq-generate"
-    cmd = [str(exe) if exe.exists() else "fairseq-generate", data, "--user-dir", USER_DIR,
-           "--task", "translation_multi_moe", "--lang-pairs", lang_pairs, "--source-lang", src,
-           "--target-lang", tgt, "--encoder-langtok", "src", "--decoder-langtok", "--path", path,
+    cmd = [str(exe) if exe.exists() else "fairseq-generate", data, "--user-dir", USER_DIR, *task_flags,
+           "--lang-pairs", lang_pairs, "--source-lang", src, "--target-lang", tgt, "--path", path,
            "--gen-subset", split, "--beam", str(beam), "--batch-size", str(batch_size),
-           "--post-process", "sentencepiece", *(["--langs", langs] if langs else []),
-           *(["--cpu"] if cpu else []), *extra]
+           "--post-process", "sentencepiece", *(["--cpu"] if cpu else []), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"fairseq-generate failed for {src}-{tgt}:\n{proc.stderr[-3000:]}")
@@ -94,12 +142,17 @@ def evaluate(args) -> List[dict]:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
+    # the checkpoint's own task flags; an explicit --langs and the arguments after '--' come later
+    # on the command line, so they win (argparse keeps the last value)
+    task_flags = training_task_args(read_checkpoint_args(args.path)[1])
+    if args.langs:
+        task_flags += ["--langs", args.langs]
     for pair in args.lang_pairs.split(","):
         src, tgt = pair.split("-")
         refs = read_lines(find_references(raw_dir, args.split, src, tgt))
         start = time.time()
         text = run_generate(args.data, args.path, src, tgt, args.lang_pairs, args.split, args.beam,
-                            args.batch_size, args.cpu, args.generate_args, args.langs)
+                            args.batch_size, args.cpu, args.generate_args, task_flags)
         if out:
             (out / f"generate.{args.split}.{pair}.txt").write_text(text, encoding="utf-8")
         hyps = align(parse_generate_output(text), len(refs), args.allow_missing, pair)
@@ -133,7 +186,7 @@ def build_parser():
     p.add_argument("data", help="fairseq data-bin directory")
     p.add_argument("--path", required=True, help="checkpoint to evaluate")
     p.add_argument("--lang-pairs", required=True, help="directions to evaluate, e.g. en-de,en-fr")
-    p.add_argument("--langs", help="the training run's --langs, if it set one (keeps language-token ids)")
+    p.add_argument("--langs", help="language list for the dictionary's language tokens (default: the checkpoint's)")
     p.add_argument("--raw-dir", required=True, help="directory with the raw (untokenized) references")
     p.add_argument("--split", default="test", help="fairseq subset name (default: test)")
     p.add_argument("--beam", type=int, default=5)

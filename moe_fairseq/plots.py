@@ -240,3 +240,28 @@ def plot_bleu_vs_k(results: Dict[str, Dict[int, float]], out, title: Optional[st
     if title:
         ax.set_title(title)
     return _save(fig, out)
+
+
+def plot_seed_bands(curves: Dict[str, List[List[tuple]]], out, ylabel: str, xlabel: str,
+                    title: Optional[str] = None) -> Path:
+    """curves: {config: [[(x, y), ...] one list per seed]}.  One line per config: the mean over the
+    seeds at the x values every seed has, with a band from the lowest to the highest seed."""
+    import numpy as np
+
+    plt = _use_agg()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, seeds in curves.items():
+        common = sorted(set.intersection(*[{x for x, _ in s} for s in seeds])) if seeds else []
+        if not common:
+            continue
+        ys = np.array([[dict(s)[x] for x in common] for s in seeds])
+        line, = ax.plot(common, ys.mean(axis=0), marker="o", markersize=3, label=f"{label} (n={len(seeds)})")
+        if len(seeds) > 1:
+            ax.fill_between(common, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, out)

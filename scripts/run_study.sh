@@ -1,84 +1,102 @@
 #!/usr/bin/env bash
-# The Multi30k study of docs/results.md: en -> de, fr, cs, one run per committed config, every
-# run with the same wall-clock budget, one after another (parallel runs would share the cores
-# and distort the clock), then sacrebleu BLEU on test_2016_flickr, the convergence plots, the
-# SMoE-Dropout BLEU-vs-k curve, the expert-usage plots and a paired bootstrap against top-2.
-# Finished steps (a trained run, its BLEU, the k curve) are skipped on a rerun.
+# The Multi30k study of docs/results.md: the external anchor (plain fairseq, no plugin) and the
+# plugin's recipe family, several training seeds each, then BLEU on test_2016_flickr, the report
+# (docs/study.json, the tables of docs/results.md, seed-aware significance, convergence plots with
+# seed bands) and the SMoE-Dropout BLEU-vs-k curve.
 #
-#   DATA=data-bin/multi30k OUT=study MINUTES=20 bash scripts/run_study.sh
+#   DATA=data-bin/multi30k OUT=study bash scripts/run_study.sh
 #
-# The configs are used as committed, minus the per-validation BLEU (--eval-bleu and the
-# BLEU-based checkpoint selection: decoding the 3,042 validation sentences at every validation
-# would eat a short budget), plus the budget: --stop-time-hours, a warmup and a validation
-# interval scaled to it.  SMoE-Dropout's k schedule is set to reach k = E after SMOE_STEPS updates.
+# Budget: a fixed number of updates per run (the configs' --max-update, 1,000), not a fixed
+# wall-clock: the host's speed changes between days and with load, so a wall-clock budget would
+# give a config more or fewer updates depending on when it ran.  Wall-clock enters through the
+# side-by-side throughput benchmark (scripts/study_throughput.py, step 1): every config is timed
+# in interleaved rounds on an otherwise idle machine, and the report states BLEU at equal updates
+# and at equal wall-clock time (a slower config is read at the interval checkpoint it reaches in
+# the anchor's time).  Because quality does not depend on timing, runs may share the machine:
+# PARALLEL runs train at once, each with nproc/PARALLEL threads (2 single-thread runs on 2 cores
+# do 29% more work than one 2-thread run).
+#
+# Rotation: seed 1 of every config, then seed 2, ... (RUNS x SEEDS), so work that stops early
+# leaves complete seeds.  Every finished step is skipped on a rerun: a run is trained when
+# SAVE/.trained exists (an interrupted run resumes from its checkpoint_last.pt), evaluated when
+# SAVE/eval/results.json exists; each run's record is SAVE/record.json.
+#
+# Environment: DATA, OUT, RUNS, SEEDS (default "1 2 3"), PARALLEL (2), BEAM (5),
+# SKIP_THROUGHPUT=1 (no speed benchmark), STUDY_JSON (default $OUT/study.json; docs/study.json for
+# the committed study), RESULTS_MD (a Markdown file whose generated section the report rewrites).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
 DATA=${DATA:-data-bin/multi30k}
 OUT=${OUT:-study}
-MINUTES=${MINUTES:-20}
-RUNS=${RUNS:-"dense moe_top2 moe_top2_gate_drop moe_top2_gate_expert_drop smoe_dropout"}
-WARMUP=${WARMUP:-300}
-VALID_EVERY=${VALID_EVERY:-200}
-SMOE_STEPS=${SMOE_STEPS:-900}
-# interval checkpoints kept per run: scripts/plot_expert_usage.py reads them for usage over training
-KEEP=${KEEP:-20}
-BEAM=${BEAM:-4}
+RUNS=${RUNS:-"fairseq_dense dense moe_top2 moe_top2_gate_drop moe_top2_gate_expert_drop smoe_dropout"}
+SEEDS=${SEEDS:-"1 2 3"}
+PARALLEL=${PARALLEL:-2}
+BEAM=${BEAM:-5}
+STUDY_JSON=${STUDY_JSON:-$OUT/study.json}
+ANCHOR=fairseq_dense
+THREADS=$(( $(nproc) / PARALLEL )); [ "$THREADS" -ge 1 ] || THREADS=1
 [ -f "$DATA/train.en-de.en.idx" ] || { echo "run_study: no Multi30k data-bin at $DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)" >&2; exit 2; }
-HOURS=$(python -c "print($MINUTES / 60)")
+for run in $RUNS; do
+  [ -f "configs/multi30k/$run.args" ] || { echo "run_study: RUNS: no config configs/multi30k/$run.args" >&2; exit 2; }
+done
 mkdir -p "$OUT"
-for run in $RUNS; do
-  cfg=configs/multi30k/$run.args
-  save=$OUT/$run
-  if [ -f "$save/checkpoint_last.pt" ]; then
-    echo "== $run: already trained ($save), skipping"
-  else
-    echo "== $run: training for $MINUTES minutes ($(date +%T))"
-    extra=()
-    [ "$run" = smoe_dropout ] && extra=(--moe-top-k-schedule-steps "$SMOE_STEPS")
-    grep -v -E '^#|^--(eval-bleu|best-checkpoint-metric|maximize-best-checkpoint-metric)' "$cfg" > "$OUT/$run.args"
-    FAIRSEQ_TRAIN=fairseq-train bash scripts/train.sh "$OUT/$run.args" "$DATA" "$save" \
-      --cpu --num-workers 0 --stop-time-hours "$HOURS" --max-update 1000000 \
-      --warmup-updates "$WARMUP" --validate-interval-updates "$VALID_EVERY" \
-      --save-interval-updates "$VALID_EVERY" --keep-interval-updates "$KEEP" "${extra[@]}" > /dev/null
+
+# 1. throughput side by side (nothing else may run meanwhile: it is the only timed step)
+if [ -z "${SKIP_THROUGHPUT:-}" ] && [ ! -f "$OUT/throughput.json" ]; then
+  echo "== throughput: every config timed in interleaved rounds ($(date +%T))"
+  python scripts/study_throughput.py --data "$DATA" --configs "$(echo $RUNS | tr ' ' ,)" \
+    --anchor "$ANCHOR" --out "$OUT/throughput.json"
+fi
+
+# 2. training and BLEU, rotated by seed, PARALLEL runs at a time
+train_and_evaluate() {  # CONFIG SEED
+  local run=$1 seed=$2 save=$OUT/$1/seed$2
+  mkdir -p "$save"
+  if [ ! -f "$save/.trained" ]; then
+    local user_dir=(--user-dir "$REPO/moe_fairseq")
+    [ "$run" = "$ANCHOR" ] && user_dir=()  # the anchor is plain fairseq: no plugin at all
+    local cfg
+    set -f; cfg=($(grep -v '^#' "configs/multi30k/$run.args")); set +f
+    echo "== $(date '+%F %T') threads=$THREADS parallel=$PARALLEL" >> "$save/train.log"
+    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS fairseq-train "$DATA" "${user_dir[@]}" "${cfg[@]}" \
+      --save-dir "$save" --cpu --num-workers 0 --seed "$seed" >> "$save/train.log" 2>&1
+    touch "$save/.trained"
   fi
-  if [ ! -f "$OUT/$run/eval/results.json" ]; then
-    echo "== $run: BLEU on test_2016_flickr ($(date +%T))"
-    moe-evaluate "$DATA" --path "$save/checkpoint_best.pt" --lang-pairs en-de,en-fr,en-cs \
-      --raw-dir "$DATA/raw" --split test --beam "$BEAM" --batch-size 200 --cpu --out "$save/eval"
+  if [ ! -f "$save/eval/results.json" ]; then
+    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS moe-evaluate --path "$save/checkpoint_last.pt" \
+      --lang-pairs en-de,en-fr,en-cs --raw-dir "$DATA/raw" --split test --beam "$BEAM" --batch-size 100 --cpu \
+      --out "$save/eval" "$DATA" > "$save/eval.log" 2>&1
   fi
+  python scripts/study_report.py record "$save" --config "$run" --seed "$seed" > /dev/null
+}
+
+failed=0
+for seed in $SEEDS; do
+  for run in $RUNS; do
+    if [ -f "$OUT/$run/seed$seed/record.json" ]; then
+      echo "== $run seed $seed: done, skipping"; continue
+    fi
+    while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n || failed=1; done
+    echo "== $run seed $seed: training and BLEU ($(date +%T))"
+    train_and_evaluate "$run" "$seed" &
+  done
 done
-logs=(); labels=()
-for run in $RUNS; do logs+=("$OUT/$run/train.log"); labels+=("$run"); done
-python scripts/plot_convergence.py "${logs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --out "$OUT/convergence.png" \
-  --title "Multi30k en->de,fr,cs, $MINUTES min per run on $(nproc) CPU cores"
-python scripts/plot_convergence.py "${logs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --x updates \
-  --out "$OUT/convergence_updates.png" --title "Multi30k en->de,fr,cs: validation loss per update"
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+[ "$failed" = 0 ] || { echo "run_study: a run failed (see its SAVE/train.log and SAVE/eval.log)" >&2; exit 1; }
+
+# 3. BLEU at equal wall-clock for configs slower than the anchor (their equal-time checkpoint)
+if [ -f "$OUT/throughput.json" ]; then
+  python scripts/study_report.py equal-time "$OUT" --data "$DATA" --beam "$BEAM" --threads "$(nproc)"
+fi
+
+# 4. SMoE-Dropout's BLEU against the evaluation k (seed 1)
+first_seed=${SEEDS%% *}
 if [[ " $RUNS " == *" smoe_dropout "* ]] && [ ! -f "$OUT/smoe_slimmable/slimmable.json" ]; then
-  python scripts/slimmable_eval.py "$OUT/smoe_dropout/checkpoint_best.pt" --data "$DATA" --raw-dir "$DATA/raw" \
-    --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 200 --cpu -- --max-len-a 1.2 --max-len-b 10
+  python scripts/slimmable_eval.py "$OUT/smoe_dropout/seed$first_seed/checkpoint_last.pt" --data "$DATA" \
+    --raw-dir "$DATA/raw" --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 100 --cpu
 fi
-# expert usage over training and per language, from the interval checkpoints; SMoE-Dropout at
-# k = 1 (at k = E every token uses every expert, so its usage is uniform by construction)
-for run in $RUNS; do
-  [ "$run" = dense ] && continue
-  k=(); [ "$run" = smoe_dropout ] && k=(--moe-eval-top-k 1)
-  python scripts/plot_expert_usage.py "$OUT/$run" --data "$DATA" --out-dir "$OUT/usage/$run" --cpu "${k[@]}"
-done
-if [[ " $RUNS " == *" moe_top2 "* ]]; then
-  # sacrebleu's paired bootstrap of every run against plain top-2 (test-set noise; one seed each)
-  dirs=(); for run in $RUNS; do dirs+=("$OUT/$run/eval"); done
-  python scripts/compare_runs.py "${dirs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --baseline moe_top2 \
-    --raw-dir "$DATA/raw" --split test --out "$OUT/significance"
-fi
-python - "$OUT" $RUNS <<'PY'
-import json, sys
-out, runs = sys.argv[1], sys.argv[2:]
-print("| run | en-de | en-fr | en-cs | mean |")
-print("|---|---|---|---|---|")
-for run in runs:
-    rows = {r["direction"]: r["bleu"] for r in json.load(open(f"{out}/{run}/eval/results.json"))}
-    vals = [rows[d] for d in ("en-de", "en-fr", "en-cs")]
-    print(f"| {run} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals) / 3:.2f} |")
-print()
-print("signature:", json.load(open(f"{out}/{runs[0]}/eval/results.json"))[0]["signature"])
-PY
+
+# 5. the report: study.json, tables, significance over seeds and test sentences, plots
+python scripts/study_report.py report "$OUT" --anchor "$ANCHOR" --raw-dir "$DATA/raw" --json "$STUDY_JSON" \
+  ${RESULTS_MD:+--results-md "$RESULTS_MD"}

@@ -14,9 +14,8 @@ random (SMoE-Dropout) and noisy_topk.
 Writes to --out: k{K}/ (moe-evaluate's generate output, results.md/json for that k),
 slimmable.json, slimmable.md (table: k x direction, with the mean) and slimmable_bleu.png.
 
-The training languages (the checkpoint's --langs, or its --lang-pairs' languages, sorted as
-fairseq infers them) are passed to fairseq-generate as --langs, so evaluating a subset of the
-directions keeps the dictionary's language tokens where training put them.  moe-evaluate finds
+moe-evaluate repeats the checkpoint's task flags (task, language tokens, --langs), so evaluating a
+subset of the directions keeps the dictionary's language tokens where training put them.  It finds
 references named {split}.{src}-{tgt}.{tgt}, {split}.{tgt}-{src}.{tgt} (the wmt10 recipe's layout)
 or {split}.{tgt}.
 """
@@ -31,29 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from moe_fairseq.evaluate import _as_list as as_list, _get, read_checkpoint_args  # noqa: E402
+
 SLIMMABLE_ROUTERS = ("random", "noisy_topk")
-
-
-def _get(ns, key, default=None):
-    return ns.get(key, default) if isinstance(ns, dict) else getattr(ns, key, default)
-
-
-def read_checkpoint_args(path):
-    """(model args, task args) saved in a fairseq checkpoint, loaded with torch.load's default
-    weights_only check (fairseq_patches allowlists what fairseq checkpoints hold)."""
-    import torch
-
-    from moe_fairseq import fairseq_patches
-
-    fairseq_patches.install()
-
-    state = torch.load(path, map_location="cpu")
-    cfg = state.get("cfg")
-    if cfg is not None and _get(cfg, "model") is not None:
-        return _get(cfg, "model"), _get(cfg, "task")
-    if state.get("args") is not None:
-        return state["args"], state["args"]
-    raise SystemExit(f"slimmable_eval: {path} holds neither cfg nor args")
 
 
 def default_ks(num_experts):
@@ -64,22 +43,6 @@ def default_ks(num_experts):
     if ks[-1] != num_experts:
         ks.append(num_experts)
     return ks
-
-
-def as_list(value):
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
-
-
-def training_langs_args(task_args):
-    """--langs / --lang-dict reproducing the training dictionary's language tokens."""
-    if _get(task_args, "lang_dict"):
-        return ["--lang-dict", _get(task_args, "lang_dict")]
-    langs = as_list(_get(task_args, "langs"))
-    if not langs:
-        langs = sorted({lang for pair in as_list(_get(task_args, "lang_pairs")) for lang in pair.split("-")})
-    return ["--langs", ",".join(langs)] if langs else []
 
 
 def markdown(ks, pairs, table, signature):
@@ -132,8 +95,6 @@ def main(argv=None):
     pairs = args.lang_pairs.split(",") if args.lang_pairs else as_list(_get(task_args, "lang_pairs"))
     if not pairs:
         p.error("--lang-pairs is required (the checkpoint does not name its directions)")
-    if not any(a in ("--langs", "--lang-dict") for a in extra):
-        extra = training_langs_args(task_args) + extra
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

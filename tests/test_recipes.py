@@ -22,6 +22,9 @@ SCRIPTS = REPO / "scripts"
 SETUPS = ("multi30k", "wmt10")
 EXPERIMENTS = ("dense", "moe_top1", "moe_top2", "moe_top2_gate_drop", "moe_top2_gate_expert_drop",
                "smoe_dropout", "noisy_topk")
+ANCHOR = "fairseq_dense"  # multi30k only: plain fairseq, no plugin (the study's external baseline)
+# the flags in which the anchor may differ from the plugin's configs: fairseq's own task, arch and criterion
+ANCHOR_OWN_FLAGS = {"--task", "--arch", "--criterion"}
 WMT10_LANGS = ("fr", "cs", "de", "fi", "lv", "et", "ro", "hi", "tr", "gu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +69,8 @@ def assert_png(path):
 
 @pytest.mark.parametrize("setup", SETUPS)
 def test_every_experiment_has_a_config(setup):
-    assert sorted(p.stem for p in (CONFIGS / setup).glob("*.args")) == sorted(EXPERIMENTS)
+    expected = EXPERIMENTS + ((ANCHOR,) if setup == "multi30k" else ())
+    assert sorted(p.stem for p in (CONFIGS / setup).glob("*.args")) == sorted(expected)
     assert (CONFIGS / "README.md").is_file()
 
 
@@ -103,6 +107,25 @@ def test_experiments_of_a_setup_differ_only_in_moe_and_ffn_flags(setup):
     reference = shared("moe_top2")
     for name in EXPERIMENTS:
         assert shared(name) == reference, f"{setup}/{name} differs from moe_top2 outside the MoE/FFN flags"
+    if setup == "multi30k":  # the anchor: the same data, dims and optimisation, fairseq's own code
+        anchor = config_flags(config_path(setup, ANCHOR))
+        assert anchor["--task"] == "translation_multi_simple_epoch" and anchor["--arch"] == "transformer"
+        assert anchor["--criterion"] == "label_smoothed_cross_entropy"
+        assert not any(k.startswith("--moe-") for k in anchor)
+        dense = config_flags(config_path(setup, "dense"))
+        for flags in (anchor, dense):
+            for k in ANCHOR_OWN_FLAGS:
+                flags.pop(k)
+        dense = {k: v for k, v in dense.items() if not k.startswith("--moe-")}
+        assert anchor == dense, "the plugin's dense twin must be the anchor's model and recipe"
+
+
+def active_ffn(flags, side, k):
+    """Hidden FFN units a token activates over one side's layers (k experts in MoE layers)."""
+    layers, ffn = int(flags[f"--{side}-layers"]), int(flags[f"--{side}-ffn-embed-dim"])
+    freq = int(flags.get("--moe-freq", 0)) if flags.get("--moe-expert-count", "0") != "0" else 0
+    expert = int(flags.get("--moe-expert-ffn-dim", ffn))
+    return sum(k * expert if freq and (i + 1) % freq == 0 else ffn for i in range(layers))
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -110,11 +133,12 @@ def test_dense_config_matches_top2_active_ffn_compute(setup):
     dense, top2 = config_flags(config_path(setup, "dense")), config_flags(config_path(setup, "moe_top2"))
     assert dense["--moe-freq"] == "0" and dense["--moe-expert-count"] == "0"
     for side in ("encoder", "decoder"):
-        layers = int(top2[f"--{side}-layers"])
-        freq, ffn = int(top2["--moe-freq"]), int(top2[f"--{side}-ffn-embed-dim"])
-        active = sum(2 * ffn if (i + 1) % freq == 0 else ffn for i in range(layers))  # top-2: 2 experts
-        dense_total = layers * int(dense[f"--{side}-ffn-embed-dim"])
+        active, dense_total = active_ffn(top2, side, 2), active_ffn(dense, side, 1)
         assert abs(dense_total - active) / active < 0.005, (setup, side, dense_total, active)
+    if setup == "multi30k":  # top-1 and noisy top-2 have the same active compute too
+        for name, k in (("moe_top1", 1), ("noisy_topk", 2)):
+            flags = config_flags(config_path(setup, name))
+            assert active_ffn(flags, "encoder", k) == active_ffn(dense, "encoder", 1), name
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -132,6 +156,10 @@ def test_moe_configs_use_the_methods_settings(setup):
     assert smoe["--moe-router"] == "random" and smoe["--moe-split-ffn"] is True
     assert (smoe["--moe-top-k-min"], smoe["--moe-top-k-max"], smoe["--moe-top-k-schedule"]) == ("1", "8", "linear")
     assert smoe["--moe-top-k-schedule-steps"] == smoe["--max-update"], "k must reach E at the end of the run"
+    if setup == "multi30k":  # the same expert count, expert placement and load balancing in the family
+        for name in ("moe_top2", "moe_top2_gate_drop", "moe_top2_gate_expert_drop"):
+            assert (flags[name]["--moe-freq"], flags[name]["--moe-expert-ffn-dim"]) == ("1", "512"), name
+            assert flags[name]["--moe-dropless"] is True and flags[name]["--moe-gate-loss-wt"] == "0.01", name
     assert flags["noisy_topk"]["--moe-router"] == "noisy_topk"
 
 
@@ -226,21 +254,24 @@ def corpus(tmp_path_factory):
 @slow
 def test_multi30k_configs_train_one_update(corpus, tmp_path):
     """Each multi30k config, exactly as the CLI reads it, plus overrides for the tiny corpus
-    (the last value wins): one update, then validation (with --eval-bleu).  One process runs
-    fairseq-train's main for all seven, so fairseq is imported once."""
+    (the last value wins): one update, then validation.  The anchor runs without --user-dir
+    (plain fairseq).  One process runs fairseq-train's main for all eight, so fairseq is
+    imported once (the plugin registers itself when the first plugin config loads it)."""
     overrides = ["--lang-pairs", "en-de,en-fr", "--max-update", "1", "--cpu", "--num-workers", "0",
                  "--no-save", "--max-tokens", "1000", "--log-format", "json", "--log-interval", "1"]
-    jobs = [[name, [str(corpus), "--user-dir", USER_DIR, *config_args(config_path("multi30k", name)), *overrides,
-                    "--save-dir", str(tmp_path / name)]] for name in EXPERIMENTS]
+    names = (ANCHOR,) + EXPERIMENTS  # the anchor first: fairseq without the plugin loaded
+    jobs = [[name, [str(corpus), *([] if name == ANCHOR else ["--user-dir", USER_DIR]),
+                    *config_args(config_path("multi30k", name)), *overrides,
+                    "--save-dir", str(tmp_path / name)]] for name in names]
     proc = run([sys.executable, "-c", TRAIN_DRIVER, json.dumps(jobs)], timeout=600)
     log = proc.stdout
-    for name in EXPERIMENTS:
+    for name in names:
         assert f"=== trained {name}" in log, f"{name} did not finish:\n{log[-3000:]}"
         part = log.split(f"=== begin {name}")[1].split(f"=== trained {name}")[0]
         assert '"train_num_updates": "1"' in part, f"{name}: not exactly one update\n{part[-2000:]}"
-        assert '"valid_bleu"' in part, f"{name}: validation BLEU missing"
+        assert '"valid_loss"' in part, f"{name}: no validation"
         experts = int(part.split("num. expert model params: ")[1].split()[0].replace(",", ""))
-        assert (experts == 0) == (name == "dense"), (name, experts)
+        assert (experts == 0) == (name in ("dense", ANCHOR)), (name, experts)
         if name == "noisy_topk":
             assert "moe_importance_loss" in part
 
@@ -367,8 +398,17 @@ def test_slimmable_eval_refuses_a_fixed_k_router(tmp_path):
 def test_slimmable_eval_default_ks_and_wmt10_reference_links(tmp_path):
     slim = load_script("slimmable_eval")
     assert slim.default_ks(4) == [1, 2, 4] and slim.default_ks(8) == [1, 2, 4, 8] and slim.default_ks(6) == [1, 2, 4, 6]
-    assert slim.training_langs_args(argparse_ns(lang_pairs=["en-fr", "en-de"], langs=None, lang_dict=None)) == \
-        ["--langs", "de,en,fr"]
+    from moe_fairseq.evaluate import training_task_args
+
+    # the plugin's task with language tokens on both sides; languages sorted as fairseq infers them
+    assert training_task_args(argparse_ns(task="translation_multi_moe", lang_pairs=["en-fr", "en-de"], langs=None,
+                                          lang_dict=None, encoder_langtok="src", decoder_langtok=True)) == \
+        ["--task", "translation_multi_moe", "--encoder-langtok", "src", "--decoder-langtok", "--langs", "de,en,fr"]
+    # a plain fairseq checkpoint (the study's anchor): its own task, the target token on the source side
+    assert training_task_args(argparse_ns(task="translation_multi_simple_epoch", lang_pairs="en-de,en-cs",
+                                          langs=None, lang_dict=None, encoder_langtok="tgt",
+                                          decoder_langtok=False)) == \
+        ["--task", "translation_multi_simple_epoch", "--encoder-langtok", "tgt", "--langs", "cs,de,en"]
     raw = tmp_path / "raw"  # the wmt10 recipe's layout: one file pair per language, named xx-en
     raw.mkdir()
     for name in ("test.fr-en.fr", "test.fr-en.en"):

@@ -1,0 +1,221 @@
+"""The Multi30k study's machinery (scripts/study_report.py, scripts/study_throughput.py,
+scripts/run_study.sh), on synthetic logs and hypotheses: no training.
+
+The statistics are checked against brute force: BLEU from the summed sufficient statistics
+equals sacrebleu's corpus_score, the bootstrap sees a real difference and no difference where
+there is none, the SMoE-Dropout schedule cost equals a per-update loop.
+"""
+import importlib.util
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+DIRECTIONS = ("en-de", "en-fr", "en-cs")
+WORDS = "a man in a blue shirt is riding a bike down the street while two dogs run next to him".split()
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"study_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = load("study_report")
+
+
+def sentence(rng, n=10):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def corrupt(rng, ref, rate):
+    return " ".join(w if rng.random() > rate else rng.choice(WORDS) for w in ref.split())
+
+
+@pytest.fixture(scope="module")
+def refs():
+    rng = random.Random(0)
+    return {pair: [sentence(rng) for _ in range(60)] for pair in DIRECTIONS}
+
+
+def write_generate(eval_dir, hyps):
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    for pair, lines in hyps.items():
+        # fairseq-generate order is not id order: the report aligns by id
+        order = list(range(len(lines)))[::-1]
+        text = "".join(f"S-{i}\tsrc\nH-{i}\t-0.5\t{lines[i]}\nD-{i}\t-0.5\t{lines[i]}\n" for i in order)
+        (eval_dir / f"generate.test.{pair}.txt").write_text(text)
+
+
+def train_log(updates, losses, wps=1000.0, wpb=3000.0):
+    lines = ["== 2026-11-27 10:00:00 threads=1 parallel=2"]
+    for i, (u, loss) in enumerate(zip(updates, losses)):
+        lines.append(f'2026-11-27 10:{i:02d}:00 | INFO | train_inner | {{"epoch": 1, "loss": "{loss + 0.5}", '
+                     f'"wps": "{wps}", "wpb": "{wpb}", "num_updates": "{u}", "wall": "{60.0 * (i + 1)}"}}')
+        lines.append(f'2026-11-27 10:{i:02d}:10 | INFO | valid | {{"epoch": 1, "valid_loss": "{loss}", '
+                     f'"valid_nll_loss": "{loss - 0.3}", "valid_num_updates": "{u}"}}')
+    return "\n".join(lines) + "\n"
+
+
+def make_run(out, config, seed, refs, rate, losses, raw_bleu=None):
+    """A finished run: train.log, eval/ (results.json + generate files) and its record."""
+    rng = random.Random(hash((config, seed)) % 1000)
+    save = out / config / f"seed{seed}"
+    hyps = {pair: [corrupt(rng, r, rate) for r in refs[pair]] for pair in DIRECTIONS}
+    write_generate(save / "eval", hyps)
+    import sacrebleu
+
+    rows = [{"direction": pair, "bleu": round(sacrebleu.corpus_bleu(hyps[pair], [refs[pair]]).score, 2),
+             "signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"} for pair in DIRECTIONS]
+    (save / "eval" / "results.json").write_text(json.dumps(rows))
+    (save / "train.log").write_text(train_log([50, 100], losses))
+    report.main(["record", str(save), "--config", config, "--seed", str(seed)])
+    return hyps
+
+
+@pytest.fixture()
+def raw_dir(tmp_path, refs):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for pair, lines in refs.items():
+        (raw / f"test.{pair.split('-')[1]}").write_text("\n".join(lines) + "\n")
+    return raw
+
+
+def test_bleu_from_summed_statistics_is_sacrebleus_corpus_bleu(tmp_path, refs, raw_dir):
+    import sacrebleu
+
+    hyps = make_run(tmp_path, "moe_top2", 1, refs, 0.3, [6.0, 5.0])
+    stats = report.sentence_stats(tmp_path / "moe_top2" / "seed1" / "eval", raw_dir)
+    assert stats.shape == (180, 10)
+    pooled_h = [h for p in DIRECTIONS for h in hyps[p]]
+    pooled_r = [r for p in DIRECTIONS for r in refs[p]]
+    assert report.corpus_bleu(stats.sum(0)) == pytest.approx(sacrebleu.corpus_bleu(pooled_h, [pooled_r]).score)
+
+
+def test_record_reads_the_log_and_the_bleu(tmp_path, refs):
+    make_run(tmp_path, "dense", 2, refs, 0.2, [6.5, 5.5])
+    rec = json.loads((tmp_path / "dense" / "seed2" / "record.json").read_text())
+    assert (rec["config"], rec["seed"], rec["updates"], rec["minutes"]) == ("dense", 2, 100, 2.0)
+    assert rec["wps"] == 1000.0 and (rec["threads"], rec["parallel"]) == (1, 2)
+    assert [p["updates"] for p in rec["valid"]] == [50, 100] and rec["valid"][-1]["loss"] == 5.5
+    assert set(rec["bleu"]) == set(DIRECTIONS) and rec["signature"].startswith("nrefs:1")
+
+
+def test_words_per_second_weights_each_interval_by_its_time(tmp_path):
+    """Two intervals of 25 updates at 1000 and 3000 words/s, 3000 words each: 150k words in 100 s."""
+    log = tmp_path / "train.log"
+    log.write_text('x | INFO | train_inner | {"wps": "1000", "wpb": "3000", "num_updates": "25", "wall": "75"}\n'
+                   'x | INFO | train_inner | {"wps": "3000", "wpb": "3000", "num_updates": "50", "wall": "100"}\n')
+    assert report.train_summary(log)["wps"] == 1500.0
+
+
+def test_bootstrap_finds_a_real_difference_and_not_a_fake_one():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+
+    def system(quality, seeds=3, n=300):
+        out = []
+        for s in range(seeds):
+            total = rng.integers(8, 15, size=(n, 1))
+            lens = total + np.arange(4)[None, :] * -1
+            correct = (lens * (quality + 0.02 * s + rng.normal(0, 0.05, size=(n, 4)))).clip(0).round().astype(int)
+            correct = np.minimum(correct, lens)
+            out.append(np.hstack([total, total, correct, lens]).astype(np.int64))
+        return out
+
+    base, better, same = system(0.5), system(0.62), system(0.5)
+    d, lo, hi, p = report.hierarchical_bootstrap(better, base, samples=300)
+    assert d > 3 and lo > 0 and p < 0.01
+    d, lo, hi, p = report.hierarchical_bootstrap(same, base, samples=300)
+    assert lo < 0 < hi and p > 0.05
+    # identical systems: zero difference, and a p-value of 1 (no resample says otherwise)
+    d, lo, hi, p = report.hierarchical_bootstrap(base, base, samples=100)
+    assert d == 0 and p == 1.0
+
+
+def test_equal_time_update_and_time_to_loss():
+    assert report.equal_time_update(1000, 0.87) == 850  # rounded down to the checkpoint grid
+    assert report.equal_time_update(1000, 0.999) == 950
+    assert report.equal_time_update(1000, 0.01) == 50
+    curve = [{"updates": 100, "loss": 8.0}, {"updates": 200, "loss": 6.0}, {"updates": 300, "loss": 5.0}]
+    # 7.0 is reached half-way between updates 100 and 200: 150 updates at 0.5 updates/s = 5 minutes
+    assert report.time_to_loss(curve, 7.0, 0.5) == pytest.approx(5.0)
+    assert report.time_to_loss(curve, 9.0, 1.0) == pytest.approx(100 / 60)
+    assert report.time_to_loss(curve, 4.0, 1.0) is None
+
+
+def test_report_writes_study_json_tables_and_plots(tmp_path, refs, raw_dir):
+    out = tmp_path / "study"
+    for seed in (1, 2, 3):
+        make_run(out, "fairseq_dense", seed, refs, 0.35, [6.0, 5.0 + 0.01 * seed])
+        make_run(out, "moe_top2", seed, refs, 0.15, [5.8, 4.8 + 0.01 * seed])
+    (out / "throughput.json").write_text(json.dumps({
+        "rounds": 3, "threads": 2, "configs": {"fairseq_dense": {"ups": 0.5, "wps": 1700, "ratio": 1.0},
+                                               "moe_top2": {"ups": 0.6, "wps": 2000, "ratio": 1.2}}}))
+    report.main(["equal-time", str(out), "--data", "unused"])  # faster than the anchor: its final checkpoint
+    results = tmp_path / "results.md"
+    results.write_text(f"# Study\n\nprose kept\n\n{report.BEGIN}\nold numbers\n{report.END}\n\nmore prose\n")
+    study_json = tmp_path / "study.json"
+    report.main(["report", str(out), "--raw-dir", str(raw_dir), "--json", str(study_json),
+                 "--results-md", str(results), "--samples", "200"])
+    study = json.loads(study_json.read_text())
+    assert study["signature"].startswith("nrefs:1") and study["anchor"] == "fairseq_dense"
+    assert len(study["runs"]) == 6
+    for run in study["runs"]:
+        assert {"config", "seed", "minutes", "updates", "wps", "bleu"} <= set(run)
+        assert set(run["bleu"]) == set(DIRECTIONS) and all(isinstance(v, float) for v in run["bleu"].values())
+        assert run["equal_time"]["updates"] == 100
+    [cmp] = [c for c in study["comparisons"] if c["kind"] == "equal_updates"]
+    assert (cmp["config"], cmp["baseline"]) == ("moe_top2", "fairseq_dense") and cmp["delta"] > 5 and cmp["p"] < 0.05
+    text = results.read_text()
+    assert "prose kept" in text and "more prose" in text and "old numbers" not in text
+    assert "| moe_top2 − fairseq_dense |" in text and "| fairseq_dense | 3 | 100 |" in text
+    for png in ("study_convergence_updates.png", "study_convergence_time.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_refuses_a_results_file_without_the_generated_section(tmp_path, refs, raw_dir):
+    out = tmp_path / "study"
+    make_run(out, "fairseq_dense", 1, refs, 0.3, [6.0, 5.0])
+    md = tmp_path / "results.md"
+    md.write_text("# no markers\n")
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    with pytest.raises(MoEUsageError, match="no generated section"):
+        report.main(["report", str(out), "--raw-dir", str(raw_dir), "--json", str(tmp_path / "s.json"),
+                     "--results-md", str(md), "--samples", "100"])
+    assert md.read_text() == "# no markers\n"
+
+
+def test_smoe_schedule_cost_is_the_mean_over_its_updates():
+    tp = load("study_throughput")
+    args = tp.config_args("smoe_dropout")
+    steps, total = int(tp.flag(args, "--moe-top-k-schedule-steps")), int(tp.flag(args, "--max-update"))
+    per_k = {1: 1.0, 2: 1.2, 4: 1.6, 8: 2.4}  # linear in k: the interpolation is exact
+    from moe_fairseq.moe.k_schedule import KSchedule
+
+    sched = KSchedule(1, 8, steps, "linear")
+    brute = sum(1.0 + 0.2 * (sched(t) - 1) for t in range(total)) / total
+    assert tp.schedule_cost("smoe_dropout", per_k) == pytest.approx(brute)
+    assert [label for label, _ in tp.variants("smoe_dropout")] == [f"smoe_dropout@k{k}" for k in (1, 2, 4, 8)]
+    assert tp.variants("moe_top2") == [("moe_top2", [])]
+    assert tp.flag(["--a", "1", "--a", "2"], "--a") == "2"  # the last value wins, as in argparse
+
+
+def test_run_study_refuses_missing_data_and_unknown_configs(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "DATA": str(tmp_path / "none"), "OUT": str(tmp_path / "o")})
+    assert proc.returncode == 2 and "no Multi30k data-bin" in proc.stderr
+    data = tmp_path / "bin"
+    data.mkdir()
+    (data / "train.en-de.en.idx").write_text("")
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "DATA": str(data), "OUT": str(tmp_path / "o"), "RUNS": "nope"})
+    assert proc.returncode == 2 and "configs/multi30k/nope.args" in proc.stderr
