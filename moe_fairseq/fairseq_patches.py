@@ -96,7 +96,8 @@ def install():
                      load_checkpoint_to_cpu=checkpoint_utils.load_checkpoint_to_cpu,
                      trainer_load_checkpoint=Trainer.load_checkpoint)
     distributed_utils.infer_init_method = infer_init_method
-    distributed_fairseq_model.DistributedDataParallel = _cpu_ddp_class(distributed_fairseq_model.DistributedDataParallel)
+    base_ddp = distributed_fairseq_model.DistributedDataParallel
+    distributed_fairseq_model.DistributedDataParallel = _cpu_ddp_class(base_ddp)
     FairseqOptimizer.all_reduce_grads = all_reduce_grads
     checkpoint_utils.save_checkpoint = save_checkpoint
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

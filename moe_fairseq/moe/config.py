@@ -57,7 +57,8 @@ class MoEConfig:
     top_k: int = option(2, "--moe-top-k", "experts per token for noisy_topk", metavar="K")
     capacity_factor: Optional[float] = option(  # None: the router's default
         None, "--moe-capacity-factor",
-        "training capacity factor: C = k * ceil(cf * S / E) (default 1.0 for top1/top2, dropless for noisy_topk/random)")
+        "training capacity factor: C = k * ceil(cf * S / E) (default 1.0 for top1/top2, "
+        "dropless for noisy_topk/random)")
     eval_capacity_factor: Optional[float] = option(
         None, "--moe-eval-capacity-factor", "capacity factor in evaluation (default 2.0)")
     dropless: bool = option(False, "--moe-dropless", "no capacity limit: never drop a token")
@@ -87,7 +88,8 @@ class MoEConfig:
     top_k_min: int = option(1, "--moe-top-k-min", "random router: k at update 0 (1)")
     top_k_max: Optional[int] = option(  # None: all experts
         None, "--moe-top-k-max", "random router: final k (default: all experts)")
-    top_k_schedule: str = option("linear", "--moe-top-k-schedule", "random router: k schedule (linear)", choices=SCHEDULES)
+    top_k_schedule: str = option(
+        "linear", "--moe-top-k-schedule", "random router: k schedule (linear)", choices=SCHEDULES)
     top_k_schedule_steps: int = option(
         1000, "--moe-top-k-schedule-steps", "random router: updates to reach k_max (1000)")
     eval_top_k: Optional[int] = option(
