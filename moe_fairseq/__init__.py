@@ -1,22 +1,9 @@
 """moe-fairseq: Mixture-of-Experts layers, routers and regularisers for fairseq translation.
 
-`fairseq-train --user-dir moe_fairseq` imports this package, which registers the models,
-criterion and task with fairseq.  The layer library in `moe_fairseq.moe` needs only torch.
+Importing this package, or its layer library `moe_fairseq.moe` (torch only), imports no fairseq
+and changes nothing.  fairseq is joined in one place, `moe_fairseq.plugin`: importing it
+installs the fairseq patches (fairseq_patches.py) and registers the model, criterion and task.
+`fairseq-train --user-dir moe_fairseq` does that for you: fairseq imports the tasks/ and models/
+of a user directory, and they import the plugin.  A program that uses fairseq without
+--user-dir imports `moe_fairseq.plugin` itself.  See docs/ARCHITECTURE.md.
 """
-try:
-    import fairseq  # noqa: F401
-except ImportError:  # the layer library stays usable without fairseq
-    fairseq = None
-
-if fairseq is not None:
-    from . import compat  # noqa: F401  (torch.load allowlist and CPU torchrun fix; before anything loads)
-    from .cli_errors import install_excepthook
-
-    install_excepthook()
-    from .checkpoint import fairseq_hooks
-
-    fairseq_hooks.install()
-    from .distributed import expert_parallel_training
-
-    expert_parallel_training.install()
-    from . import criterions, models, tasks  # noqa: F401

@@ -85,10 +85,12 @@ def _as_list(value):
 
 def read_checkpoint_args(path):
     """(model args, task args) saved in a fairseq checkpoint, loaded with torch.load's default
-    weights_only check (moe_fairseq allowlists what fairseq checkpoints hold)."""
+    weights_only check (fairseq_patches allowlists what fairseq checkpoints hold)."""
     import torch
 
-    from . import compat  # noqa: F401  (registers the weights_only allowlist)
+    from . import fairseq_patches
+
+    fairseq_patches.install()
 
     state = torch.load(path, map_location="cpu")
     cfg = state.get("cfg")

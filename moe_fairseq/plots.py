@@ -1,8 +1,8 @@
 """Parsing of fairseq training logs and the PNG figures of the experiment scripts.
 
 Used by scripts/plot_convergence.py, scripts/plot_expert_usage.py and scripts/slimmable_eval.py.
-Needs matplotlib (Agg backend, no display) and numpy, not fairseq: the module imports nothing
-from the package, so it can be loaded from its file alone (plot_convergence.py does).
+Needs matplotlib (Agg backend, no display) and numpy, not fairseq (importing moe_fairseq
+imports no fairseq, see docs/ARCHITECTURE.md).
 
 Log formats understood (what `fairseq-train` writes to stdout, e.g. SAVE_DIR/train.log of
 scripts/train.sh), with or without fairseq_cli's "2024-01-01 12:00:00 | INFO | " prefix:

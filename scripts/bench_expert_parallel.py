@@ -24,15 +24,10 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-if "moe_fairseq" not in sys.modules:  # the layer library only: skip the fairseq glue
-    _stub = types.ModuleType("moe_fairseq")
-    _stub.__path__ = [os.path.join(ROOT, "moe_fairseq")]
-    sys.modules["moe_fairseq"] = _stub
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

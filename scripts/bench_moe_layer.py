@@ -54,22 +54,7 @@ import torch.nn as nn  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-
-def _import_layer_library():
-    """Import moe_fairseq.moe (torch only) without running the package's fairseq plugin
-    registration: a bare package stub stands in for moe_fairseq/__init__.py."""
-    import importlib
-    import types
-
-    if "moe_fairseq" not in sys.modules:
-        pkg = types.ModuleType("moe_fairseq")
-        pkg.__path__ = [os.path.join(ROOT, "moe_fairseq")]
-        sys.modules["moe_fairseq"] = pkg
-    return importlib.import_module("moe_fairseq.moe")
-
-
-_moe = _import_layer_library()
-MoEConfig, build_moe_layer = _moe.MoEConfig, _moe.build_moe_layer
+from moe_fairseq.moe import MoEConfig, build_moe_layer  # noqa: E402  (torch only: no fairseq)
 
 
 # --------------------------------------------------------------------------- implementations

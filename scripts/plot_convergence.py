@@ -11,21 +11,13 @@ lines' timestamps (see moe_fairseq/plots.py).  A run is labelled by its log's di
 unless --labels is given.  Also writes the parsed points next to the PNG (.json).
 """
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_plots():
-    # plots.py needs no fairseq: load it from its file, not through the package (whose
-    # __init__ imports fairseq and registers the models: seconds of start-up for nothing).
-    spec = importlib.util.spec_from_file_location("moe_fairseq_plots", REPO / "moe_fairseq" / "plots.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def run_label(path: Path, used) -> str:
@@ -48,7 +40,8 @@ def main(argv=None):
     p.add_argument("--title")
     args = p.parse_args(argv)
 
-    plots = load_plots()
+    from moe_fairseq import plots
+
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.logs):
         p.error(f"--labels has {len(labels)} names for {len(args.logs)} logs")

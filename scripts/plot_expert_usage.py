@@ -153,9 +153,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     for name in ("fairseq", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose and name == "fairseq" else logging.WARNING)
-    from fairseq import checkpoint_utils, utils
+    from fairseq import checkpoint_utils
 
-    utils.import_user_module(argparse.Namespace(user_dir=str(REPO / "moe_fairseq")))
+    import moe_fairseq.plugin  # noqa: F401  (model, task and checkpoint hooks: what --user-dir would load)
     from moe_fairseq.models.transformer_moe import apply_eval_overrides
     from moe_fairseq import plots
 

@@ -95,7 +95,9 @@ def slim_interval_checkpoints(save: Path) -> int:
     through a temporary file and os.replace, so a crash leaves the old file."""
     import torch
 
-    from moe_fairseq import compat  # noqa: F401  (weights_only allowlist for fairseq checkpoints)
+    from moe_fairseq import fairseq_patches
+
+    fairseq_patches.install()  # the weights_only allowlist for fairseq checkpoints
 
     done = 0
     for path in sorted(save.glob("checkpoint_*_*.pt")):

@@ -2,6 +2,7 @@
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,14 @@ def cli(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{name} is not installed beside {sys.executable}")
     return str(path)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a process group's rendezvous (torchrun
+    --master_port, init_process_group's tcp:// address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(cmd, check=True, timeout=600, env=None):

@@ -8,17 +8,10 @@ rank fails the spawning test with the traceback.
 """
 import os
 import sys
-import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-if "moe_fairseq" not in sys.modules:
-    # Import the layer library without the fairseq glue of the top-level package (slow to
-    # import, and not needed here).
-    _stub = types.ModuleType("moe_fairseq")
-    _stub.__path__ = [os.path.join(ROOT, "moe_fairseq")]
-    sys.modules["moe_fairseq"] = _stub
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

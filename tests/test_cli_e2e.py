@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-import moe_fairseq  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
+import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
 
 from cli_helpers import generate_cmd, hypotheses, last_value, make_tiny_corpus, run, train_cmd
 

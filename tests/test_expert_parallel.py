@@ -4,7 +4,6 @@ Each test starts W processes (tests/ep_worker.py, forked where possible) that ru
 group; every comparison happens inside the workers (tolerance 1e-5, float32).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -12,17 +11,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ep_worker
+from cli_helpers import free_port
 from moe_fairseq.moe.all_to_all import A2AStats
 from moe_fairseq.moe.expert_parallel import GRAD_DIVISORS, expert_destination, expert_sharding
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # fork skips re-importing torch in every worker (seconds each on a loaded 2-core machine); the

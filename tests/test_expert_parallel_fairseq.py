@@ -8,7 +8,6 @@ resharding 2 -> 1 and 1 -> 2 continues training with the optimizer state.
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,12 @@ import time
 import pytest
 import torch
 
-import moe_fairseq  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
+import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
 
-from cli_helpers import BIN, USER_DIR, cli, generate_cmd, hypotheses, last_value, make_tiny_corpus, run, train_cmd
+from cli_helpers import (BIN, USER_DIR, cli, free_port, generate_cmd, hypotheses, last_value, make_tiny_corpus, run,
+                         train_cmd)
 
 MOE = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-gating-dropout", "0.3", "--dropout", "0.0"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(cmd, nproc=2):
@@ -138,7 +132,7 @@ def test_consolidated_checkpoint_generates_like_the_sharded_one(data, sharded_ru
 
 EP_FORWARD = r'''
 import sys, torch, torch.distributed as dist
-import moe_fairseq  # registers the plugin and its checkpoint hooks
+import moe_fairseq.plugin  # registers the plugin and its checkpoint hooks
 from fairseq import checkpoint_utils
 ckpt, data, out = sys.argv[1:4]
 if len(sys.argv) > 4:

@@ -348,12 +348,12 @@ def test_build_from_config_runs(router):
     assert layer.aux.stats is not None
 
 
-def test_build_split_dense_hidden_size():
+def test_build_split_hidden_dim_hidden_size():
     cfg = MoEConfig(num_experts=4, router="random")
-    layer = build_moe_layer(cfg, 6, 16, split_dense=True)
+    layer = build_moe_layer(cfg, 6, 16, split_hidden_dim=True)
     assert layer.experts.hidden_dim == 4
     with pytest.raises(ValueError, match="--moe-split-ffn"):
-        build_moe_layer(cfg, 6, 18, split_dense=True)
+        build_moe_layer(cfg, 6, 18, split_hidden_dim=True)
 
 
 def test_dropless_config_and_default_capacities():

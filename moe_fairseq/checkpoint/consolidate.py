@@ -12,8 +12,10 @@ import sys
 
 import torch
 
+from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
-from .sharded import POINTER, atomic_save, resolve_experts
+from .format import is_expert_key
+from .sharded import atomic_save, resolve_experts
 
 
 def consolidate(src: str, dst: str, keep_optimizer: bool = True) -> dict:
@@ -22,8 +24,7 @@ def consolidate(src: str, dst: str, keep_optimizer: bool = True) -> dict:
     state = torch.load(src, map_location="cpu")
     if not isinstance(state, dict) or "model" not in state:
         raise MoEUsageError(f"{src} is not a fairseq checkpoint")
-    state = resolve_experts(state, src, rank=0, world_size=1)
-    state.pop(POINTER, None)
+    state = resolve_experts(state, src, rank=0, world_size=1)  # drops the pointer
     if not keep_optimizer:
         state["last_optimizer_state"] = None
     atomic_save(state, dst)
@@ -36,13 +37,13 @@ def cli_main(argv=None):
     p.add_argument("output", help="path of the consolidated checkpoint to write")
     p.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state (smaller file)")
     args = p.parse_args(argv)
-    import moe_fairseq  # noqa: F401  (checkpoint type allowlist)
+    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
 
     try:
         state = consolidate(args.checkpoint, args.output, keep_optimizer=not args.no_optimizer)
     except MoEUsageError as e:
         sys.exit(f"moe-consolidate: error: {e}")
-    experts = sum(1 for k in state["model"] if ".moe.experts." in k)
+    experts = sum(1 for k in state["model"] if is_expert_key(k))
     print(f"wrote {args.output} ({experts} expert tensors, optimizer state "
           f"{'kept' if state.get('last_optimizer_state') else 'dropped'})")
 

@@ -14,11 +14,11 @@ import sys
 
 import torch
 
+from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
-from .sharded import POINTER, atomic_save, num_experts_of, resolve_experts, shard_filename, slice_shard, split_experts
-
-SHARD_ROOT = "moe_shards"
+from .format import param_names_of, point_to_shards, read_pointer, shard_meta, shard_path
+from .sharded import atomic_save, num_experts_of, resolve_experts, slice_shard, split_experts
 
 
 def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_last.pt"):
@@ -30,7 +30,7 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
         expert_sharding(num_experts, world_size)
     except ValueError as e:
         raise MoEUsageError(str(e)) from None
-    names = (state.get(POINTER) or {}).get("param_names") or state.get("moe_param_names")
+    names = param_names_of(state, read_pointer(state, src))
     if names is None:
         raise MoEUsageError(f"{src} lacks parameter names (not written by moe_fairseq); cannot reshard optimizer state")
     state = resolve_experts(state, src, rank=0, world_size=1)  # every expert in one state
@@ -39,8 +39,8 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
     tag = f"resharded-u{updates}-w{world_size}"
     for rank in range(world_size):
         shard = slice_shard(full, num_experts, rank, world_size)
-        shard["meta"] = {"rank": rank, "world_size": world_size, "tag": tag, "num_updates": updates}
-        atomic_save(shard, os.path.join(out_dir, SHARD_ROOT, tag, shard_filename(rank, world_size)))
+        shard["meta"] = shard_meta(rank, world_size, tag, updates)
+        atomic_save(shard, shard_path(out_dir, tag, rank, world_size))
     old_world = (state.get("cfg") or {}).get("distributed_training", {}).get("distributed_world_size")
     itr = (state.get("extra_state") or {}).get("train_iterator")
     if itr and itr.get("iterations_in_epoch") and old_world != world_size:
@@ -50,9 +50,7 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
         print(f"note: the run stopped inside epoch {itr['epoch']}; continuing at the start of epoch "
               f"{itr['epoch'] + 1} on {world_size} ranks")
         itr.update(epoch=itr["epoch"] + 1, iterations_in_epoch=0)
-    state[POINTER] = {"dir": os.path.join(SHARD_ROOT, tag), "tag": tag, "world_size": world_size,
-                      "param_names": names, "version": 1}
-    state["moe_param_names"] = names
+    point_to_shards(state, tag, world_size, names)
     atomic_save(state, os.path.join(out_dir, name))  # written last: it makes the set visible
     return os.path.join(out_dir, name)
 
@@ -64,7 +62,7 @@ def cli_main(argv=None):
     p.add_argument("--world-size", type=int, required=True, help="ranks of the run that will continue")
     p.add_argument("--name", default="checkpoint_last.pt", help="file name in out_dir (checkpoint_last.pt)")
     args = p.parse_args(argv)
-    import moe_fairseq  # noqa: F401
+    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
 
     try:
         path = reshard(args.checkpoint, args.out_dir, args.world_size, args.name)

@@ -1,42 +1,26 @@
 """Expert-sharded checkpoints: split a training state into shared + per-rank expert parts, and
 merge them back for any world size.
 
-Layout written by a training run on W ranks (see fairseq_hooks.py for when):
-
-    save_dir/checkpoint_last.pt                 fairseq's file: shared parameters + their
-                                                optimizer state + a pointer "moe_shards"
-    save_dir/moe_shards/e3-u1200/rank-0-of-2.pt experts held by rank 0 + their optimizer state
-    save_dir/moe_shards/e3-u1200/rank-1-of-2.pt
-
-The shard directory is named after (epoch, update) and is complete before the fairseq file that
-points to it is written (atomically), so a crash at any moment leaves every checkpoint file
-pointing at a complete set of shards: never a mix of old and new.
+The layout (names, pointer, version) is defined in format.py; the save hook that writes it
+during training is in fairseq_patches.py.  The shard directory is named after (epoch, update)
+and is complete before the fairseq file that points to it is written (atomically), so a crash
+at any moment leaves every checkpoint file pointing at a complete set of shards: never a mix
+of old and new.
 
 Expert tensors are stacked per MoE layer with the expert as dimension 0 ([L, ...] on a rank,
 [E, ...] in a single-process model), and so are their Adam moments; merging concatenates
 along dimension 0, sharding slices it (see moe.expert_parallel.expert_sharding).
 """
+import glob
 import os
-import re
+import shutil
 from typing import Dict, List, Optional
 
 import torch
 
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
-
-# fairseq parameter names of expert weights: ...fc1.moe.experts.{w1,b1,w2,b2}
-EXPERT_KEY = re.compile(r"(^|\.)moe\.experts\.(w1|b1|w2|b2)$")
-POINTER = "moe_shards"
-FORMAT_VERSION = 1
-
-
-def is_expert_key(name: str) -> bool:
-    return EXPERT_KEY.search(name) is not None
-
-
-def shard_filename(rank: int, world_size: int) -> str:
-    return f"rank-{rank}-of-{world_size}.pt"
+from .format import POINTER, SHARD_ROOT, is_expert_key, param_names_of, read_pointer, shard_paths
 
 
 def atomic_save(obj, path: str):
@@ -144,18 +128,12 @@ def read_shard(path: str, expect_world: int, expect_rank: int, expect_tag: str) 
         shard = torch.load(path, map_location="cpu")
     except Exception as e:  # truncated or corrupt file
         raise MoEUsageError(f"checkpoint shard {path} cannot be read ({type(e).__name__}: {e})") from None
-    meta = shard.get("meta", {})
+    meta = shard.get("meta", {})  # see format.shard_meta
     if (meta.get("rank"), meta.get("world_size"), meta.get("tag")) != (expect_rank, expect_world, expect_tag):
         raise MoEUsageError(f"checkpoint shard {path} does not match its checkpoint: it holds rank "
                             f"{meta.get('rank')} of {meta.get('world_size')} from save {meta.get('tag')}, "
                             f"expected rank {expect_rank} of {expect_world} from save {expect_tag}")
     return shard
-
-
-def shard_paths(checkpoint_path: str, pointer: dict) -> List[str]:
-    base = os.path.dirname(os.path.abspath(checkpoint_path))
-    return [os.path.join(base, pointer["dir"], shard_filename(r, pointer["world_size"]))
-            for r in range(pointer["world_size"])]
 
 
 def num_experts_of(state: dict) -> int:
@@ -170,9 +148,10 @@ def num_experts_of(state: dict) -> int:
 def resolve_experts(state: dict, checkpoint_path: str, rank: int, world_size: int) -> dict:
     """Make `state` hold exactly the experts of `rank` in a job of `world_size` ranks, whatever
     world size wrote it (a sharded checkpoint of any W, or a consolidated single file)."""
-    pointer = state.pop(POINTER, None)
+    pointer = read_pointer(state, checkpoint_path)
+    state.pop(POINTER, None)
     num_experts = num_experts_of(state)
-    param_names = pointer["param_names"] if pointer else state.get("moe_param_names")
+    param_names = param_names_of(state, pointer)
     if pointer is not None:
         paths = shard_paths(checkpoint_path, pointer)
         if pointer["world_size"] == world_size:
@@ -194,3 +173,28 @@ def resolve_experts(state: dict, checkpoint_path: str, rank: int, world_size: in
     else:
         insert_experts(state, slice_shard(full, num_experts, rank, world_size), param_names)
     return state
+
+
+def _referenced_tags(save_dir: str):
+    """Tags of the shard sets the checkpoint files in save_dir point to (None: unknown)."""
+    tags = set()
+    for path in glob.glob(os.path.join(save_dir, "checkpoint*.pt")):
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True)
+        except Exception:  # a file being written by someone else, or not ours: keep everything
+            return None
+        pointer = state.get(POINTER) if isinstance(state, dict) else None
+        if pointer:
+            tags.add(os.path.basename(pointer["dir"]))
+    return tags
+
+
+def remove_unreferenced_shards(save_dir: str, keep_tag: str):
+    """Delete the shard sets under save_dir that no checkpoint file points to any more."""
+    root = os.path.join(save_dir, SHARD_ROOT)
+    tags = _referenced_tags(save_dir)
+    if tags is None or not os.path.isdir(root):
+        return
+    for tag in os.listdir(root):
+        if tag != keep_tag and tag not in tags:
+            shutil.rmtree(os.path.join(root, tag), ignore_errors=True)

@@ -2,21 +2,16 @@
 
 With W > 1 ranks every MoE layer shards its experts (moe.expert_parallel).  fairseq's
 data-parallel machinery would then average expert weights that are *different* on every rank;
-this module keeps them out of it and reduces them the right way:
+the task keeps them out of it here, and fairseq_patches.py (patch 4) reduces their gradients
+the right way:
 
 - pytorch_ddp / c10d: the expert parameters are put on DDP's ignore list (so they are neither
   broadcast from rank 0 at start nor averaged after backward);
 - legacy_ddp / no_c10d: fairseq already skips parameters marked `expert`;
-- after backward (once per update, where fairseq all-reduces), expert gradients are summed over
-  the replicas of the same expert (E < W; fairseq issue #4220) and divided by W, the scale
-  fairseq's trainer expects (see moe.expert_parallel.all_reduce_expert_grads);
 - any other backend (fully_sharded, slowmo) is refused with a one-line error.
 """
-from fairseq.optim.fairseq_optimizer import FairseqOptimizer
-
-from ..checkpoint.fairseq_hooks import expert_parallel_comm
+from ..moe.collect import expert_parallel_comm
 from ..moe.errors import MoEUsageError
-from ..moe.expert_parallel import all_reduce_expert_grads
 
 SUPPORTED_DDP_BACKENDS = ("pytorch_ddp", "c10d", "legacy_ddp", "no_c10d")
 
@@ -31,17 +26,3 @@ def prepare_expert_parallel(model, args):
                             f"{', '.join(SUPPORTED_DDP_BACKENDS)}")
     # torch's DistributedDataParallel reads this attribute of the wrapped module.
     model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if getattr(p, "expert", False)]
-
-
-_original_all_reduce_grads = FairseqOptimizer.all_reduce_grads
-
-
-def all_reduce_grads(self, module):
-    _original_all_reduce_grads(self, module)
-    comm = expert_parallel_comm(module)
-    if comm is not None:
-        all_reduce_expert_grads(module, comm)
-
-
-def install():
-    FairseqOptimizer.all_reduce_grads = all_reduce_grads

@@ -1,98 +1,122 @@
-"""Command-line flags of the MoE model, and their translation into the layer library's MoEConfig.
+"""Command-line flags of the MoE model, and their translation into the layer library's MoEConfig,
+all generated from dataclass fields (moe.config.option): MoEConfig's for the options of a MoE
+layer, MoEModelOptions' below for where the layers go.  Nothing here names a single option
+except the aliases table.
 
 Flag names follow fairseq's `moe`/`nllb` branches where the concept is the same
 (--moe-expert-count, --moe-freq, --moe-second-expert-policy, --moe-gate-loss-wt, ...), so their
 users find what they know.
 """
-from ..moe.config import MoEConfig
-from ..moe.gating_dropout import MODES as GATING_DROPOUT_MODES
-from ..moe.k_schedule import SCHEDULES
-from ..moe.routers import ROUTERS, SECOND_EXPERT_POLICIES
+import typing
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
+
+from ..moe.config import MoEConfig, option
 from ..moe.errors import MoEUsageError
 
 
+@dataclass
+class MoEModelOptions:
+    """Flags of the transformer_moe model that are not options of a MoE layer."""
+
+    moe_freq: int = option(
+        0, "--moe-freq", "every N-th FFN (layers i with (i+1) %% N == 0) of encoder and decoder is MoE; 0 = none",
+        metavar="N")
+    encoder_moe_freq: Optional[int] = option(
+        None, "--encoder-moe-freq", "as --moe-freq, encoder only (overrides it)", metavar="N")
+    decoder_moe_freq: Optional[int] = option(
+        None, "--decoder-moe-freq", "as --moe-freq, decoder only (overrides it)", metavar="N")
+    moe_gating_use_fp32: bool = option(
+        True, "--moe-gating-use-fp32", "accepted for fairseq compatibility: routers always compute in fp32")
+    moe_expert_ffn_dim: Optional[int] = option(
+        None, "--moe-expert-ffn-dim", "hidden size of each expert (default: the FFN dim)")
+    moe_split_ffn: bool = option(
+        False, "--moe-split-ffn", "experts of hidden size FFN/E: the parameters of one dense FFN (SMoE-Dropout)")
+
+
+class Alias(NamedTuple):
+    field: str  # the MoEConfig field it sets
+    value: object  # a switch's value (the flag takes no argument), or None: the flag carries one
+    help: str
+    metavar: Optional[str] = None
+
+
+# Other fairseq branches' spellings of our options.  A switch wins over the field's own flag (as
+# --moe-top1-expert always meant top1); an alias carrying a value is used when the field's own
+# flag is not given.
+ALIASES = {
+    "--moe-top1-expert": Alias("router", "top1", "fairseq moe-branch spelling of --moe-router top1"),
+    "--moe-local-drop": Alias("gating_dropout", None, "fairseq nllb-branch spelling of --moe-gating-dropout with "
+                                                      "gate_drop", "P"),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _argparse_type(annotation):
+    """int for int and Optional[int], ...; None for str (argparse's default) and bool (a switch)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    return None if base in (str, bool) else base
+
+
+def _flag_fields(scope: str):
+    for f in fields(MoEConfig) + fields(MoEModelOptions):
+        if f.metadata["flag"] is not None and f.metadata["scope"] == scope:
+            yield f
+
+
+def add_flags(group, scope: str = "model"):
+    """Add the flags of `scope` ("model" or "task", see moe.config.option) to an argparse group."""
+    for f in _flag_fields(scope):
+        meta = f.metadata
+        kwargs = dict(help=meta["help"])
+        if f.type is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update((k, v) for k, v in (("type", _argparse_type(f.type)), ("choices", meta["choices"]),
+                                              ("metavar", meta["metavar"])) if v is not None)
+        group.add_argument(meta["flag"], **kwargs)
+        for flag, alias in ALIASES.items():
+            if alias.field == f.name:
+                if alias.value is not None:
+                    group.add_argument(flag, action="store_true", help=alias.help)
+                else:
+                    group.add_argument(flag, type=kwargs.get("type"), metavar=alias.metavar, help=alias.help)
+
+
 def add_moe_args(parser):
-    g = parser.add_argument_group("Mixture of Experts")
-    g.add_argument("--moe-expert-count", type=int, metavar="E",
-                   help="experts per MoE layer (in total, over all ranks); 0 = dense transformer")
-    g.add_argument("--moe-freq", type=int, metavar="N",
-                   help="every N-th FFN (layers i with (i+1) %% N == 0) of encoder and decoder is MoE; 0 = none")
-    g.add_argument("--encoder-moe-freq", type=int, metavar="N", help="as --moe-freq, encoder only (overrides it)")
-    g.add_argument("--decoder-moe-freq", type=int, metavar="N", help="as --moe-freq, decoder only (overrides it)")
-    g.add_argument("--moe-router", choices=ROUTERS,
-                   help="top1 (Switch), top2 (GShard), noisy_topk (Shazeer 2017), random (SMoE-Dropout, frozen)")
-    g.add_argument("--moe-top1-expert", action="store_true",
-                   help="fairseq moe-branch spelling of --moe-router top1")
-    g.add_argument("--moe-top-k", type=int, metavar="K", help="experts per token for noisy_topk")
-    g.add_argument("--moe-capacity-factor", type=float,
-                   help="training capacity factor: C = k * ceil(cf * S / E) (default 1.0 for top1/top2, "
-                        "dropless for noisy_topk/random)")
-    g.add_argument("--moe-eval-capacity-factor", type=float, help="capacity factor in evaluation (default 2.0)")
-    g.add_argument("--moe-dropless", action="store_true", help="no capacity limit: never drop a token")
-    g.add_argument("--moe-second-expert-policy", choices=SECOND_EXPERT_POLICIES, help="top2's second expert")
-    g.add_argument("--moe-normalize-gate-prob-before-dropping", action="store_true",
-                   help="top2: renormalise the two gates before capacity dropping (default: after)")
-    g.add_argument("--moe-gating-use-fp32", action="store_true",
-                   help="accepted for fairseq compatibility: routers always compute in fp32")
-    g.add_argument("--moe-gate-loss-wt", type=float, help="weight of the Switch/GShard balance loss (0.01)")
-    g.add_argument("--moe-z-loss-wt", type=float, help="weight of the router z-loss (0 = off)")
-    g.add_argument("--moe-importance-loss-wt", type=float, help="noisy_topk importance loss weight (0.01)")
-    g.add_argument("--moe-load-loss-wt", type=float, help="noisy_topk load loss weight (0.01)")
-    g.add_argument("--moe-jitter-eps", type=float, help="multiplicative router-input jitter in training (0 = off)")
-    g.add_argument("--moe-expert-dropout", type=float,
-                   help="dropout inside the experts' hidden layer (default: --activation-dropout)")
-    g.add_argument("--moe-expert-ffn-dim", type=int, help="hidden size of each expert (default: the FFN dim)")
-    g.add_argument("--moe-split-ffn", action="store_true",
-                   help="experts of hidden size FFN/E: the parameters of one dense FFN (SMoE-Dropout)")
-    g.add_argument("--moe-gating-dropout", type=float, metavar="P",
-                   help="Gating Dropout rate in [0, 1): probability a MoE layer skips routing for a step")
-    g.add_argument("--moe-local-drop", type=float, metavar="P",
-                   help="fairseq nllb-branch spelling of --moe-gating-dropout with gate_drop")
-    g.add_argument("--moe-gating-dropout-mode", choices=GATING_DROPOUT_MODES,
-                   help="gate_drop: tokens go to a local expert; gate_expert_drop: the layer is skipped")
-    g.add_argument("--moe-top-k-min", type=int, help="random router: k at update 0 (1)")
-    g.add_argument("--moe-top-k-max", type=int, help="random router: final k (default: all experts)")
-    g.add_argument("--moe-top-k-schedule", choices=SCHEDULES, help="random router: k schedule (linear)")
-    g.add_argument("--moe-top-k-schedule-steps", type=int, help="random router: updates to reach k_max (1000)")
+    add_flags(parser.add_argument_group("Mixture of Experts"))
 
 
 def set_moe_defaults(args):
     """Defaults applied by the architectures (fairseq's getattr idiom keeps explicit flags)."""
-    defaults = dict(
-        moe_expert_count=0, moe_freq=0, encoder_moe_freq=None, decoder_moe_freq=None, moe_router="top2",
-        moe_top1_expert=False, moe_top_k=2, moe_capacity_factor=None, moe_eval_capacity_factor=None,
-        moe_dropless=False, moe_second_expert_policy="sampling", moe_normalize_gate_prob_before_dropping=False,
-        moe_gating_use_fp32=True, moe_gate_loss_wt=0.01, moe_z_loss_wt=0.0, moe_importance_loss_wt=0.01,
-        moe_load_loss_wt=0.01, moe_jitter_eps=0.0, moe_expert_dropout=None, moe_expert_ffn_dim=None,
-        moe_split_ffn=False, moe_gating_dropout=None, moe_local_drop=None, moe_gating_dropout_mode="gate_drop",
-        moe_top_k_min=1, moe_top_k_max=None, moe_top_k_schedule="linear", moe_top_k_schedule_steps=1000,
-    )
+    defaults = {f.metadata["dest"]: f.metadata["arg_default"] for f in _flag_fields("model")}
+    defaults.update((_dest(flag), False if alias.value is not None else None) for flag, alias in ALIASES.items())
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
 
 
 def moe_config_from_args(args) -> MoEConfig:
-    router = "top1" if getattr(args, "moe_top1_expert", False) else args.moe_router
-    rate = args.moe_gating_dropout
-    if rate is None:
-        rate = args.moe_local_drop if args.moe_local_drop is not None else 0.0
-    expert_dropout = args.moe_expert_dropout
-    if expert_dropout is None:
-        expert_dropout = getattr(args, "activation_dropout", 0.0) or 0.0
-    return MoEConfig(
-        num_experts=args.moe_expert_count, router=router, top_k=args.moe_top_k,
-        capacity_factor=args.moe_capacity_factor, eval_capacity_factor=args.moe_eval_capacity_factor,
-        dropless=args.moe_dropless, second_expert_policy=args.moe_second_expert_policy,
-        normalize_gate_prob_before_dropping=args.moe_normalize_gate_prob_before_dropping,
-        gate_loss_weight=args.moe_gate_loss_wt, z_loss_weight=args.moe_z_loss_wt,
-        importance_loss_weight=args.moe_importance_loss_wt, load_loss_weight=args.moe_load_loss_wt,
-        jitter_eps=args.moe_jitter_eps, expert_dropout=expert_dropout, gating_dropout=rate,
-        gating_dropout_mode=args.moe_gating_dropout_mode, top_k_min=args.moe_top_k_min,
-        top_k_max=args.moe_top_k_max, top_k_schedule=args.moe_top_k_schedule,
-        top_k_schedule_steps=args.moe_top_k_schedule_steps,
-        eval_top_k=getattr(args, "moe_eval_top_k", None), seed=getattr(args, "seed", 1),
-    )
+    values = {}
+    for f in fields(MoEConfig):
+        meta = f.metadata
+        value = getattr(args, meta["dest"], None)
+        for flag, alias in ALIASES.items():
+            if alias.field != f.name:
+                continue
+            given = getattr(args, _dest(flag), None)
+            if alias.value is not None and given:  # a switch, given
+                value = alias.value
+            elif alias.value is None and value is None:  # the field's own flag not given
+                value = given
+        if value is None and meta["inherit"]:
+            value = getattr(args, meta["inherit"], None)
+        values[f.name] = f.default if value is None else value
+    return MoEConfig(**values)
 
 
 def moe_layer_indices(freq: int, num_layers: int, flag: str):

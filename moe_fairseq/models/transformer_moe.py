@@ -43,30 +43,39 @@ def build_comm(num_experts: int):
 def _build_moe(cfg, moe_cfg: MoEConfig, model_dim: int, ffn_dim: int, layer_index: int):
     hidden = cfg.moe_expert_ffn_dim or ffn_dim
     return build_moe_layer(moe_cfg, model_dim, hidden, layer_index, cfg.activation_fn,
-                           comm=build_comm(moe_cfg.num_experts), split_dense=cfg.moe_split_ffn)
+                           comm=build_comm(moe_cfg.num_experts), split_hidden_dim=cfg.moe_split_ffn)
 
 
 class MoETransformerEncoder(TransformerEncoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, return_fc=False):
+        # fairseq's constructor builds the layers (build_encoder_layer), one after the other
+        # without passing the index: the MoE options and the layer count must be set first.
+        self.moe_cfg, self._moe_next_layer = moe_cfg, 0
+        super().__init__(cfg, dictionary, embed_tokens, return_fc)
+
     def build_encoder_layer(self, cfg):
-        # fairseq builds the layers in order without passing the index: count them.
-        index = getattr(self, "_moe_next_layer", 0)
+        index = self._moe_next_layer
         self._moe_next_layer = index + 1
         enc_freq, _ = _moe_freqs(cfg)
         if index in moe_layer_indices(enc_freq, cfg.encoder.layers, "--encoder-moe-freq"):
-            moe = _build_moe(cfg, moe_config_from_args(cfg), cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, index)
+            moe = _build_moe(cfg, self.moe_cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, index)
             return MoETransformerEncoderLayer(cfg, moe, return_fc=self.return_fc)
         return super().build_encoder_layer(cfg)
 
 
 class MoETransformerDecoder(TransformerDecoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, no_encoder_attn=False):
+        self.moe_cfg, self._moe_next_layer = moe_cfg, 0  # before fairseq builds the layers: see the encoder
+        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn)
+
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        index = getattr(self, "_moe_next_layer", 0)
+        index = self._moe_next_layer
         self._moe_next_layer = index + 1
         _, dec_freq = _moe_freqs(cfg)
         if index in moe_layer_indices(dec_freq, cfg.decoder.layers, "--decoder-moe-freq"):
             # Decoder layers follow the encoder's in the gating-dropout key, so no two MoE
             # layers of the model share a drop decision.
-            moe = _build_moe(cfg, moe_config_from_args(cfg), cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim,
+            moe = _build_moe(cfg, self.moe_cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim,
                              cfg.encoder.layers + index)
             return MoETransformerDecoderLayer(cfg, moe, no_encoder_attn)
         return super().build_decoder_layer(cfg, no_encoder_attn)
@@ -85,18 +94,22 @@ class TransformerMoEModel(TransformerModel):
     def build_model(cls, args, task):
         set_moe_defaults(args)
         validate_moe_args(args)
-        model = super().build_model(args, task)
-        apply_eval_overrides(model, getattr(args, "moe_eval_top_k", None))
-        return model
+        # The MoE config (moe_eval_top_k included) reaches every router when it is built; the
+        # task applies its own --moe-eval-top-k (generation) afterwards.
+        return super().build_model(args, task)
 
+    # The MoE options are read from the flags once for the encoder and once for the decoder
+    # (fairseq hands each its config, not the model's), not once per layer.
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
-        return MoETransformerEncoder(TransformerConfig.from_namespace(args), src_dict, embed_tokens)
+        cfg = TransformerConfig.from_namespace(args)
+        return MoETransformerEncoder(cfg, src_dict, embed_tokens, moe_config_from_args(cfg))
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
-        return MoETransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
+        return MoETransformerDecoder(cfg, tgt_dict, embed_tokens, moe_config_from_args(cfg),
+                                     no_encoder_attn=cfg.no_cross_attention)
 
 
 def validate_moe_args(args):
@@ -128,20 +141,14 @@ def validate_moe_args(args):
 def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):
     """Set the evaluation-time k (self-slimmable inference) and capacity on every router."""
     from ..moe.collect import moe_layers
-    from ..moe.routers.base import check_top_k
+    from ..moe.routers.base import check_capacity_factor
 
     for layer in moe_layers(model):
-        router = layer.router
         if eval_top_k is not None:
-            if not hasattr(router, "eval_k"):
-                raise MoEUsageError(f"--moe-eval-top-k applies to the noisy_topk and random routers, "
-                                 f"not to {type(router).__name__}")
-            check_top_k(eval_top_k, router.num_experts, "--moe-eval-top-k")
-            router.eval_k = eval_top_k
+            layer.router.set_eval_k(eval_top_k)
         if eval_capacity_factor is not None:
-            if eval_capacity_factor <= 0:
-                raise MoEUsageError(f"--moe-eval-capacity-factor must be > 0 (got {eval_capacity_factor})")
-            router.eval_capacity_factor = eval_capacity_factor
+            check_capacity_factor(eval_capacity_factor, "--moe-eval-capacity-factor")
+            layer.router.eval_capacity_factor = eval_capacity_factor
 
 
 def _moe_architecture(args, experts, freq):

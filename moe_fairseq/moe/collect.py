@@ -17,6 +17,14 @@ def moe_layers(model: nn.Module) -> List[MoELayer]:
     return cached
 
 
+def expert_parallel_comm(model: nn.Module):
+    """The communicator of the model's MoE layers when they are expert-parallel (W > 1), else None."""
+    layers = moe_layers(model)
+    if not layers or layers[0].comm.world_size == 1:
+        return None
+    return layers[0].comm
+
+
 def pop_aux(model: nn.Module) -> Tuple[List[Dict[str, torch.Tensor]], List[RoutingStats]]:
     """Losses and statistics of the last forward of every MoE layer; clears them so a layer that
     did not run in the next forward is not counted twice."""

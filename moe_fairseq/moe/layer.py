@@ -138,11 +138,12 @@ class MoELayer(nn.Module):
 
 
 def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, activation: str = "relu",
-                    comm=None, split_dense: bool = False) -> MoELayer:
-    """Build a MoE layer from a validated MoEConfig.  With split_dense, E experts of hidden size
-    hidden_dim / E (SMoE-Dropout's parameter-matched setting)."""
+                    comm=None, split_hidden_dim: bool = False) -> MoELayer:
+    """Build a MoE layer from a MoEConfig (validated here).  With split_hidden_dim, E fresh
+    experts of hidden size hidden_dim / E, as many parameters as one FFN of hidden_dim
+    (SMoE-Dropout's parameter-matched setting; FFNExperts.split_dense copies a trained FFN's)."""
     cfg.validate()
-    if split_dense:
+    if split_hidden_dim:
         if hidden_dim % cfg.num_experts:
             raise MoEUsageError(f"--moe-split-ffn needs the FFN dim ({hidden_dim}) divisible by "
                              f"--moe-expert-count={cfg.num_experts}")

@@ -17,6 +17,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
 from ..distributed.expert_parallel_training import prepare_expert_parallel
+from ..models.moe_args import add_flags
 from ..models.transformer_moe import apply_eval_overrides
 from ..moe.collect import moe_layers
 from ..moe.errors import MoEUsageError
@@ -31,9 +32,7 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
     def add_args(parser):
         TranslationMultiSimpleEpochTask.add_args(parser)
         g = parser.add_argument_group("MoE task")
-        g.add_argument("--moe-eval-top-k", type=int, default=None, metavar="K",
-                       help="experts per token at evaluation/generation for the noisy_topk and random "
-                            "routers (self-slimmable inference); default: the trained k")
+        add_flags(g, scope="task")  # --moe-eval-top-k (moe.config.MoEConfig.eval_top_k)
         g.add_argument("--eval-bleu", action="store_true", help="compute sacrebleu BLEU during validation")
         g.add_argument("--eval-bleu-args", type=str, default="{}",
                        help='generation args for validation BLEU as JSON, e.g. \'{"beam": 4}\'')
@@ -60,8 +59,7 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         for layer in moe_layers(model):
-            layer.set_num_updates(update_num)
-            layer.router.set_num_updates(update_num)
+            layer.set_num_updates(update_num)  # the layer passes it on to its router
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..capacity import apply_capacity, expert_capacity
 from ..errors import MoEUsageError
+from .registry import ROUTERS
 
 
 @dataclass
@@ -30,29 +31,63 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Base router: a linear map M -> E computed in fp32, plus capacity handling.
+    """Base router: a linear map M -> E computed in fp32, plus capacity handling and the
+    evaluation-time k.
 
-    capacity_factor / eval_capacity_factor: None means dropless.
+    capacity_factor / eval_capacity_factor: None means dropless.  A subclass registers itself
+    (registry.register_router), builds itself from a MoEConfig (`from_config`) and says which
+    capacity factors apply when the flags are not given (`default_capacity_factors`).
     """
+
+    default_capacity_factors = (None, None)  # (training, evaluation): dropless unless a router says otherwise
+    variable_k = False  # True for routers whose k may change at evaluation (--moe-eval-top-k)
 
     def __init__(self, model_dim: int, num_experts: int, k: int,
                  capacity_factor: Optional[float] = None,
-                 eval_capacity_factor: Optional[float] = None):
+                 eval_capacity_factor: Optional[float] = None,
+                 eval_k: Optional[int] = None):
         super().__init__()
         if num_experts < 1:
             raise MoEUsageError(f"--moe-expert-count must be >= 1 (got {num_experts})")
         check_top_k(k, num_experts)
         for name, cf in (("--moe-capacity-factor", capacity_factor),
                          ("--moe-eval-capacity-factor", eval_capacity_factor)):
-            if cf is not None and cf <= 0:
-                raise MoEUsageError(f"{name} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
+            check_capacity_factor(cf, name)
         self.model_dim, self.num_experts, self.k = model_dim, num_experts, k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.num_updates = 0
+        self.eval_k = None
+        self.set_eval_k(eval_k)
+
+    @classmethod
+    def from_config(cls, cfg, model_dim: int) -> "Router":
+        """The router for a validated MoEConfig (cfg.capacity_factors() gives the capacity)."""
+        raise NotImplementedError
 
     def set_num_updates(self, num_updates: int):
         self.num_updates = num_updates
+
+    def set_eval_k(self, k: Optional[int]):
+        """Experts per token in evaluation (self-slimmable inference); None: the training k.
+        The one way the evaluation-time k reaches a router (config, task flag, scripts)."""
+        if k is not None:
+            if not self.variable_k:
+                names = [name for name, cls in ROUTERS.items() if cls.variable_k]
+                raise MoEUsageError(f"--moe-eval-top-k applies to the {' and '.join(names)} routers, "
+                                    f"not to {type(self).__name__}")
+            check_top_k(k, self.num_experts, "--moe-eval-top-k")
+        self.eval_k = k
+
+    def training_k(self) -> int:
+        """k in training (a schedule may make it vary); self.k is the final one."""
+        return self.k
+
+    def current_k(self) -> int:
+        """k of this forward: in evaluation the evaluation-time k, else the final k."""
+        if self.training:
+            return self.training_k()
+        return self.eval_k if self.eval_k is not None else self.k
 
     def current_capacity_factor(self) -> Optional[float]:
         return self.capacity_factor if self.training else self.eval_capacity_factor
@@ -65,6 +100,11 @@ class Router(nn.Module):
         capacity = expert_capacity(expert_index.shape[0], self.num_experts, k_for_capacity, cf)
         new_keep = apply_capacity(expert_index, keep, self.num_experts, capacity)
         return new_keep, (keep.sum() - new_keep.sum())
+
+
+def check_capacity_factor(cf: Optional[float], flag: str):
+    if cf is not None and cf <= 0:
+        raise MoEUsageError(f"{flag} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
 
 
 def check_top_k(k: int, num_experts: int, flag: str = "--moe-top-k"):

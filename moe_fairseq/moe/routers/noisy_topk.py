@@ -3,9 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import cv_squared
-from .base import Router, Routing, check_top_k, fp32_logits
+from .base import Router, Routing, fp32_logits
+from .registry import register_router
 
 
+@register_router("noisy_topk")
 class NoisyTopKRouter(Router):
     """H(x) = x W_g + n * (softplus(x W_noise) + noise_eps), n ~ N(0, 1) in training only;
     G(x) = softmax over the k largest entries of H(x).
@@ -15,20 +17,21 @@ class NoisyTopKRouter(Router):
     normal CDF finite while W_noise is still zero.
     """
 
+    variable_k = True
+
     def __init__(self, model_dim, num_experts, k=2, capacity_factor=None, eval_capacity_factor=None,
                  importance_loss_weight=0.01, load_loss_weight=0.01, noise_eps=1e-2, eval_k=None):
-        super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor)
+        super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, eval_k)
         self.w_gate = torch.nn.Parameter(torch.zeros(num_experts, model_dim))
         self.w_noise = torch.nn.Parameter(torch.zeros(num_experts, model_dim))
         self.importance_loss_weight = importance_loss_weight
         self.load_loss_weight = load_loss_weight
         self.noise_eps = noise_eps
-        if eval_k is not None:
-            check_top_k(eval_k, num_experts, "--moe-eval-top-k")
-        self.eval_k = eval_k
 
-    def current_k(self) -> int:
-        return self.eval_k if (not self.training and self.eval_k is not None) else self.k
+    @classmethod
+    def from_config(cls, cfg, model_dim):
+        return cls(model_dim, cfg.num_experts, cfg.top_k, *cfg.capacity_factors(),
+                   importance_loss_weight=cfg.importance_loss_weight, load_loss_weight=cfg.load_loss_weight)
 
     def forward(self, x: torch.Tensor) -> Routing:
         k, num_experts = self.current_k(), self.num_experts

@@ -5,8 +5,10 @@ import torch
 
 from ..k_schedule import KSchedule
 from .base import Router, Routing, check_top_k, fp32_logits
+from .registry import register_router
 
 
+@register_router("random")
 class RandomRouter(Router):
     """A randomly initialised linear router that is never trained.
 
@@ -17,22 +19,23 @@ class RandomRouter(Router):
     Softmax is over the k chosen logits only; there is no balance loss and no noise.
     """
 
+    variable_k = True
+
     def __init__(self, model_dim, num_experts, schedule: KSchedule, capacity_factor=None,
                  eval_capacity_factor=None, eval_k=None, generator=None):
         check_top_k(schedule.k_max, num_experts, "--moe-top-k-max")
-        super().__init__(model_dim, num_experts, schedule.k_max, capacity_factor, eval_capacity_factor)
+        super().__init__(model_dim, num_experts, schedule.k_max, capacity_factor, eval_capacity_factor, eval_k)
         bound = 1.0 / math.sqrt(model_dim)  # nn.Linear's default init, as the reference code
         weight = torch.empty(num_experts, model_dim).uniform_(-bound, bound, generator=generator)
         self.register_buffer("weight", weight)
         self.schedule = schedule
-        if eval_k is not None:
-            check_top_k(eval_k, num_experts, "--moe-eval-top-k")
-        self.eval_k = eval_k
 
-    def current_k(self) -> int:
-        if self.training:
-            return self.schedule(self.num_updates)
-        return self.eval_k if self.eval_k is not None else self.schedule.k_max
+    @classmethod
+    def from_config(cls, cfg, model_dim):
+        return cls(model_dim, cfg.num_experts, cfg.k_schedule(), *cfg.capacity_factors())
+
+    def training_k(self) -> int:
+        return self.schedule(self.num_updates)  # self.k, the k of evaluation, is the schedule's k_max
 
     def forward(self, x: torch.Tensor) -> Routing:
         k = self.current_k()

@@ -11,6 +11,7 @@ class SoftmaxRouter(Router):
     router z-loss, each weighted and left out when its weight is 0."""
 
     balance_loss = None  # f(probs, top1) -> unweighted loss
+    default_capacity_factors = (1.0, 2.0)  # they drop tokens past capacity by default, as in their papers
 
     def __init__(self, model_dim, num_experts, k, capacity_factor, eval_capacity_factor,
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):

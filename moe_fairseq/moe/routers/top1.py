@@ -3,9 +3,11 @@ import torch
 
 from ..losses import switch_balance_loss
 from .base import Routing
+from .registry import register_router
 from .softmax_router import SoftmaxRouter
 
 
+@register_router("top1")
 class Top1Router(SoftmaxRouter):
     """Expert = argmax of the fp32 softmax, gate = its probability (not renormalised)."""
 
@@ -15,6 +17,11 @@ class Top1Router(SoftmaxRouter):
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):
         super().__init__(model_dim, num_experts, 1, capacity_factor, eval_capacity_factor,
                          balance_loss_weight, z_loss_weight, jitter_eps)
+
+    @classmethod
+    def from_config(cls, cfg, model_dim):
+        return cls(model_dim, cfg.num_experts, *cfg.capacity_factors(), balance_loss_weight=cfg.gate_loss_weight,
+                   z_loss_weight=cfg.z_loss_weight, jitter_eps=cfg.jitter_eps)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits, probs = self.logits_and_probs(x)

@@ -4,11 +4,13 @@ import torch
 from ..errors import MoEUsageError
 from ..losses import gshard_balance_loss
 from .base import Routing
+from .registry import register_router
 from .softmax_router import SoftmaxRouter
 
 SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
 
 
+@register_router("top2")
 class Top2Router(SoftmaxRouter):
     """Second expert: argmax with the first masked, after Gumbel noise under `sampling`;
     under `random` it is kept only when 2 * g2 > U(0, 1).  Noise and the random policy act in
@@ -28,6 +30,13 @@ class Top2Router(SoftmaxRouter):
                              f"(got {second_expert_policy!r})")
         self.second_expert_policy = second_expert_policy
         self.normalize_before_dropping = normalize_gate_prob_before_dropping
+
+    @classmethod
+    def from_config(cls, cfg, model_dim):
+        return cls(model_dim, cfg.num_experts, *cfg.capacity_factors(), second_expert_policy=cfg.second_expert_policy,
+                   normalize_gate_prob_before_dropping=cfg.normalize_gate_prob_before_dropping,
+                   balance_loss_weight=cfg.gate_loss_weight, z_loss_weight=cfg.z_loss_weight,
+                   jitter_eps=cfg.jitter_eps)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits, probs = self.logits_and_probs(x)

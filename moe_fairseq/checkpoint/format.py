@@ -1,0 +1,82 @@
+"""The on-disk format of moe_fairseq checkpoints: every name and rule that the writers (the save
+hook in fairseq_patches.py, moe-reshard) and the readers (loading, moe-consolidate,
+moe-reshard) must agree on, defined once.
+
+A training run on W ranks writes
+
+    save_dir/checkpoint_last.pt                  fairseq's file: shared parameters, their
+                                                 optimizer state, and state[POINTER]
+    save_dir/moe_shards/<tag>/rank-R-of-W.pt     experts of rank R + their optimizer state
+
+The pointer, {"dir", "tag", "world_size", "param_names", "version"}, is made by
+`point_to_shards` only, which stamps FORMAT_VERSION; a reader refuses any other version (the
+layout it describes may have changed).  Every checkpoint of a MoE model, sharded or not, also
+holds state[PARAM_NAMES]: the parameter name of each optimizer slot, which is what makes
+optimizer state reshardable.
+"""
+import os
+import re
+from typing import List, Optional
+
+from ..moe.errors import MoEUsageError
+
+SHARD_ROOT = "moe_shards"  # directory (beside the checkpoint) holding one directory per shard set
+POINTER = "moe_shards"  # key of the pointer in fairseq's checkpoint dict
+PARAM_NAMES = "moe_param_names"  # key of the optimizer slots' parameter names
+FORMAT_VERSION = 1
+
+# fairseq parameter names of expert weights: ...fc1.moe.experts.{w1,b1,w2,b2}
+EXPERT_KEY = re.compile(r"(^|\.)moe\.experts\.(w1|b1|w2|b2)$")
+
+
+def is_expert_key(name: str) -> bool:
+    return EXPERT_KEY.search(name) is not None
+
+
+def optimizer_param_names(model, criterion) -> List[str]:
+    """Names of the parameters in the order of the optimizer's slots (fairseq's trainer builds
+    the optimizer from model then criterion parameters that require grad)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names += [f"criterion.{n}" for n, p in criterion.named_parameters() if p.requires_grad]
+    return names
+
+
+def shard_filename(rank: int, world_size: int) -> str:
+    return f"rank-{rank}-of-{world_size}.pt"
+
+
+def shard_path(save_dir: str, tag: str, rank: int, world_size: int) -> str:
+    return os.path.join(save_dir, SHARD_ROOT, tag, shard_filename(rank, world_size))
+
+
+def shard_meta(rank: int, world_size: int, tag: str, num_updates: int) -> dict:
+    """What a shard file says about itself, checked against its pointer when it is read."""
+    return {"rank": rank, "world_size": world_size, "tag": tag, "num_updates": num_updates}
+
+
+def point_to_shards(state: dict, tag: str, world_size: int, param_names: List[str]):
+    """Make `state` the main file of a sharded checkpoint (in place): the pointer to shard set
+    `tag` of `world_size` ranks, stamped with FORMAT_VERSION, and the parameter names."""
+    state[POINTER] = {"dir": os.path.join(SHARD_ROOT, tag), "tag": tag, "world_size": world_size,
+                      "param_names": param_names, "version": FORMAT_VERSION}
+    state[PARAM_NAMES] = param_names
+
+
+def read_pointer(state: dict, checkpoint_path: str) -> Optional[dict]:
+    """The pointer of a checkpoint (None for a single-file one), refused if its version is not
+    FORMAT_VERSION."""
+    pointer = state.get(POINTER)
+    if pointer is not None and pointer.get("version") != FORMAT_VERSION:
+        raise MoEUsageError(f"{checkpoint_path} points to expert shards of format version {pointer.get('version')}; "
+                            f"this moe_fairseq reads version {FORMAT_VERSION} only")
+    return pointer
+
+
+def param_names_of(state: dict, pointer: Optional[dict]) -> Optional[List[str]]:
+    return pointer["param_names"] if pointer else state.get(PARAM_NAMES)
+
+
+def shard_paths(checkpoint_path: str, pointer: dict) -> List[str]:
+    base = os.path.dirname(os.path.abspath(checkpoint_path))
+    return [os.path.join(base, pointer["dir"], shard_filename(r, pointer["world_size"]))
+            for r in range(pointer["world_size"])]

@@ -1,0 +1,238 @@
+"""Every change moe_fairseq makes to fairseq (and to other global state), installed by one
+idempotent `install()` for fairseq 0.12.2 / fairseq-fixed 0.12.3.1 only.
+
+Importing moe_fairseq, or its layer library moe_fairseq.moe, changes nothing: install() runs
+when moe_fairseq.plugin is imported (what `--user-dir moe_fairseq` does), or when a tool that
+reads fairseq checkpoints calls it (moe-consolidate, moe-reshard).  The patches, and why each
+exists:
+
+1. torch.serialization safe globals.  torch >= 2.6 loads checkpoints with weights_only=True;
+   fairseq's torch.load calls pass no flag, so its own checkpoints (which hold an
+   argparse.Namespace) fail to load.  Rather than switching the check off for every file, the
+   few plain types fairseq stores are allowlisted.
+2. fairseq.distributed.utils.infer_init_method.  Under torchrun on a machine without GPUs,
+   fairseq computes `rank % torch.cuda.device_count()` (ZeroDivisionError), and with the default
+   --distributed-world-size of 1 it ignores torchrun's environment so every process silently
+   trains alone.  Here the world size, rank and device come from torchrun's environment, and
+   gloo replaces nccl when there is no GPU.
+3. fairseq.models.distributed_fairseq_model.DistributedDataParallel.  fairseq's pytorch_ddp
+   backend passes device_ids=[device_id] even for a CPU model, which torch rejects; CPU models
+   get device_ids=None.
+4. FairseqOptimizer.all_reduce_grads.  With expert parallelism, fairseq's data-parallel
+   reduction must not average expert weights that differ on every rank (the task puts them on
+   DDP's ignore list, see distributed/expert_parallel_training.py); after fairseq's reduction,
+   expert gradients are summed over the replicas of the same expert (fairseq issue #4220) and
+   divided by W, the scale fairseq's trainer expects (moe.expert_parallel.all_reduce_expert_grads).
+5. checkpoint_utils.save_checkpoint.  fairseq saves one file from rank 0, which with sharded
+   experts would keep rank 0's experts only.  Every rank writes its experts (and their optimizer
+   state) into a shard set, after a barrier rank 0 lets fairseq write its usual files with the
+   shared parameters and a pointer to that set (checkpoint/format.py), and shard sets no file
+   points to any more are deleted.  Every file is written atomically and the pointer last, so a
+   crash (even SIGKILL) never leaves a checkpoint with mixed shards.  Every checkpoint of a MoE
+   model also records the parameter name of each optimizer slot (resharding needs them).
+6. checkpoint_utils.load_checkpoint_to_cpu.  Every rank reads the checkpoint and its own shard;
+   a checkpoint written by another world size (or a consolidated single file) is merged and
+   re-sliced for this rank, optimizer state included.  A single process (fairseq-generate) gets
+   every expert, so a sharded checkpoint loads on one CPU or GPU as it is.
+7. Trainer.load_checkpoint.  fairseq loads on rank 0 and broadcasts by default; with expert
+   parallelism every rank must read its own shard (load_checkpoint_on_all_dp_ranks).
+8. sys.excepthook.  fairseq's command lines let exceptions from model/task construction escape
+   with a full traceback; a MoEUsageError (a bad flag or file) is printed as one line
+   (cli_errors.py).
+"""
+import argparse
+import contextlib
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint.format import PARAM_NAMES, POINTER, optimizer_param_names, point_to_shards, shard_meta, shard_path
+from .checkpoint.sharded import atomic_save, remove_unreferenced_shards, resolve_experts, split_experts
+from .cli_errors import install_excepthook
+from .moe.collect import expert_parallel_comm, moe_layers
+from .moe.errors import MoEUsageError
+from .moe.expert_parallel import all_reduce_expert_grads
+
+logger = logging.getLogger(__name__)
+
+# fairseq-fixed is a build of 0.12.2 that imports on Python 3.11+; it reports its own version.
+SUPPORTED_FAIRSEQ_VERSIONS = ("0.12.2", "0.12.3.1")
+
+# fairseq itself is imported in install(), after install_excepthook and before the version check,
+# so that an unsupported fairseq gets the one-line error, not an ImportError from one of its modules.
+_installed = False
+_original = {}  # what each patch replaced, by name: the patched functions call through to these
+
+
+def check_fairseq_version(version: str):
+    if version not in SUPPORTED_FAIRSEQ_VERSIONS:
+        raise MoEUsageError(f"moe_fairseq patches fairseq {' or '.join(SUPPORTED_FAIRSEQ_VERSIONS)}, not fairseq "
+                            f"{version}: install fairseq==0.12.2 (Python < 3.11) or fairseq-fixed==0.12.3.1")
+
+
+def install():
+    """Install every patch of the module docstring, once (later calls do nothing)."""
+    global _installed
+    if _installed:
+        return
+    install_excepthook()  # first, so that the version error below is printed as one line
+    import fairseq
+
+    check_fairseq_version(fairseq.__version__)
+    from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.models import distributed_fairseq_model
+    from fairseq.optim.fairseq_optimizer import FairseqOptimizer
+    from fairseq.trainer import Trainer
+
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is not None:  # torch < 2.4 has no weights_only default to satisfy
+        add_safe_globals(safe_checkpoint_globals())
+    _original.update(infer_init_method=distributed_utils.infer_init_method,
+                     all_reduce_grads=FairseqOptimizer.all_reduce_grads,
+                     save_checkpoint=checkpoint_utils.save_checkpoint,
+                     load_checkpoint_to_cpu=checkpoint_utils.load_checkpoint_to_cpu,
+                     trainer_load_checkpoint=Trainer.load_checkpoint)
+    distributed_utils.infer_init_method = infer_init_method
+    base_ddp = distributed_fairseq_model.DistributedDataParallel
+    distributed_fairseq_model.DistributedDataParallel = _cpu_ddp_class(base_ddp)
+    FairseqOptimizer.all_reduce_grads = all_reduce_grads
+    checkpoint_utils.save_checkpoint = save_checkpoint
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    Trainer.load_checkpoint = trainer_load_checkpoint
+    _installed = True
+
+
+# ------------------------------------------------------------------ 1. checkpoint type allowlist
+def safe_checkpoint_globals():
+    """Exactly what fairseq's checkpoints hold beyond tensors, containers and numbers: the
+    training args (argparse.Namespace) and numpy arrays/scalars in the saved metrics (e.g.
+    BLEU n-gram counts), as listed by torch.serialization.get_unsafe_globals_in_checkpoint."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    return [argparse.Namespace, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar,
+            np.ndarray, np.dtype, *dtypes]
+
+
+# ------------------------------------------------------------------ 2. torchrun on CPU
+TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+def torchrun_world():
+    """(world size, rank, local rank) when launched by torchrun / torch.distributed.launch."""
+    if not all(key in os.environ for key in TORCHRUN_ENV):
+        return None
+    return int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def infer_init_method(cfg, force_distributed=False):
+    world = torchrun_world()
+    if world is None or cfg.distributed_init_method is not None:
+        return _original["infer_init_method"](cfg, force_distributed)
+    world_size, rank, local_rank = world
+    cfg.distributed_world_size = world_size
+    cfg.distributed_rank = rank
+    cfg.distributed_init_method = "env://"
+    cfg.distributed_no_spawn = True
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        cfg.device_id = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(cfg.device_id)
+    else:
+        cfg.device_id = 0
+        if cfg.distributed_backend == "nccl":
+            logger.info("no GPU: using the gloo backend instead of nccl")
+            cfg.distributed_backend = "gloo"
+
+
+# ------------------------------------------------------------------ 3. DDP of a CPU model
+def _cpu_ddp_class(base):
+    class DistributedDataParallel(base):
+        def __init__(self, module, device_ids=None, output_device=None, **kwargs):
+            if all(p.device.type == "cpu" for p in module.parameters()):
+                device_ids = output_device = None
+            super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    return DistributedDataParallel
+
+
+# ------------------------------------------------------------------ 4. expert gradients
+def all_reduce_grads(self, module):
+    _original["all_reduce_grads"](self, module)
+    comm = expert_parallel_comm(module)
+    if comm is not None:
+        all_reduce_expert_grads(module, comm)
+
+
+# ------------------------------------------------------------------ 5-7. sharded checkpoints
+@contextlib.contextmanager
+def _post_process_state(trainer, fn):
+    original = trainer.state_dict
+
+    def state_dict():
+        state = original()
+        fn(state)
+        return state
+
+    trainer.state_dict = state_dict
+    try:
+        yield
+    finally:
+        del trainer.state_dict
+
+
+def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+    original = _original["save_checkpoint"]
+    if not moe_layers(trainer._model):
+        return original(cfg, trainer, epoch_itr, val_loss)
+    names = optimizer_param_names(trainer._model, trainer._criterion)
+    comm = expert_parallel_comm(trainer._model)
+    if comm is None or cfg.no_save:
+        with _post_process_state(trainer, lambda s: s.__setitem__(PARAM_NAMES, names)):
+            return original(cfg, trainer, epoch_itr, val_loss)
+    if getattr(trainer.optimizer, "has_flat_params", False):
+        raise MoEUsageError("expert-parallel checkpoints need per-parameter optimizer state: use "
+                            "--memory-efficient-fp16 (or --fp16-no-flatten-grads) instead of plain --fp16")
+    rank, world = dist.get_rank(comm.group), dist.get_world_size(comm.group)
+    tag = f"e{epoch_itr.epoch}-u{trainer.get_num_updates()}"
+    trainer.consolidate_optimizer()  # fairseq's state_dict() expects it (it sets the optimizer hand-off)
+    from fairseq import utils
+
+    shard = split_experts(utils.move_to_cpu(trainer.state_dict()), names)
+    shard["meta"] = shard_meta(rank, world, tag, trainer.get_num_updates())
+    atomic_save(shard, shard_path(cfg.save_dir, tag, rank, world))
+    dist.barrier(group=comm.group)  # every shard is on disk before anything points to them
+
+    def strip_and_point(state):
+        split_experts(state, names)  # rank 0's experts are in its shard
+        point_to_shards(state, tag, world, names)
+
+    with _post_process_state(trainer, strip_and_point):
+        result = original(cfg, trainer, epoch_itr, val_loss)
+    if rank == 0:
+        remove_unreferenced_shards(cfg.save_dir, tag)
+    return result
+
+
+def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+    state = _original["load_checkpoint_to_cpu"](path, arg_overrides, load_on_all_ranks)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if POINTER in state or world > 1:
+        state = resolve_experts(state, path, rank, world)
+    return state
+
+
+def trainer_load_checkpoint(self, filename, *args, **kwargs):
+    # Each rank must read its own shard: never let rank 0 read for everyone and broadcast.
+    if expert_parallel_comm(self._model) is not None and not self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks:
+        from omegaconf import open_dict
+
+        with open_dict(self.cfg):
+            self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+    return _original["trainer_load_checkpoint"](self, filename, *args, **kwargs)
