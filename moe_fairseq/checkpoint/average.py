@@ -28,6 +28,7 @@ from typing import List, Optional
 import torch
 
 from ..moe.errors import MoEUsageError
+from .io import read_checkpoint
 from .sharded import POINTER, atomic_save, num_experts_of, resolve_experts
 
 # the router weight of SMoE-Dropout (a buffer, never trained): ...moe.router.weight
@@ -50,14 +51,7 @@ def last_n_checkpoints(directory: str, n: int, update_based: bool, upper_bound: 
 
 
 def load_consolidated(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise MoEUsageError(f"--inputs: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu")
-    except Exception as e:  # truncated or not a torch file
-        raise MoEUsageError(f"--inputs: {path} cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise MoEUsageError(f"--inputs: {path} is not a fairseq checkpoint")
+    state = read_checkpoint(path, "--inputs:")
     if POINTER in state:
         state = resolve_experts(state, path, rank=0, world_size=1)  # every expert, in one state
     return state

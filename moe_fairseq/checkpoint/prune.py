@@ -54,6 +54,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..moe.errors import MoEUsageError
+from .io import read_checkpoint
 from .sharded import POINTER, atomic_save, is_expert_key, num_experts_of
 
 PER = ("target", "pair")
@@ -87,14 +88,7 @@ def set_saved_args(state: dict, **values):
 
 def read_consolidated(path: str) -> dict:
     """The checkpoint's state, refusing what cannot be pruned, each with a one-line reason."""
-    if not os.path.isfile(path):
-        raise MoEUsageError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu")
-    except Exception as e:  # truncated or not a torch file
-        raise MoEUsageError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise MoEUsageError(f"{path} is not a fairseq checkpoint")
+    state = read_checkpoint(path)
     if POINTER in state:
         raise MoEUsageError(f"{path} is expert-sharded (its experts are in {state[POINTER]['dir']}): run "
                             f"`moe-consolidate {path} model.pt` first and prune model.pt")
@@ -271,7 +265,8 @@ def prune(checkpoint: str, data: str, lang_pairs: str, keep: int, out_dir: str, 
         for prefix, per_pair in counts.items():
             total = [sum(per_pair[p][e] for p in group_pairs) for e in range(num_experts)]
             if sum(total) == 0:
-                raise MoEUsageError(f"no token reached {prefix} for {', '.join(group_pairs)}: is the {split} data empty?")
+                raise MoEUsageError(f"no token reached {prefix} for {', '.join(group_pairs)}: "
+                                    f"is the {split} data empty?")
             kept[prefix] = select_experts(total, keep)
             share = [c / sum(total) for c in total]
             layers[prefix] = {"counts": total, "share": share, "kept": kept[prefix],
