@@ -75,14 +75,13 @@ def saved_arg(state: dict, name: str, default=None):
 
 
 def set_saved_args(state: dict, **values):
-    """Set each value in every saved namespace that has the argument (model and task args are
-    separate copies in a fairseq 0.12 checkpoint, and both are read back)."""
+    """Set each value in every saved namespace (model and task args are separate copies in a
+    fairseq 0.12 checkpoint, and both are read back)."""
     for holder in _holders(state):
         for name, value in values.items():
             if isinstance(holder, dict):
-                if name in holder:
-                    holder[name] = value
-            elif hasattr(holder, name):
+                holder[name] = value
+            else:
                 setattr(holder, name, value)
 
 
