@@ -125,7 +125,7 @@ def build_parser():
 
 
 def resolve_inputs(args) -> List[str]:
-    n = args.num_update_checkpoints or args.num_epoch_checkpoints
+    n = args.num_update_checkpoints if args.num_update_checkpoints is not None else args.num_epoch_checkpoints
     if n is None:
         if args.checkpoint_upper_bound is not None:
             raise MoEUsageError("--checkpoint-upper-bound needs --num-update-checkpoints or --num-epoch-checkpoints")
