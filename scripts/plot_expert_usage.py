@@ -8,9 +8,10 @@ The training logs only hold aggregates (moe_load_cv, ...), so the usage is measu
 checkpoint (a directory's checkpoint_E_U.pt files, written by --save-interval-updates, in update
 order; or the checkpoint files given) is loaded in turn with fairseq's
 load_model_ensemble_and_task (data path replaced by --data), and run in evaluation mode,
-teacher-forced, on the same first N sentences of --split for every direction; each MoE layer's `aux.stats.tokens_per_expert` (slots per expert: a top-2 token
-counts twice; what the evaluation capacity dropped is not counted unless
---moe-eval-capacity-factor is raised) is summed (moe_fairseq.expert_usage, shared with moe-prune).
+teacher-forced, on the same first N sentences of --split for every direction; each MoE
+layer's `aux.stats.tokens_per_expert` (slots per expert: a top-2 token counts twice; what the
+evaluation capacity dropped is not counted unless --moe-eval-capacity-factor is raised) is
+summed (moe_fairseq.expert_usage, shared with moe-prune).
 
 Writes to --out-dir:
   expert_usage_over_training.png   one heatmap per MoE layer: rows = checkpoints (updates),
