@@ -29,6 +29,8 @@ setup(
         "console_scripts": [
             "moe-consolidate=moe_fairseq.checkpoint.consolidate:cli_main",
             "moe-reshard=moe_fairseq.checkpoint.reshard:cli_main",
+            "moe-prune=moe_fairseq.checkpoint.prune:cli_main",
+            "moe-average=moe_fairseq.checkpoint.average:cli_main",
             "moe-evaluate=moe_fairseq.evaluate:cli_main",
         ]
     },

@@ -6,12 +6,12 @@
 
 The training logs only hold aggregates (moe_load_cv, ...), so the usage is measured: every
 checkpoint (a directory's checkpoint_E_U.pt files, written by --save-interval-updates, in update
-order; or the checkpoint files given) is loaded in turn with
-fairseq.checkpoint_utils.load_model_ensemble_and_task(arg_overrides={'data': DATA}), and run
-in evaluation mode, teacher-forced, on the same first N sentences of --split for every
-direction; each MoE layer's `aux.stats.tokens_per_expert` (slots per expert: a top-2 token
-counts twice; what the evaluation capacity dropped is not counted unless
---moe-eval-capacity-factor is raised) is summed.
+order; or the checkpoint files given) is loaded in turn with fairseq's
+load_model_ensemble_and_task (data path replaced by --data), and run in evaluation mode,
+teacher-forced, on the same first N sentences of --split for every direction; each MoE
+layer's `aux.stats.tokens_per_expert` (slots per expert: a top-2 token counts twice; what the
+evaluation capacity dropped is not counted unless --moe-eval-capacity-factor is raised) is
+summed (moe_fairseq.expert_usage, shared with moe-prune).
 
 Writes to --out-dir:
   expert_usage_over_training.png   one heatmap per MoE layer: rows = checkpoints (updates),
@@ -21,7 +21,6 @@ Writes to --out-dir:
   expert_usage.json                the raw counts: {checkpoint: {layer: {direction: [E counts]}}}
 """
 import argparse
-import copy
 import json
 import re
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from moe_fairseq.expert_usage import direction_batches, load_model, measure, moe_layer_names  # noqa: E402
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)_(\d+)\.pt$")
 
@@ -56,67 +57,6 @@ def find_checkpoints(paths):
     if any(u is None for _, u, _ in found):
         return found  # keep the given order when some files carry no update number
     return sorted(found, key=lambda item: item[1])
-
-
-def layer_label(name: str) -> str:
-    m = re.search(r"(encoder|decoder)\.layers\.(\d+)", name)
-    return f"{m.group(1)} layer {m.group(2)}" if m else name
-
-
-def moe_layer_names(model):
-    from moe_fairseq.moe.layer import MoELayer
-
-    return [(layer_label(n), m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
-
-
-def direction_batches(cfg, data, pairs, split, sentences, batch_size):
-    """{direction: [batch, ...]}: the first `sentences` sentences of each direction, built by a
-    per-direction inference task (so language tokens are exactly as in generation)."""
-    from fairseq import tasks
-    from omegaconf import open_dict
-
-    out = {}
-    for pair in pairs:
-        src, tgt = pair.split("-")
-        task_cfg = copy.deepcopy(cfg.task)  # an argparse.Namespace for this (legacy) task
-        overrides = dict(data=data, source_lang=src, target_lang=tgt, gen_subset=split)
-        if isinstance(task_cfg, argparse.Namespace):
-            vars(task_cfg).update(overrides)
-        else:
-            with open_dict(task_cfg):
-                for key, value in overrides.items():
-                    setattr(task_cfg, key, value)
-        task = tasks.setup_task(task_cfg)
-        task.load_dataset(split)
-        dataset = task.dataset(split)
-        n = min(sentences, len(dataset))
-        items = [dataset[i] for i in range(n)]
-        out[pair] = [dataset.collater(items[i:i + batch_size]) for i in range(0, n, batch_size)]
-    return out
-
-
-def measure(model, batches, device):
-    """{layer: {direction: [tokens per expert]}} for one model on the fixed batches."""
-    import torch
-    from fairseq import utils
-
-    layers = moe_layer_names(model)
-    counts = {label: {} for label, _ in layers}
-    with torch.no_grad():
-        for pair, pair_batches in batches.items():
-            totals = [None] * len(layers)
-            for batch in pair_batches:
-                batch = utils.move_to_cuda(batch, device=device) if device.type == "cuda" else batch
-                model(**batch["net_input"])
-                for i, (_, layer) in enumerate(layers):
-                    stats = layer.aux.stats
-                    if stats is None:
-                        continue
-                    tpe = stats.tokens_per_expert.detach().double().cpu()
-                    totals[i] = tpe if totals[i] is None else totals[i] + tpe
-            for i, (label, _) in enumerate(layers):
-                counts[label][pair] = totals[i].tolist() if totals[i] is not None else []
-    return counts
 
 
 def shares(rows):
@@ -153,9 +93,6 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     for name in ("fairseq", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose and name == "fairseq" else logging.WARNING)
-    from fairseq import checkpoint_utils
-
-    import moe_fairseq.plugin  # noqa: F401  (model, task and checkpoint hooks: what --user-dir would load)
     from moe_fairseq.models.transformer_moe import apply_eval_overrides
     from moe_fairseq import plots
 
@@ -172,8 +109,8 @@ def main(argv=None):
     results, batches, pairs, layer_names = {}, None, None, None
     start = time.time()
     for i, (label, update, path) in enumerate(ckpts, 1):
-        models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": args.data})
-        model = models[0].to(device).eval()
+        model, cfg = load_model(path, args.data)
+        model = model.to(device)
         apply_eval_overrides(model, args.moe_eval_top_k, args.moe_eval_capacity_factor)
         if batches is None:
             pairs = args.lang_pairs.split(",") if args.lang_pairs else list(cfg.task.lang_pairs)
@@ -185,7 +122,7 @@ def main(argv=None):
                   f"{sum(len(b) for b in batches.values())} batches of {args.split}", flush=True)
         results[str(Path(path).resolve())] = {"label": label, "update": update, "counts": measure(model, batches, device)}
         print(f"[{i}/{len(ckpts)}] {path.name} ({label}) done, {time.time() - start:.0f}s elapsed", flush=True)
-        del model, models
+        del model
 
     (out_dir / "expert_usage.json").write_text(json.dumps(
         {"split": args.split, "sentences_per_direction": args.sentences, "directions": pairs,

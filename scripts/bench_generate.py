@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Decoding speed: fairseq's SequenceGenerator (in-process) on a test set, MoE against its dense twin.
+
+  python scripts/bench_generate.py --data data-bin/multi30k --out docs/bench_generate.json \
+      [--configs dense,moe_top2,smoe_dropout] [--checkpoints NAME=CKPT,...] [--pair en-de] \
+      [--split test] [--sentences 128] [--batch-sizes 1,16,128] [--beams 1,5] [--smoe-ks 1,2,4,8] \
+      [--fixed-len 20] [--repeats 5] [--threads 2] [--model-args "--encoder-layers 1 ..."]
+
+Models.  Each of --configs (configs/multi30k/NAME.args) is built with random initialisation
+(seed 1) from its config, exactly as fairseq-train would build it: `dense` is the dense twin of
+`moe_top2` with the same dims and equal active FFN compute (configs/README.md).  Or
+--checkpoints NAME=PATH,... loads trained models instead (their own dims; the study's checkpoints
+of the same configs are the fair comparison).  Every model whose routers are SMoE-Dropout's
+random router is timed once per evaluation k of --smoe-ks (labels NAME_k1, NAME_k2, ...), the
+self-slimmable compute knob.  --model-args adds fairseq flags to every config (e.g. smaller dims
+for a smoke test); --lang-pairs replaces the configs' directions (the data must have them).
+
+Decoding.  The first --sentences sentences of --split for --pair, in order, are cut into batches
+of B sentences for each B of --batch-sizes and translated with `task.inference_step` (the
+generator fairseq-generate uses, with the direction's language tokens) for each beam size of
+--beams.  With --fixed-len L (the default for random initialisation, where an untrained model's
+output length is arbitrary) every hypothesis is exactly L tokens plus end-of-sentence
+(min_len = max_len = L), so every model decodes the same number of steps; with --fixed-len 0
+trained models decode as fairseq-generate does (max_len_b 200).
+
+Timing.  One untimed batch per (model, B, beam) first; then --repeats rounds, each timing every
+(model, B, beam) once over all --sentences, the models interleaved and their order rotated each
+round, so that the machine's drift touches every model alike.  Throughput is the tokens of the
+best hypotheses (fairseq-generate's count: target tokens including end-of-sentence) per second
+of wall-clock time.  Reported per (model, B, beam): the median over rounds of tokens/s and
+sentences/s, every round's value, and against --reference (default `dense`): the median over
+rounds of (model / reference in that round) and the ratio of the medians.
+
+Writes the JSON to --out and prints a markdown table.  Run it on a quiet machine: nothing else
+should be running (docs/benchmarks.md).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from moe_fairseq.expert_usage import USER_DIR, direction_task, load_model, sentence_batches  # noqa: E402
+from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
+
+
+def int_list(text, flag):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise MoEUsageError(f"{flag} must be a comma-separated list of positive integers (got {text!r})")
+    return values
+
+
+def config_args(name):
+    path = REPO / "configs" / "multi30k" / f"{name}.args"
+    if not path.is_file():
+        raise MoEUsageError(f"--configs: no config {path}")
+    return [tok for line in path.read_text().splitlines() if not line.startswith("#") for tok in line.split()]
+
+
+def build_from_config(name, data, model_args, lang_pairs, seed):
+    """(model in eval mode, its training args) with random initialisation, as fairseq-train builds it."""
+    import torch
+    from fairseq import options, tasks
+
+    argv = [data, "--user-dir", USER_DIR, *config_args(name), "--cpu", "--seed", str(seed), *model_args]
+    if lang_pairs:
+        argv += ["--lang-pairs", lang_pairs]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    task = tasks.setup_task(args)
+    torch.manual_seed(seed)
+    return task.build_model(args).eval(), args
+
+
+def routers_of(model):
+    from moe_fairseq.moe.collect import moe_layers
+
+    return [layer.router for layer in moe_layers(model)]
+
+
+def active_k(router):
+    """Experts per token the router uses now (evaluation mode): noisy_topk and random can change it."""
+    return router.current_k() if hasattr(router, "current_k") else router.k
+
+
+class Variant:
+    """One timed model: a built model, its per-direction task and, for the random router, its k."""
+
+    def __init__(self, label, model, task_args, eval_k=None):
+        self.label, self.model, self.task_args, self.eval_k = label, model, task_args, eval_k
+        self.task = None
+
+    def activate(self):
+        """Set this variant's evaluation k (variants of one SMoE model share the model)."""
+        if self.eval_k is not None:
+            from moe_fairseq.models.transformer_moe import apply_eval_overrides
+
+            apply_eval_overrides(self.model, self.eval_k)
+
+    def describe(self):
+        routers = routers_of(self.model)
+        return {"label": self.label, "parameters": sum(p.numel() for p in self.model.parameters()),
+                "moe_layers": len(routers), "experts": routers[0].num_experts if routers else 0,
+                "router": type(routers[0]).__name__ if routers else None, "eval_top_k": self.eval_k}
+
+
+def make_variants(args):
+    variants = []
+    models = []
+    model_args = args.model_args.split() if args.model_args else []
+    for name in filter(None, (args.configs or "").split(",")):
+        model, train_args = build_from_config(name, args.data, model_args, args.lang_pairs, args.seed)
+        models.append((name, model, train_args))
+    for item in filter(None, (args.checkpoints or "").split(",")):
+        if "=" not in item:
+            raise MoEUsageError(f"--checkpoints takes NAME=PATH items (got {item!r})")
+        name, path = item.split("=", 1)
+        if not os.path.isfile(path):
+            raise MoEUsageError(f"--checkpoints: {path} does not exist")
+        model, cfg = load_model(path, args.data)
+        models.append((name, model, cfg.task))
+    if not models:
+        raise MoEUsageError("nothing to time: give --configs and/or --checkpoints")
+    labels = [name for name, _, _ in models]
+    if len(set(labels)) != len(labels):
+        raise MoEUsageError(f"model names must be unique (got {', '.join(labels)})")
+    for name, model, task_args in models:
+        routers = routers_of(model)
+        if routers and type(routers[0]).__name__ == "RandomRouter":
+            for k in args.smoe_ks:
+                if k > routers[0].num_experts:
+                    raise MoEUsageError(f"--smoe-ks: k = {k} exceeds the {routers[0].num_experts} experts of {name}")
+                variants.append(Variant(f"{name}_k{k}", model, task_args, k))
+        else:
+            variants.append(Variant(name, model, task_args))
+    return variants
+
+
+def generator_args(beam, fixed_len):
+    if fixed_len:
+        # min_len = max_len: end-of-sentence is forbidden before step L and forced at step L
+        return argparse.Namespace(beam=beam, min_len=fixed_len, max_len_a=0, max_len_b=fixed_len)
+    return argparse.Namespace(beam=beam)
+
+
+def decode(variant, batches, generator):
+    """(seconds, sentences, tokens) of translating `batches` once."""
+    import torch
+
+    sentences = tokens = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            hypos = variant.task.inference_step(generator, [variant.model], batch)
+            sentences += len(hypos)
+            tokens += sum(len(h[0]["tokens"]) for h in hypos)
+    return time.perf_counter() - start, sentences, tokens
+
+
+def run(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    variants = make_variants(args)
+    batches, generators = {}, {}
+    for v in variants:
+        v.task = direction_task(argparse.Namespace(task=v.task_args), args.data, args.pair, args.split)
+        dataset = v.task.dataset(args.split)
+        for b in args.batch_sizes:
+            batches[v.label, b] = sentence_batches(dataset, args.sentences, b)
+        for beam in args.beams:
+            generators[v.label, beam] = v.task.build_generator([v.model], generator_args(beam, args.fixed_len))
+    settings = [(b, beam) for b in args.batch_sizes for beam in args.beams]
+    records = {(v.label, b, beam): {"seconds": [], "tokens_per_s": [], "sentences_per_s": []}
+               for v in variants for b, beam in settings}
+    for v in variants:  # warm-up: one batch of every setting
+        v.activate()
+        for b, beam in settings:
+            decode(v, batches[v.label, b][:1], generators[v.label, beam])
+    for r in range(args.repeats):
+        for b, beam in settings:
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for v in order:
+                v.activate()
+                seconds, sentences, tokens = decode(v, batches[v.label, b], generators[v.label, beam])
+                rec = records[v.label, b, beam]
+                rec.update(sentences=sentences, tokens=tokens)
+                rec["seconds"].append(seconds)
+                rec["tokens_per_s"].append(tokens / seconds)
+                rec["sentences_per_s"].append(sentences / seconds)
+                rec["eval_top_k_used"] = sorted({active_k(router) for router in routers_of(v.model)})
+        print(f"round {r + 1}/{args.repeats} done", flush=True)
+    return variants, summarise(records, variants, settings, args.reference)
+
+
+def summarise(records, variants, settings, reference):
+    labels = [v.label for v in variants]
+    if reference is not None and reference not in labels:
+        raise MoEUsageError(f"--reference {reference} is not one of the timed models ({', '.join(labels)})")
+    rows = []
+    for b, beam in settings:
+        for label in labels:
+            rec = records[label, b, beam]
+            row = {"model": label, "batch_sentences": b, "beam": beam, "sentences": rec["sentences"],
+                   "tokens": rec["tokens"], "eval_top_k_used": rec["eval_top_k_used"],
+                   "tokens_per_s_median": statistics.median(rec["tokens_per_s"]),
+                   "sentences_per_s_median": statistics.median(rec["sentences_per_s"]),
+                   "tokens_per_s_all": rec["tokens_per_s"], "seconds_all": rec["seconds"]}
+            if reference is not None:
+                ref = records[reference, b, beam]["tokens_per_s"]
+                row["ratio_to_reference_paired_median"] = statistics.median(
+                    [x / y for x, y in zip(rec["tokens_per_s"], ref)])
+                row["ratio_to_reference_of_medians"] = row["tokens_per_s_median"] / statistics.median(ref)
+            rows.append(row)
+    return rows
+
+
+def markdown(rows, reference):
+    head = "| model | batch | beam | tokens/s (median) | sentences/s |"
+    head += f" / {reference} (paired) |" if reference else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['model']} | {r['batch_sentences']} | {r['beam']} | {r['tokens_per_s_median']:.1f} | "
+                f"{r['sentences_per_s_median']:.2f} |")
+        if reference:
+            line += f" {r['ratio_to_reference_paired_median']:.2f}x |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--data", required=True, help="data-bin directory with the --split data of --pair")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--configs", default="dense,moe_top2,smoe_dropout",
+                   help="configs/multi30k/NAME.args to build with random initialisation ('' for none)")
+    p.add_argument("--checkpoints", help="NAME=PATH,... trained checkpoints to time as well")
+    p.add_argument("--reference", default="dense", help="model the ratios are taken against ('' for none)")
+    p.add_argument("--pair", default="en-de", help="direction to translate (default en-de)")
+    p.add_argument("--lang-pairs", help="directions of the configs' task (default: the configs' own)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--sentences", type=int, default=128, help="sentences translated per timing (default 128)")
+    p.add_argument("--batch-sizes", default="1,16,128", help="sentences per batch (default 1,16,128)")
+    p.add_argument("--beams", default="1,5", help="beam sizes (default 1,5)")
+    p.add_argument("--smoe-ks", default="1,2,4,8", help="evaluation k of random-router models (default 1,2,4,8)")
+    p.add_argument("--fixed-len", type=int,
+                   help="every hypothesis exactly L tokens (default 20 with --configs only, else 0 = natural)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--seed", type=int, default=1, help="initialisation seed of the config models")
+    p.add_argument("--model-args", help="extra fairseq flags for every config, e.g. smaller dims for a smoke test")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
+        args.beams = int_list(args.beams, "--beams")
+        args.smoe_ks = int_list(args.smoe_ks, "--smoe-ks")
+        if args.fixed_len is None:
+            args.fixed_len = 0 if args.checkpoints else 20
+        if args.fixed_len < 0 or args.repeats < 1 or args.sentences < 1 or args.threads < 1:
+            raise MoEUsageError("--fixed-len must be >= 0; --repeats, --sentences and --threads >= 1")
+        args.reference = args.reference or None
+        import logging
+
+        logging.getLogger("fairseq").setLevel(logging.WARNING)
+        variants, rows = run(args)
+    except MoEUsageError as e:
+        sys.exit(f"bench_generate: error: {e}")
+    import torch
+
+    meta = {"data": args.data, "pair": args.pair, "split": args.split, "sentences": args.sentences,
+            "batch_sizes": args.batch_sizes, "beams": args.beams, "fixed_len": args.fixed_len,
+            "repeats": args.repeats, "threads": args.threads, "reference": args.reference,
+            "configs": args.configs, "checkpoints": args.checkpoints, "model_args": args.model_args,
+            "models": [v.describe() for v in variants], "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average": list(os.getloadavg()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(markdown(rows, args.reference))
+    print(f"wrote {out}")
+    return {"meta": meta, "results": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""scripts/bench_generate.py on tiny settings: the JSON has every (model, batch, beam), fixed
+output lengths, the SMoE-Dropout k actually used, and medians / ratios that match their raw
+values.  (The real timing run is not a test: it needs a quiet machine.)"""
+import importlib.util
+import json
+import statistics
+
+import pytest
+
+from cli_helpers import REPO, make_tiny_corpus, run, train_cmd
+
+TINY = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+        "--encoder-attention-heads 2 --decoder-attention-heads 2")
+SENTENCES, LENGTH, REPEATS = 5, 4, 3
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "scripts" / "bench_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def common(data, out):
+    return ["--data", str(data), "--out", str(out), "--lang-pairs", "en-de,en-fr", "--sentences", str(SENTENCES),
+            "--batch-sizes", "1,4", "--beams", "1,2", "--repeats", str(REPEATS), "--threads", "1",
+            "--fixed-len", str(LENGTH)]
+
+
+def test_configs_dense_twin_moe_and_smoe_ks(data, tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench().main(common(data, out) + ["--model-args", TINY, "--smoe-ks", "1,2,8"])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    rows = {(r["model"], r["batch_sentences"], r["beam"]): r for r in saved["results"]}
+    models = ["dense", "moe_top2", "smoe_dropout_k1", "smoe_dropout_k2", "smoe_dropout_k8"]
+    assert sorted(rows) == sorted((m, b, beam) for m in models for b in (1, 4) for beam in (1, 2))
+    described = {m["label"]: m for m in saved["meta"]["models"]}
+    assert described["dense"]["experts"] == 0 and described["moe_top2"]["experts"] == 8
+    assert described["moe_top2"]["router"] == "Top2Router"
+    assert described["smoe_dropout_k1"]["router"] == "RandomRouter"
+    for (model, b, beam), r in rows.items():
+        assert r["sentences"] == SENTENCES
+        assert r["tokens"] == SENTENCES * (LENGTH + 1)  # L tokens + end-of-sentence, whatever the model
+        assert len(r["tokens_per_s_all"]) == len(r["seconds_all"]) == REPEATS
+        assert r["tokens_per_s_all"] == pytest.approx([r["tokens"] / s for s in r["seconds_all"]])
+        assert r["tokens_per_s_median"] == sorted(r["tokens_per_s_all"])[REPEATS // 2]
+        ref = rows["dense", b, beam]["tokens_per_s_all"]
+        paired = sorted(x / y for x, y in zip(r["tokens_per_s_all"], ref))[REPEATS // 2]
+        assert r["ratio_to_reference_paired_median"] == pytest.approx(paired)
+        assert r["ratio_to_reference_of_medians"] == pytest.approx(r["tokens_per_s_median"] / statistics.median(ref))
+        want_k = {"dense": [], "moe_top2": [2]}[model] if "_k" not in model else [int(model.rsplit("_k", 1)[1])]
+        assert r["eval_top_k_used"] == want_k
+    assert saved["meta"]["fixed_len"] == LENGTH and saved["meta"]["repeats"] == REPEATS
+
+
+def test_trained_checkpoint_with_language_tokens(data, tmp_path):
+    save = tmp_path / "smoe"
+    run(train_cmd(data, save, "--moe-router", "random", "--moe-split-ffn", max_update=2))
+    out = tmp_path / "bench.json"
+    result = bench().main(common(data, out) + ["--configs", "", "--reference", "",
+                                               "--checkpoints", f"smoe={save / 'checkpoint_last.pt'}",
+                                               "--smoe-ks", "1,4"])
+    rows = result["results"]
+    assert sorted({r["model"] for r in rows}) == ["smoe_k1", "smoe_k4"]
+    # the decoder's language token is the forced first of the L tokens
+    assert all(r["tokens"] == SENTENCES * (LENGTH + 1) for r in rows)
+    assert all("ratio_to_reference_paired_median" not in r for r in rows)
+
+
+def test_bad_options_are_one_line_errors(data, tmp_path):
+    with pytest.raises(SystemExit, match="--smoe-ks: k = 16 exceeds the 8 experts of smoe_dropout"):
+        bench().main(common(data, tmp_path / "x.json") + ["--model-args", TINY, "--configs", "smoe_dropout",
+                                                          "--reference", "", "--smoe-ks", "16"])
+    with pytest.raises(SystemExit, match="--batch-sizes must be a comma-separated list"):
+        bench().main(common(data, tmp_path / "x.json") + ["--batch-sizes", "0"])
+    assert not (tmp_path / "x.json").exists()
