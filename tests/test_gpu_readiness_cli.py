@@ -37,7 +37,7 @@ def test_checkpoint_activations_two_processes_expert_parallel(data, tmp_path):
     proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *cmd])
     log = proc.stdout + proc.stderr
     assert "'distributed_world_size': 2" in log
-    assert log.count("activation checkpointing: 2 MoE transformer layers") == 2  # on each rank
+    assert "activation checkpointing: 2 MoE transformer layers" in log  # fairseq logs from rank 0 only
     assert max(float(v) for v in re.findall(r"moe_a2a_mb=([0-9.]+)", log)) > 0  # tokens crossed ranks
     assert "done training" in log
 
