@@ -130,3 +130,10 @@ def test_same_seed_same_gradients_with_dropout():
     c = train_step(make_layer("encoder", kw, 0.2, checkpoint=True), seed=4)[3]
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], c[n]) for n in a)  # the seed matters: dropout is on
+
+
+def test_expert_parallel_two_gloo_ranks():
+    """Dropout off and on, 2 processes, 2 experts each (tests/ep_worker.py: checkpointing)."""
+    from test_expert_parallel import spawn
+
+    spawn(2, ("checkpointing", dict(num_experts=4)), ("checkpointing", dict(num_experts=4, dropout=0.2)))
