@@ -39,6 +39,12 @@ exists:
 8. sys.excepthook.  fairseq's command lines let exceptions from model/task construction escape
    with a full traceback; a MoEUsageError (a bad flag or file) is printed as one line
    (cli_errors.py).
+9. fairseq.utils.clip_grad_norm_.  The gradient norm fairseq computes, and checks for an fp16
+   overflow (--fp16, --memory-efficient-fp16, --amp) and for agreement between ranks, leaves
+   out every parameter marked `expert`: an overflow in expert gradients alone went unnoticed
+   and the step wrote inf/nan into the experts.  The norm is made inf when any expert gradient
+   is not finite, on every rank alike (one MAX all-reduce of a flag: ranks hold different
+   experts, and fairseq stops when ranks report different norms); fairseq then skips the step.
 """
 import argparse
 import contextlib
@@ -86,6 +92,7 @@ def install():
     from fairseq.models import distributed_fairseq_model
     from fairseq.optim.fairseq_optimizer import FairseqOptimizer
     from fairseq.trainer import Trainer
+    from fairseq import utils as fairseq_utils
 
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
     if add_safe_globals is not None:  # torch < 2.4 has no weights_only default to satisfy
@@ -94,7 +101,8 @@ def install():
                      all_reduce_grads=FairseqOptimizer.all_reduce_grads,
                      save_checkpoint=checkpoint_utils.save_checkpoint,
                      load_checkpoint_to_cpu=checkpoint_utils.load_checkpoint_to_cpu,
-                     trainer_load_checkpoint=Trainer.load_checkpoint)
+                     trainer_load_checkpoint=Trainer.load_checkpoint,
+                     clip_grad_norm_=fairseq_utils.clip_grad_norm_)
     distributed_utils.infer_init_method = infer_init_method
     base_ddp = distributed_fairseq_model.DistributedDataParallel
     distributed_fairseq_model.DistributedDataParallel = _cpu_ddp_class(base_ddp)
@@ -102,6 +110,7 @@ def install():
     checkpoint_utils.save_checkpoint = save_checkpoint
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
     Trainer.load_checkpoint = trainer_load_checkpoint
+    fairseq_utils.clip_grad_norm_ = clip_grad_norm_
     _installed = True
 
 
@@ -236,3 +245,16 @@ def trainer_load_checkpoint(self, filename, *args, **kwargs):
         with open_dict(self.cfg):
             self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
     return _original["trainer_load_checkpoint"](self, filename, *args, **kwargs)
+
+
+# ------------------------------------------------------------------ 9. overflow in expert gradients
+def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
+    params = [params] if torch.is_tensor(params) else list(params)
+    total = _original["clip_grad_norm_"](params, max_norm, aggregate_norm_fn)
+    expert = [p.grad for p in params if getattr(p, "grad", None) is not None and hasattr(p, "expert")]
+    if not expert:
+        return total
+    bad = torch.stack([~torch.isfinite(g).all() for g in expert]).any().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank with experts calls this, in step
+    return total + float("inf") if bad > 0 else total

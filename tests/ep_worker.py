@@ -227,5 +227,51 @@ def bad_sharding(rank, world, num_experts):
         raise AssertionError("no ValueError")
 
 
+def checkpointing(rank, world, num_experts, dropout=0.0):
+    """An expert-parallel MoE transformer encoder layer with --checkpoint-activations against the
+    same layer without: equal gradients (exactly: the recomputation replays the same RNG draws),
+    aux losses counted once, and the recomputation repeats exactly the forward's all-to-alls, the
+    same number on every rank (uneven token counts, so the ranks' backward needs differ)."""
+    from fairseq.models.transformer import TransformerConfig
+
+    from moe_fairseq.models.moe_transformer_layers import MoETransformerEncoderLayer
+    from moe_fairseq.moe.collect import pop_aux
+
+    results = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        cfg = TransformerConfig()
+        cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.attention_heads = M, F, 2
+        cfg.dropout = cfg.attention_dropout = dropout
+        cfg.checkpoint_activations = checkpointed
+        comm = ExpertParallelComm(num_experts)
+        moe = build_moe_layer(MoEConfig(num_experts=num_experts, router="top2", expert_dropout=dropout, jitter_eps=0.1),
+                              M, F, comm=comm)
+        layer = MoETransformerEncoderLayer(cfg, moe).train()
+        g = torch.Generator().manual_seed(10 + rank)
+        tokens = 5 + 3 * rank
+        x = torch.randn(tokens, 3, M, generator=g).requires_grad_(True)
+        mask = torch.zeros(3, tokens, dtype=torch.bool)
+        mask[0, -2:] = True
+        target = torch.randn(tokens, 3, M, generator=g)
+        torch.manual_seed(7 + rank)
+        out = layer(x, mask)
+        losses, _ = pop_aux(layer)
+        forward_calls = comm.all_to_all_calls
+        ((out * target).sum() + sum(v for d in losses for v in d.values())).backward()
+        grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters() if p.grad is not None}}
+        results[checkpointed] = grads, forward_calls, comm.all_to_all_calls, moe.aux
+    (plain, plain_fwd, plain_all, _), (ckpt, ckpt_fwd, ckpt_all, left) = results[False], results[True]
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        if not torch.equal(plain[name], ckpt[name]):
+            raise AssertionError(f"grad of {name} differs with checkpointing")
+    assert plain_fwd == ckpt_fwd > 0 and ckpt_all == plain_all + ckpt_fwd, (plain_fwd, ckpt_fwd, plain_all, ckpt_all)
+    calls = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(calls, torch.tensor([ckpt_all]))
+    assert len({int(c) for c in calls}) == 1, f"all-to-alls per rank differ: {calls}"
+    assert not left.losses and left.stats is None  # the recomputation's aux was discarded
+
+
 SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
-             "bad_sharding": bad_sharding}
+             "bad_sharding": bad_sharding, "checkpointing": checkpointing}

@@ -56,6 +56,7 @@ def test_any_part_of_the_plugin_registers_all_of_it_and_install_is_idempotent():
     from fairseq.models import MODEL_REGISTRY, distributed_fairseq_model
     from fairseq.optim.fairseq_optimizer import FairseqOptimizer
     from fairseq.tasks import TASK_REGISTRY
+    from fairseq import utils as fairseq_utils
     from fairseq.trainer import Trainer
     from moe_fairseq import fairseq_patches as fp
 
@@ -68,7 +69,8 @@ def test_any_part_of_the_plugin_registers_all_of_it_and_install_is_idempotent():
                "all_reduce_grads": FairseqOptimizer.all_reduce_grads,
                "save_checkpoint": checkpoint_utils.save_checkpoint,
                "load_checkpoint_to_cpu": checkpoint_utils.load_checkpoint_to_cpu,
-               "trainer_load_checkpoint": Trainer.load_checkpoint}
+               "trainer_load_checkpoint": Trainer.load_checkpoint,
+               "clip_grad_norm_": fairseq_utils.clip_grad_norm_}
     for name, function in patched.items():
         assert function is getattr(fp, name), name
         assert fp._original[name] is not function, f"{name} wraps itself: installed twice"

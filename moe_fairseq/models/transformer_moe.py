@@ -3,8 +3,10 @@
 With no MoE layers (--moe-expert-count 0 or --moe-freq 0) every module is fairseq's own, so a
 dense baseline runs the very same code path and has exactly the transformer's parameters.
 """
+import importlib.util
 import logging
 
+import torch
 import torch.distributed as dist
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerEncoderBase
@@ -94,9 +96,18 @@ class TransformerMoEModel(TransformerModel):
     def build_model(cls, args, task):
         set_moe_defaults(args)
         validate_moe_args(args)
+        check_precision_flags(args)
         # The MoE config (moe_eval_top_k included) reaches every router when it is built; the
         # task applies its own --moe-eval-top-k (generation) afterwards.
-        return super().build_model(args, task)
+        model = super().build_model(args, task)
+        from ..moe.collect import moe_layers
+
+        checkpointed = [m for m in model.modules() if getattr(m, "checkpoint_activations", False)]
+        if checkpointed:  # fairseq says nothing about checkpointing; say that MoE layers are included
+            logger.info(f"activation checkpointing: {len(checkpointed)} MoE transformer layers checkpointed "
+                        f"(non-reentrant, offload={checkpointed[0].offload_activations}) of "
+                        f"{len(moe_layers(model))} MoE layers")
+        return model
 
     # The MoE options are read from the flags once for the encoder and once for the decoder
     # (fairseq hands each its config, not the model's), not once per layer.
@@ -136,6 +147,31 @@ def validate_moe_args(args):
             expert_sharding(args.moe_expert_count, dist.get_world_size())
         except ValueError as e:
             raise MoEUsageError(str(e)) from None
+
+
+# fairseq 0.12 trains in half precision on CUDA only.  Without a GPU (or with --cpu) --bf16 is
+# taken for TPU training (AttributeError from torch_xla deep in fairseq), --fp16 moves tensors
+# with .cuda() (and so does every fp16 overflow step, even --memory-efficient-fp16's), and
+# --amp's autocast is CUDA's, which leaves CPU tensors in fp32: a run that says it is mixed
+# precision and is not.  The MoE layer itself computes in all these modes on CPU too
+# (tests/test_precision.py); it is fairseq's trainer that cannot.  Most specific flag first.
+HALF_PRECISION_FLAGS = (("memory_efficient_fp16", "--memory-efficient-fp16"),
+                        ("memory_efficient_bf16", "--memory-efficient-bf16"), ("amp", "--amp"),
+                        ("fp16", "--fp16"), ("bf16", "--bf16"))
+
+
+def check_precision_flags(args, cuda_available=None):
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    # fairseq turns --tpu on for every --bf16 run, so --tpu alone does not mean a TPU is there.
+    if getattr(args, "tpu", False) and importlib.util.find_spec("torch_xla") is not None:
+        return
+    if cuda_available and not getattr(args, "cpu", False):
+        return
+    for attr, flag in HALF_PRECISION_FLAGS:
+        if getattr(args, attr, False):
+            where = "--cpu is set" if getattr(args, "cpu", False) else "no CUDA GPU is available"
+            raise MoEUsageError(f"{flag} needs a CUDA GPU with fairseq 0.12 ({where}): train in fp32 on CPU")
 
 
 def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):

@@ -37,6 +37,12 @@ def dispatch(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def combine(expert_out: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    weighted = expert_out * plan.gate.to(expert_out.dtype).unsqueeze(1)
-    out = expert_out.new_zeros(num_tokens, expert_out.shape[1])
+    """Sum of gate * expert output per token, in at least fp32 whatever the experts' dtype: the
+    gate (fp32 from the router) is not rounded to half precision, a token's k contributions are
+    added without rounding in between, and the router's gradient d loss / d gate (a dot product
+    of expert output and output gradient) is accumulated in fp32.  The caller casts the result
+    back to the residual stream's dtype."""
+    dtype = torch.promote_types(expert_out.dtype, torch.float32)
+    weighted = expert_out.to(dtype) * plan.gate.to(dtype).unsqueeze(1)
+    out = expert_out.new_zeros(num_tokens, expert_out.shape[1], dtype=dtype)
     return out.index_add(0, plan.token_index, weighted)

@@ -5,6 +5,12 @@ every expert's GEMM straight into preallocated (N, .) buffers and (E, ., .) weig
 Left to autograd, `w1[e]` per expert costs a zero-filled (E, M, F) gradient per expert and
 slot in the backward (O(E^2 M F)), and `torch.cat` one more copy of the output; the Function
 does exactly the work of a dense FFN on the same N rows: 2 GEMMs forward, 4 backward.
+
+Mixed precision: under torch.autocast (fairseq's --amp; CPU bf16 or CUDA fp16) the experts
+compute in the autocast dtype, as nn.Linear would: `compute_dtype` picks it, the inputs and
+weights are cast before the Function (the casts are ordinary autograd ops, so fp32 weights get
+fp32 gradients) and the Function itself runs with autocast off, because its `out=` GEMMs are
+not autocast ops and would otherwise meet half-precision activations and fp32 weights.
 """
 import math
 from typing import List, Optional, Sequence
@@ -64,6 +70,13 @@ class _GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        # Every saved tensor has the forward's dtype; a backward called inside an autocast
+        # region must not recast them (the forward ran with autocast off too).
+        with torch.autocast(gy.device.type, enabled=False):
+            return _GroupedFFN._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         x, w1, w2, h, pre, mask = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         counts = ctx.counts
@@ -109,6 +122,14 @@ class _GroupedFFN(torch.autograd.Function):
                 for e, start, c in groups:
                     torch.mm(gh[start:start + c], w1[e].t(), out=gx[start:start + c])
         return gx, gw1, gb1, gw2, gb2, None, None, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's when it is on for x's device, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _starts(counts: Sequence[int]) -> List[int]:
@@ -177,7 +198,10 @@ class FFNExperts(nn.Module):
             raise IndexError(f"{len(counts)} expert counts for {self.num_local} local experts")
         if x.shape[0] > 0 and (self.activation is F.relu or self.activation in _ACTIVATION_BACKWARD):
             p = self.expert_dropout if self.training else 0.0
-            return _GroupedFFN.apply(x, self.w1, self.b1, self.w2, self.b2, counts, self.activation, p)
+            dtype = compute_dtype(x)
+            w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
+            with torch.autocast(x.device.type, enabled=False):
+                return _GroupedFFN.apply(x.to(dtype), w1, b1, w2, b2, counts, self.activation, p)
         # Generic path (custom activation, or no rows at all).  unbind, not w[e]: one stacked
         # gradient per weight instead of a zero-filled (E, ., .) tensor per expert.
         w1, b1, w2, b2 = (t.unbind(0) for t in (self.w1, self.b1, self.w2, self.b2))

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .comm import LocalComm
 from .dispatch import combine, dispatch, plan_dispatch
-from .experts import FFNExperts
+from .experts import FFNExperts, compute_dtype
 from .gating_dropout import MODES as GATING_DROPOUT_MODES
 from .gating_dropout import check_rate, gating_dropout_fires
 from .routers import Router
@@ -86,14 +86,20 @@ class MoELayer(nn.Module):
         return out.view(shape)
 
     def _forward_routed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The router sees the tokens as they come (it computes in fp32 anyway); the experts'
+        # copy is cast to their compute dtype before dispatch, so under autocast the
+        # all-to-all carries half-precision rows, as a dense FFN's GEMM would read them.
         routing = self.router(tokens)
         plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, self.router.num_experts)
-        local_in, local_counts, handle = self.comm.exchange(dispatch(tokens, plan), plan.counts, plan.counts_list)
+        sent = dispatch(tokens.to(compute_dtype(tokens)), plan)
+        local_in, local_counts, handle = self.comm.exchange(sent, plan.counts, plan.counts_list)
         expert_out = self.comm.exchange_back(self.experts(local_in, local_counts), handle)
-        out = combine(expert_out, plan, tokens.shape[0])
+        # Output in the input's dtype: under autocast that is the fp32 residual stream, which
+        # the fp32 combine feeds without another rounding.
+        out = combine(expert_out, plan, tokens.shape[0]).to(tokens.dtype)
         stats = None
         if self.collect_stats:
-            elem = tokens.element_size() * tokens.shape[1]
+            elem = sent.element_size() * tokens.shape[1]
             stats = RoutingStats(
                 num_tokens=torch.tensor(float(tokens.shape[0])),
                 requested_slots=torch.tensor(float(routing.expert_index.numel())),
@@ -117,7 +123,8 @@ class MoELayer(nn.Module):
             assignment = torch.arange(n, device=tokens.device) % num_local
             order = torch.sort(assignment, stable=True).indices
             local_counts = [(n - e + num_local - 1) // num_local for e in range(num_local)]
-            out = tokens.new_zeros(tokens.shape).index_copy(0, order, self.experts(tokens.index_select(0, order), local_counts))
+            expert_out = self.experts(tokens.index_select(0, order), local_counts).to(tokens.dtype)
+            out = tokens.new_zeros(tokens.shape).index_copy(0, order, expert_out)
         stats = None
         if self.collect_stats:
             per_expert = torch.zeros(self.router.num_experts, dtype=torch.long, device=tokens.device)

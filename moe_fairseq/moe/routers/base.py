@@ -113,5 +113,9 @@ def check_top_k(k: int, num_experts: int, flag: str = "--moe-top-k"):
 
 
 def fp32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router logits in fp32 whatever the model's dtype: softmax over experts in fp16 is unstable."""
-    return torch.nn.functional.linear(x.float(), weight.float())
+    """Router logits in fp32 whatever the model's dtype: softmax over experts in fp16 is unstable,
+    and a near tie between two experts rounded in bf16 (8 bits) flips the routing.  Autocast is
+    switched off here, since it would run this linear map in half precision again; everything
+    downstream of the logits (softmax, top-k, gates, aux losses) then stays fp32 by itself."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), weight.float())
