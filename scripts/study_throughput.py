@@ -118,6 +118,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--updates", type=int, default=30)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--conditions", default="nothing else running",
+                   help="what else ran on the host meanwhile (recorded and printed by the report)")
     args = p.parse_args(argv)
     names = args.configs.split(",")
     if args.anchor not in names:
@@ -152,6 +154,7 @@ def main(argv=None):
                          "ratio_of_medians": (1.0 / statistics.median(per_round_s)) / statistics.median(anchor)}
     result = {"anchor": args.anchor, "rounds": args.rounds, "warmup": args.warmup, "updates": args.updates,
               "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+              "conditions": args.conditions,
               "date": time.strftime("%Y-%m-%d %H:%M"), "configs": configs, "raw": raw}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -157,8 +157,11 @@ def test_report_writes_study_json_tables_and_plots(tmp_path, refs, raw_dir):
         make_run(out, "fairseq_dense", seed, refs, 0.35, [6.0, 5.0 + 0.01 * seed])
         make_run(out, "moe_top2", seed, refs, 0.15, [5.8, 4.8 + 0.01 * seed])
     (out / "throughput.json").write_text(json.dumps({
-        "rounds": 3, "threads": 2, "configs": {"fairseq_dense": {"ups": 0.5, "wps": 1700, "ratio": 1.0},
-                                               "moe_top2": {"ups": 0.6, "wps": 2000, "ratio": 1.2}}}))
+        "anchor": "fairseq_dense", "rounds": 3, "threads": 2, "date": "2026-11-27 14:23", "conditions": "a test host",
+        "configs": {"fairseq_dense": {"ups": 0.5, "wps": 1700, "ratio": 1.0},
+                    "moe_top2": {"ups": 0.6, "wps": 2000, "ratio": 1.2}},
+        "raw": {"fairseq_dense": [{"round": r, "ups": u} for r, u in enumerate((0.5, 0.4, 0.5))],
+                "moe_top2": [{"round": r, "ups": u} for r, u in enumerate((0.6, 0.6, 0.55))]}}))
     report.main(["equal-time", str(out), "--data", "unused"])  # faster than the anchor: its final checkpoint
     results = tmp_path / "results.md"
     results.write_text(f"# Study\n\nprose kept\n\n{report.BEGIN}\nold numbers\n{report.END}\n\nmore prose\n")
@@ -177,6 +180,8 @@ def test_report_writes_study_json_tables_and_plots(tmp_path, refs, raw_dir):
     text = results.read_text()
     assert "prose kept" in text and "more prose" in text and "old numbers" not in text
     assert "| moe_top2 − fairseq_dense |" in text and "| fairseq_dense | 3 | 100 |" in text
+    # the speed table names the conditions and shows every round's ratio beside the median
+    assert "a test host; 2026-11-27 14:23" in text and "| 1.20, 1.50, 1.10 |" in text
     for png in ("study_convergence_updates.png", "study_convergence_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
