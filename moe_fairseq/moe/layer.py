@@ -97,20 +97,21 @@ class MoELayer(nn.Module):
         # Output in the input's dtype: under autocast that is the fp32 residual stream, which
         # the fp32 combine feeds without another rounding.
         out = combine(expert_out, plan, tokens.shape[0]).to(tokens.dtype)
-        stats = None
-        if self.collect_stats:
-            elem = sent.element_size() * tokens.shape[1]
-            stats = RoutingStats(
-                num_tokens=torch.tensor(float(tokens.shape[0])),
-                requested_slots=torch.tensor(float(routing.expert_index.numel())),
-                tokens_per_expert=plan.counts.detach(),
-                dropped_by_capacity=routing.dropped_by_capacity.detach(),
-                gate_entropy_sum=entropy_sum(routing.probs),
-                gating_dropped=torch.tensor(0.0),
-                a2a_bytes=self.comm.remote_rows(plan.counts) * (2 * elem),
-            )
+        stats = self.routing_stats(tokens, routing, plan, sent.element_size()) if self.collect_stats else None
         self.aux = MoEAux(dict(routing.losses), stats)
         return out
+
+    def routing_stats(self, tokens, routing, plan, elem_size: int) -> RoutingStats:
+        elem = elem_size * tokens.shape[1]
+        return RoutingStats(
+            num_tokens=torch.tensor(float(tokens.shape[0])),
+            requested_slots=torch.tensor(float(routing.expert_index.numel())),
+            tokens_per_expert=plan.counts.detach(),
+            dropped_by_capacity=routing.dropped_by_capacity.detach(),
+            gate_entropy_sum=entropy_sum(routing.probs),
+            gating_dropped=torch.tensor(0.0),
+            a2a_bytes=self.comm.remote_rows(plan.counts) * (2 * elem),
+        )
 
     def _forward_gating_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
         num_local = self.experts.num_local
