@@ -48,10 +48,14 @@ def make_router(kind, M, E, seed=0):
     return r
 
 
-def make_layer(kind, M=6, E=4, F=5, seed=0, **kw):
+def make_layer(kind, M=6, E=4, F=5, seed=0, eval_aux=True, **kw):
+    """eval_aux: losses and statistics in evaluation mode too (as the criterion's validation
+    asks for them); generation's default, without them, is tested on its own below."""
     router = make_router(kind, M, E, seed)
     experts = FFNExperts(E, M, F)
-    return MoELayer(router, experts, **kw).double()
+    layer = MoELayer(router, experts, **kw).double()
+    layer.eval_aux = eval_aux
+    return layer
 
 
 def capture_routing(layer):
