@@ -276,15 +276,18 @@ def test_grouped_mode_takes_counts_on_the_device():
 
 
 def test_auto_mode_rule_and_bad_mode():
-    from moe_fairseq.moe.experts import BMM_MAX_PADDING
+    from moe_fairseq.moe.experts import BMM_MAX_PAD_ROWS
     from moe_fairseq.moe.errors import MoEUsageError
 
     experts = FFNExperts(4, 8, 12)
     cpu = torch.device("cpu")
     assert experts.gemm == "auto"
+    assert BMM_MAX_PAD_ROWS == 10
     assert experts.gemm_mode(cpu, torch.float32, [2, 2, 2, 2]) == "bmm"  # no padding
-    assert experts.gemm_mode(cpu, torch.float32, [8, 0, 0, 0]) == ("bmm" if 4 <= BMM_MAX_PADDING else "loop")
-    assert experts.gemm_mode(cpu, torch.float32, [20, 1, 1, 1]) == "loop"  # 80 padded rows for 23
+    assert experts.gemm_mode(cpu, torch.float32, [11, 1, 1, 1]) == "bmm"  # 30 padding rows = 7.5 per expert
+    assert experts.gemm_mode(cpu, torch.float32, [15, 1, 1, 1]) == "loop"  # 42 > 10 per expert
+    assert experts.gemm_mode(cpu, torch.float32, [8, 0, 1, 1]) == "loop"  # an empty expert: the loop skips it
+    assert experts.gemm_mode(cpu, torch.float32, [2, 2, 2]) == "loop"  # fewer counts than experts
     assert not experts.takes_device_counts(cpu, torch.float32)  # on CPU the host copy is free
     experts.gemm = "grouped"
     assert experts.takes_device_counts(cpu, torch.float32)

@@ -218,10 +218,15 @@ class _GroupedFFN(torch.autograd.Function):
         return gx, gw1, gb1, gw2, gb2, None, None, None
 
 
-# gemm="auto" uses the padded bmm when the padded block has at most this many rows per real
-# row (E * max(counts) <= BMM_MAX_PADDING * N), else the per-expert loop.  Measured: see
-# docs/benchmarks.md ("Expert GEMM modes").
-BMM_MAX_PADDING = 2.0
+# gemm="auto" on CPU: the padded bmm when every expert has rows and padding adds at most this
+# many rows per expert (E * max(counts) - N <= BMM_MAX_PAD_ROWS * E), else the per-expert loop.
+# Why (docs/benchmarks.md, "Expert GEMM modes"): the bmm costs about (padded rows / N) times
+# its unpadded time, and saves the loop's fixed cost per expert GEMM, worth about 10 rows of
+# work per expert (break-even padding 1.3x at 32 rows per expert, 1.1x at 128, none at 512);
+# an expert without rows costs the loop nothing but the bmm a full read of its weights
+# (decoder steps: a few rows, most experts empty).  torch._grouped_mm on CPU measured as the
+# loop (it loops over the groups inside), so auto uses it on CUDA only.
+BMM_MAX_PAD_ROWS = 10
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, model_dim: int, hidden_dim: int) -> bool:
@@ -351,7 +356,7 @@ class FFNExperts(nn.Module):
                 and grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim))
 
     def gemm_mode(self, device: torch.device, dtype: torch.dtype, counts) -> str:
-        """The GEMM mode of one call: `self.gemm` unless "auto"; see BMM_MAX_PADDING for auto."""
+        """The GEMM mode of one call: `self.gemm` unless "auto"; see BMM_MAX_PAD_ROWS for auto."""
         mode = self.gemm
         if mode not in GEMM_MODES:
             raise MoEUsageError(f"FFNExperts.gemm must be one of {', '.join(GEMM_MODES)} (got {mode!r})")
@@ -367,8 +372,10 @@ class FFNExperts(nn.Module):
             if device.type == "cuda" and grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim):
                 return "grouped"  # counts stay on the GPU: no host sync
             counts = counts.tolist()
-        n = sum(counts)
-        return "bmm" if self.num_local * max(counts) <= BMM_MAX_PADDING * n else "loop"
+        n, e = sum(counts), len(counts)
+        if e == self.num_local and min(counts) > 0 and e * max(counts) - n <= BMM_MAX_PAD_ROWS * e:
+            return "bmm"
+        return "loop"
 
     @classmethod
     def split_dense(cls, fc1: nn.Linear, fc2: nn.Linear, num_experts: int, activation="relu",
