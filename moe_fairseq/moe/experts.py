@@ -47,20 +47,17 @@ class _Groups:
     """
 
     def __init__(self, counts, num_experts: int, n: int, device, mode: str):
-        self.mode, self.num_experts, self.n = mode, num_experts, n
+        self.mode, self.num_experts, self.n, self.device = mode, num_experts, n, device
+        self._counts_t = None
         if isinstance(counts, torch.Tensor):
             if mode != "grouped":
                 counts = counts.tolist()
             else:
-                self.counts_t = counts.to(device=device, dtype=torch.long)
-        if isinstance(counts, list):
-            self.counts_t = torch.tensor(counts, dtype=torch.long, device=device)
+                self._counts_t = counts.to(device=device, dtype=torch.long)
         self.counts = counts if isinstance(counts, list) else None
         if mode == "loop":
             self.groups = [(e, start, c) for e, (start, c) in enumerate(zip(_starts(counts), counts)) if c > 0]
-        # Expert of each row, for bias gradients (and the bias of the grouped GEMM).
-        self.row_expert = torch.repeat_interleave(torch.arange(len(self.counts_t), device=device), self.counts_t,
-                                                  output_size=n)
+        self._row_expert = None
         if mode == "bmm":
             self.capacity = max(counts)
             starts = torch.cumsum(self.counts_t, 0) - self.counts_t
@@ -73,6 +70,22 @@ class _Groups:
                 offs = torch.cat([offs, offs[-1:].expand(num_experts - len(offs)) if len(offs) else
                                   offs.new_zeros(num_experts - len(offs))])
             self.offs = offs
+
+    @property
+    def counts_t(self) -> torch.Tensor:
+        if self._counts_t is None:
+            self._counts_t = torch.tensor(self.counts, dtype=torch.long, device=self.device)
+        return self._counts_t
+
+    @property
+    def row_expert(self) -> torch.Tensor:
+        """Expert of each row (bias gradients, the grouped GEMM's bias, the bmm's padding map).
+        Made on first use: a loop-mode forward without autograd (a decoder step) needs none, and
+        repeat_interleave is one of the dearer small ops."""
+        if self._row_expert is None:
+            self._row_expert = torch.repeat_interleave(torch.arange(len(self.counts_t), device=self.device),
+                                                       self.counts_t, output_size=self.n)
+        return self._row_expert
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(N, d) rows -> (E, C, d) zero-padded block (bmm mode)."""
