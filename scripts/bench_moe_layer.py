@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Forward + backward time of our MoE layer against fairscale's MOELayer and the dense limit (CPU).
+"""Forward + backward time of our MoE layer against fairscale's MOELayer and the dense limit.
 
 Three implementations per (S, k), with E experts of shape M -> F -> M:
 
@@ -13,17 +13,31 @@ Three implementations per (S, k), with E experts of shape M -> F -> M:
 * dense limit: one FFN (Linear M->F, ReLU, Linear F->M) on k*S tokens: the expert FLOPs of the
                MoE layer with zero routing/dispatch overhead.
 
-The repeats are interleaved (ours, fairscale, dense, ours, ...) so machine noise hits all three
-alike; reported times are medians after warmup.  Peak memory: each implementation runs one
+* baseline:    (--baseline DIR) the same MoE layer from another checkout's layer library, e.g.
+               /work/main/moe_fairseq/moe: old against new in one run, interleaved.
+
+--decode adds the decoder-step case: --decode-rows rows (a beam of a few sentences) through a
+layer in evaluation mode under torch.no_grad, forward only, E from --decode-experts: the absolute
+per-call time of ours (and the baseline) beside the dense FFN on the same rows.
+
+The repeats are interleaved (ours, fairscale, dense, ours, ...) so machine noise hits all of them
+alike; reported times are medians after warmup, and ratios both as the ratio of the medians and
+as the median of the per-round ratios (paired: robust to load that drifts during a run).
+--clock cpu times process CPU time instead of wall time (on a shared machine a step's wall time
+includes the time it waited for a core; with OMP_WAIT_POLICY=PASSIVE idle OpenMP threads sleep,
+so CPU time is the work done).  --device cuda times on the GPU (synchronising around each step).  Peak memory: each implementation runs one
 forward + backward (gradients None before, as after fairseq's zero_grad) in a fresh subprocess;
 reported is the peak RSS (VmHWM, reset via /proc/self/clear_refs) minus the RSS just before,
 minus the size of the parameter gradients the step creates -- i.e. activation and temporary
 memory of one step (null where the kernel does not allow the reset).
 
     python scripts/bench_moe_layer.py --json docs/bench_moe_layer.json
+    python -W ignore scripts/bench_moe_layer.py --tokens 128 512 2048 8192 16384 --experts 16 64 \
+        --skip-fairscale --skip-peak-mem --decode --baseline /work/main/moe_fairseq/moe --json out.json
 """
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import socket
@@ -54,33 +68,53 @@ import torch.nn as nn  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from moe_fairseq.moe import MoEConfig, build_moe_layer  # noqa: E402  (torch only: no fairseq)
+import moe_fairseq.moe as moe_pkg  # noqa: E402  (torch only: no fairseq)
 
 
 # --------------------------------------------------------------------------- implementations
 
+def build_ours(pkg, S, E, M, F, k, capacity_factor, gemm, device):
+    router = "top2" if k == 2 else "top1"
+    if capacity_factor is None:
+        cfg = pkg.MoEConfig(num_experts=E, router=router, dropless=True)
+    else:
+        cfg = pkg.MoEConfig(num_experts=E, router=router, capacity_factor=capacity_factor)
+    module = pkg.build_moe_layer(cfg, M, F)
+    if gemm is not None:
+        if not hasattr(module.experts, "gemm"):
+            sys.exit(f"--gemm: the layer library {pkg.__name__} has no GEMM modes")
+        module.experts.gemm = gemm
+    return module.to(device)
+
+
 class Ours:
     name = "ours"
+    pkg = None  # the layer library (moe_fairseq.moe, or the --baseline one)
 
-    def __init__(self, S, E, M, F, k, capacity_factor):
-        router = "top2" if k == 2 else "top1"
-        if capacity_factor is None:
-            cfg = MoEConfig(num_experts=E, router=router, dropless=True)
-        else:
-            cfg = MoEConfig(num_experts=E, router=router, capacity_factor=capacity_factor)
-        self.module = build_moe_layer(cfg, M, F).train()
-        self.x = torch.randn(S, M, requires_grad=True)
+    def __init__(self, S, E, M, F, k, capacity_factor, gemm=None, device="cpu", decode=False):
+        self.decode = decode
+        self.module = build_ours(self.pkg, S, E, M, F, k, capacity_factor, gemm, device)
+        self.module.train(not decode)
+        self.x = torch.randn(S, M, requires_grad=not decode, device=device)
 
     def step(self):
+        if self.decode:  # a decoder step: evaluation, no autograd, nothing asked of the layer
+            with torch.no_grad():
+                self.module(self.x)
+            return
         out = self.module(self.x)
         loss = out.sum() + sum(self.module.aux.losses.values())
         loss.backward()
 
 
+class Baseline(Ours):
+    name = "baseline"
+
+
 class Fairscale:
     name = "fairscale"
 
-    def __init__(self, S, E, M, F, k, capacity_factor):
+    def __init__(self, S, E, M, F, k, capacity_factor, gemm=None, device="cpu", decode=False):
         import torch.distributed as dist
         from fairscale.nn.moe import MOELayer, Top2Gate
 
@@ -99,27 +133,55 @@ class Fairscale:
 class Dense:
     name = "dense"
 
-    def __init__(self, S, E, M, F, k, capacity_factor):
-        self.module = nn.Sequential(nn.Linear(M, F), nn.ReLU(), nn.Linear(F, M)).train()
-        self.x = torch.randn(k * S, M, requires_grad=True)
+    def __init__(self, S, E, M, F, k, capacity_factor, gemm=None, device="cpu", decode=False):
+        self.decode = decode
+        self.module = nn.Sequential(nn.Linear(M, F), nn.ReLU(), nn.Linear(F, M)).to(device).train(not decode)
+        self.x = torch.randn(k * S, M, requires_grad=not decode, device=device)
 
     def step(self):
+        if self.decode:
+            with torch.no_grad():
+                self.module(self.x)
+            return
         self.module(self.x).sum().backward()
 
 
-IMPLS = {"ours": Ours, "fairscale": Fairscale, "dense": Dense}
+IMPLS = {"ours": Ours, "baseline": Baseline, "fairscale": Fairscale, "dense": Dense}
+
+
+def load_layer_library(path):
+    """Another checkout's `moe_fairseq/moe` as a separate package (torch only, relative imports)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(path, "__init__.py")):
+        sys.exit(f"--baseline: {path} is not a layer library directory (want .../moe_fairseq/moe)")
+    name = "baseline_moe"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def zero_grads(impl):
+    if getattr(impl, "decode", False):
+        return
     impl.module.zero_grad(set_to_none=True)
     impl.x.grad = None
 
 
-def timed_step(impl):
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_step(impl, clock="wall", device="cpu"):
     zero_grads(impl)
-    t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    now = CLOCK[clock]
+    t0 = now()
     impl.step()
-    return (time.perf_counter() - t0) * 1000.0
+    sync()
+    return (now() - t0) * 1000.0
 
 
 # --------------------------------------------------------------------------- process group
@@ -153,6 +215,7 @@ def peak_worker(impl_name, S, E, M, F, k, threads, capacity_factor):
     torch.manual_seed(0)
     if impl_name == "fairscale":
         init_single_process_group()
+    Ours.pkg = moe_pkg
     impl = IMPLS[impl_name](S, E, M, F, k, capacity_factor)
     zero_grads(impl)  # .grad = None, as fairseq's zero_grad leaves it
     # The parameter gradients the step allocates are model state (the same for ours and
@@ -188,41 +251,65 @@ def measure_peak(impl_name, S, E, M, F, k, threads, capacity_factor):
 
 # --------------------------------------------------------------------------- main
 
-def run_config(S, E, M, F, k, args):
+def paired_median(a, b):
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def run_config(S, E, M, F, k, args, decode=False):
     torch.manual_seed(0)
-    impls = [Ours(S, E, M, F, k, args.capacity_factor)]
-    fairscale_ok = (not args.skip_fairscale) and k == 2 and S <= args.fairscale_max_tokens
+    common = dict(gemm=args.gemm, device=args.device, decode=decode)
+    impls = [Ours(S, E, M, F, k, args.capacity_factor, **common)]
+    if args.baseline:
+        torch.manual_seed(0)
+        impls.append(Baseline(S, E, M, F, k, args.capacity_factor, device=args.device, decode=decode))
+    fairscale_ok = (not decode and not args.skip_fairscale and k == 2 and S <= args.fairscale_max_tokens
+                    and args.device == "cpu")
     if fairscale_ok:
         impls.append(Fairscale(S, E, M, F, k, args.capacity_factor))
-    impls.append(Dense(S, E, M, F, k, args.capacity_factor))
+    impls.append(Dense(S, E, M, F, k, args.capacity_factor, device=args.device, decode=decode))
+    repeats, warmup = (args.decode_repeats, args.warmup) if decode else (args.repeats, args.warmup)
+    calls = args.decode_calls if decode else 1  # a decode "repeat" times this many calls: ms per call
     times = {impl.name: [] for impl in impls}
-    for _ in range(args.warmup):
+
+    def measure(impl):
+        return sum(timed_step(impl, args.clock, args.device) for _ in range(calls)) / calls
+
+    for _ in range(warmup):
         for impl in impls:
-            timed_step(impl)
-    for _ in range(args.repeats):
+            measure(impl)
+    for _ in range(repeats):
         for impl in impls:  # interleaved: noise hits every implementation alike
-            times[impl.name].append(timed_step(impl))
+            times[impl.name].append(measure(impl))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     del impls
     gc.collect()
 
     rec = {
+        "case": "decode" if decode else "train_step",
         "tokens": S, "experts": E, "k": k, "model_dim": M, "ffn_dim": F, "threads": args.threads,
+        "device": args.device, "clock": args.clock, "gemm": args.gemm or "auto",
         "ours_mode": "dropless" if args.capacity_factor is None else f"capacity_factor={args.capacity_factor}",
         "router_ours": "top2" if k == 2 else "top1",
-        "ms_ours": round(med["ours"], 2),
+        "ms_ours": round(med["ours"], 3),
+        "ms_baseline": round(med["baseline"], 3) if "baseline" in med else None,
         "ms_fairscale": round(med["fairscale"], 2) if "fairscale" in med else None,
-        "ms_dense_limit": round(med["dense"], 2),
+        "ms_dense_limit": round(med["dense"], 3),
         "peak_mb_ours": None, "peak_mb_fairscale": None, "peak_mb_dense_limit": None,
-        "repeats": args.repeats, "warmup": args.warmup, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "ms_all": {name: [round(t, 2) for t in ts] for name, ts in times.items()},
+        "repeats": repeats, "warmup": warmup, "calls_per_repeat": calls,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "ms_all": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
     }
     rec["ratio_ours_dense"] = round(med["ours"] / med["dense"], 3)
     # Median over repeats of the ratio within one interleaved round: robust to slow drifts of load.
-    rec["ratio_ours_dense_paired_median"] = round(
-        statistics.median(o / d for o, d in zip(times["ours"], times["dense"])), 3)
+    rec["ratio_ours_dense_paired_median"] = round(paired_median(times["ours"], times["dense"]), 3)
+    rec["overhead_ms_ours"] = round(med["ours"] - med["dense"], 3)  # beyond the dense FFN, per call
+    if "baseline" in med:
+        rec["ratio_baseline_dense"] = round(med["baseline"] / med["dense"], 3)
+        rec["ratio_ours_baseline"] = round(med["ours"] / med["baseline"], 3)
+        rec["ratio_ours_baseline_paired_median"] = round(paired_median(times["ours"], times["baseline"]), 3)
+        rec["overhead_ms_baseline"] = round(med["baseline"] - med["dense"], 3)
     rec["speedup_vs_fairscale"] = round(med["fairscale"] / med["ours"], 2) if "fairscale" in med else None
-    if not args.skip_peak_mem:
+    if not decode and not args.skip_peak_mem and args.device == "cpu":
         rec["peak_mb_ours"] = measure_peak("ours", S, E, M, F, k, args.threads, args.capacity_factor)
         rec["peak_mb_dense_limit"] = measure_peak("dense", S, E, M, F, k, args.threads, args.capacity_factor)
         if fairscale_ok:
@@ -235,24 +322,41 @@ def fmt(v, spec="{:.1f}"):
 
 
 def markdown_table(records):
-    lines = ["| S | E | k | ours: router, capacity | ours (ms) | fairscale (ms) | dense limit (ms) | ours / dense "
-             "| fairscale / ours | fairscale / dense | peak MB ours | peak MB fairscale | peak MB dense |",
-             "|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| S | E | k | ours: router, capacity | ours (ms) | baseline (ms) | fairscale (ms) | dense limit (ms) "
+             "| ours / dense | ours / dense paired | baseline / dense | ours / baseline paired | fairscale / ours "
+             "| peak MB ours | peak MB fairscale | peak MB dense |",
+             "|---:|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
-        fs_dense = None if r["ms_fairscale"] is None else r["ms_fairscale"] / r["ms_dense_limit"]
+        if r["case"] != "train_step":
+            continue
         lines.append(
             f"| {r['tokens']} | {r['experts']} | {r['k']} | {r['router_ours']}, {r['ours_mode']} "
-            f"| {r['ms_ours']:.1f} | {fmt(r['ms_fairscale'])} "
-            f"| {r['ms_dense_limit']:.1f} | {r['ratio_ours_dense']:.2f}x | {fmt(r['speedup_vs_fairscale'], '{:.2f}x')} "
-            f"| {fmt(fs_dense, '{:.2f}x')} | {fmt(r['peak_mb_ours'], '{:.0f}')} "
+            f"| {r['ms_ours']:.1f} | {fmt(r['ms_baseline'])} | {fmt(r['ms_fairscale'])} "
+            f"| {r['ms_dense_limit']:.1f} | {r['ratio_ours_dense']:.2f}x | {r['ratio_ours_dense_paired_median']:.2f}x "
+            f"| {fmt(r.get('ratio_baseline_dense'), '{:.2f}x')} "
+            f"| {fmt(r.get('ratio_ours_baseline_paired_median'), '{:.2f}x')} "
+            f"| {fmt(r['speedup_vs_fairscale'], '{:.2f}x')} | {fmt(r['peak_mb_ours'], '{:.0f}')} "
             f"| {fmt(r['peak_mb_fairscale'], '{:.0f}')} | {fmt(r['peak_mb_dense_limit'], '{:.0f}')} |")
+    decode = [r for r in records if r["case"] == "decode"]
+    if decode:
+        lines += ["", "Decoder step (evaluation, no_grad, forward only), ms per call:", "",
+                  "| rows | E | k | ours (ms) | baseline (ms) | dense (ms) | overhead ours (ms) "
+                  "| overhead baseline (ms) | ours / baseline paired |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in decode:
+            lines.append(
+                f"| {r['tokens']} | {r['experts']} | {r['k']} | {r['ms_ours']:.3f} | {fmt(r['ms_baseline'], '{:.3f}')} "
+                f"| {r['ms_dense_limit']:.3f} | {r['overhead_ms_ours']:.3f} "
+                f"| {fmt(r.get('overhead_ms_baseline'), '{:.3f}')} "
+                f"| {fmt(r.get('ratio_ours_baseline_paired_median'), '{:.2f}x')} |")
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192],
+                   help="tokens per training step (the issue's full range: 128 512 2048 8192 16384)")
+    p.add_argument("--experts", type=int, nargs="+", default=[16], help="E (e.g. 16 64)")
     p.add_argument("--model-dim", type=int, default=512)
     p.add_argument("--ffn-dim", type=int, default=2048)
     p.add_argument("--k", type=int, nargs="+", default=[1, 2], choices=[1, 2])
@@ -261,6 +365,19 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="capacity factor of our router (default: dropless)")
+    p.add_argument("--gemm", choices=["auto", "loop", "bmm", "grouped"], default=None,
+                   help="our experts' GEMM mode (default: the layer's own choice, auto)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also time the layer library in DIR (another checkout's moe_fairseq/moe), interleaved")
+    p.add_argument("--decode", action="store_true", help="also time decoder-step calls (see --decode-rows)")
+    p.add_argument("--decode-only", action="store_true", help="only the decoder-step calls")
+    p.add_argument("--decode-rows", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--decode-experts", type=int, nargs="+", default=[16])
+    p.add_argument("--decode-calls", type=int, default=20, help="calls per timed decode repeat")
+    p.add_argument("--decode-repeats", type=int, default=15)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or process CPU time (for a loaded machine; CPU only)")
     p.add_argument("--skip-fairscale", action="store_true")
     p.add_argument("--fairscale-max-tokens", type=int, default=8192,
                    help="fairscale's dispatch is O(S^2): null above this many tokens")
@@ -273,40 +390,59 @@ def main():
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--_peak-worker", dest="peak_worker", choices=list(IMPLS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    Ours.pkg = moe_pkg
 
     if args.peak_worker:
-        print(json.dumps(peak_worker(args.peak_worker, args.tokens[0], args.experts, args.model_dim,
+        print(json.dumps(peak_worker(args.peak_worker, args.tokens[0], args.experts[0], args.model_dim,
                                      args.ffn_dim, args.k[0], args.threads, args.capacity_factor)))
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no GPU")
+    if args.device == "cuda" and args.clock == "cpu":
+        sys.exit("--clock cpu times host CPU work only: use --clock wall with --device cuda")
+    if args.baseline:
+        Baseline.pkg = load_layer_library(args.baseline)
 
     torch.set_num_threads(args.threads)
-    if not args.skip_fairscale and 2 in args.k:
+    train_cases = [] if args.decode_only else [(k, E, S) for k in args.k for E in args.experts for S in args.tokens]
+    if not args.skip_fairscale and args.device == "cpu" and any(k == 2 for k, _, _ in train_cases):
         try:
             import fairscale  # noqa: F401
         except ImportError:
             sys.exit("fairscale is not installed: pip install --no-deps fairscale, or pass --skip-fairscale")
         init_single_process_group()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"E={args.experts} M={args.model_dim} F={args.ffn_dim}; ours: "
-          f"{'dropless' if args.capacity_factor is None else f'capacity factor {args.capacity_factor}'}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device "
+          f"{args.device}, clock {args.clock}; M={args.model_dim} F={args.ffn_dim}; ours: "
+          f"{'dropless' if args.capacity_factor is None else f'capacity factor {args.capacity_factor}'}, "
+          f"gemm {args.gemm or 'auto'}; baseline: {args.baseline or 'none'}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}",
           flush=True)
     records = []
-    for k in args.k:
-        for S in args.tokens:
-            t0 = time.time()
-            rec = run_config(S, args.experts, args.model_dim, args.ffn_dim, k, args)
-            records.append(rec)
-            print(f"S={S} k={k}: ours {rec['ms_ours']:.1f} ms, fairscale {fmt(rec['ms_fairscale'])} ms, "
-                  f"dense {rec['ms_dense_limit']:.1f} ms, ours/dense {rec['ratio_ours_dense']:.2f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+    for k, E, S in train_cases:
+        t0 = time.time()
+        rec = run_config(S, E, args.model_dim, args.ffn_dim, k, args)
+        records.append(rec)
+        print(f"S={S} E={E} k={k}: ours {rec['ms_ours']:.1f} ms, baseline {fmt(rec['ms_baseline'])} ms, "
+              f"fairscale {fmt(rec['ms_fairscale'])} ms, dense {rec['ms_dense_limit']:.1f} ms, "
+              f"ours/dense {rec['ratio_ours_dense']:.2f} (paired {rec['ratio_ours_dense_paired_median']:.2f}) "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    if args.decode or args.decode_only:
+        for k in args.k:
+            for E in args.decode_experts:
+                for rows in args.decode_rows:
+                    rec = run_config(rows, E, args.model_dim, args.ffn_dim, k, args, decode=True)
+                    records.append(rec)
+                    print(f"decode rows={rows} E={E} k={k}: ours {rec['ms_ours']:.3f} ms/call, baseline "
+                          f"{fmt(rec['ms_baseline'], '{:.3f}')}, dense {rec['ms_dense_limit']:.3f}", flush=True)
     print()
     print(markdown_table(records))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(records, f, indent=1)
             f.write("\n")
+        os.replace(tmp, args.json)
     import torch.distributed as dist
 
     if dist.is_initialized():

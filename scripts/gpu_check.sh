@@ -7,8 +7,8 @@
 #
 # 1. precision tests: the MoE layer under autocast and in fp16/bf16 against the fp32 layer
 #    (tests/test_precision.py, on DEVICE), and activation checkpointing through MoE layers;
-# 2. the layer benchmark against the dense limit (scripts/bench_moe_layer.py, small sizes; it
-#    runs on CPU: the script has no GPU mode yet);
+# 2. the layer benchmark against the dense limit (scripts/bench_moe_layer.py --device DEVICE,
+#    small sizes, plus decoder-step calls);
 # 3. with 2 or more GPUs, the expert-parallel equivalence test on NCCL: not implemented yet
 #    (tests/ep_worker.py builds CPU tensors for gloo); the script says so and goes on.
 set -euo pipefail
@@ -32,13 +32,14 @@ TESTS=(tests/test_precision.py)
 [ "${QUICK:-0}" = 1 ] || TESTS+=(tests/test_activation_checkpointing.py)
 MOE_TEST_DEVICE=$DEVICE "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 
-echo "== 2. MoE layer vs the dense limit (CPU)"
+echo "== 2. MoE layer vs the dense limit ($DEVICE)"
 if [ "${QUICK:-0}" = 1 ]; then
-  SIZES=(--tokens 256 --experts 4 --model-dim 32 --ffn-dim 64 --k 2 --repeats 1 --warmup 1)
+  SIZES=(--tokens 256 --experts 4 --model-dim 32 --ffn-dim 64 --k 2 --repeats 1 --warmup 1
+         --decode --decode-rows 8 --decode-experts 4 --decode-calls 2 --decode-repeats 1)
 else
-  SIZES=(--tokens 2048 --experts 8 --model-dim 256 --ffn-dim 1024 --repeats 3 --warmup 1)
+  SIZES=(--tokens 2048 --experts 8 --model-dim 256 --ffn-dim 1024 --repeats 3 --warmup 1 --decode)
 fi
-"$PYTHON" -W ignore scripts/bench_moe_layer.py "${SIZES[@]}" --skip-fairscale --skip-peak-mem
+"$PYTHON" -W ignore scripts/bench_moe_layer.py "${SIZES[@]}" --device "$DEVICE" --skip-fairscale --skip-peak-mem
 
 echo "== 3. expert parallelism on NCCL"
 if [ "$DEVICE" = cuda ] && [ "$GPUS" -ge 2 ]; then

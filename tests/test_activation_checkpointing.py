@@ -115,12 +115,17 @@ def test_checkpointed_decoder_layer_equals_plain(offload):
 
 
 def test_no_checkpointing_without_grad():
-    """Evaluation and generation (no_grad): no checkpoint, one router call, aux kept."""
+    """Evaluation and generation (no_grad): no checkpoint, one router call, aux kept when
+    asked for (validation), none computed otherwise (generation)."""
     layer = make_layer("encoder", dict(router="top2"), 0.0, checkpoint=True).eval()
     x, mask, *_ = inputs()
     with torch.no_grad():
         layer(x, mask)
-    assert layer.fc1.moe.aux.stats is not None
+    assert layer.fc1.moe.aux.stats is None and not layer.fc1.moe.aux.losses
+    layer.fc1.moe.eval_aux = True
+    with torch.no_grad():
+        layer(x, mask)
+    assert layer.fc1.moe.aux.stats is not None and "balance" in layer.fc1.moe.aux.losses
 
 
 def test_same_seed_same_gradients_with_dropout():

@@ -148,3 +148,155 @@ def test_expert_init_does_not_depend_on_the_world_size():
     assert not torch.equal(full.experts.w1[0], full.experts.w1[1])
     other_layer = build_moe_layer(MoEConfig(num_experts=4, seed=5), 8, 16, layer_index=2)
     assert not torch.equal(full.experts.w1, other_layer.experts.w1)
+
+
+# --------------------------------------------------------------------------- GEMM modes
+MODES = ["loop", "bmm", "grouped"]
+SPLITS = [[3, 0, 2, 4], [0, 0, 0, 5], [1, 0, 0, 0], [1, 1, 1, 1], [7, 1, 0, 2], [2, 3]]  # [2, 3]: fewer counts than experts
+
+
+def brute_force(experts, x, counts, act=torch.relu):
+    """Per-row float64 reference with autograd: act(x w1[e] + b1[e]) w2[e] + b2[e], row by row."""
+    ps = {n: p.detach().double().clone().requires_grad_(True) for n, p in experts.named_parameters()}
+    xr = x.detach().double().clone().requires_grad_(True)
+    rows, row = [], 0
+    for e, c in enumerate(counts):
+        for _ in range(c):
+            h = act(xr[row] @ ps["w1"][e] + ps["b1"][e])
+            rows.append(h @ ps["w2"][e] + ps["b2"][e])
+            row += 1
+    return (torch.stack(rows) if rows else xr.new_zeros(0, x.shape[1])), xr, ps
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("counts", SPLITS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_gemm_modes_against_brute_force(mode, counts, activation):
+    """Forward and every gradient of each GEMM mode against the per-row float64 reference:
+    empty experts, one row, uneven splits, fewer counts than experts.  torch._grouped_mm has no
+    float64, so every mode runs in fp32 here (dims multiples of 4: its 16-byte strides)."""
+    E, M, F = 4, 8, 12
+    torch.manual_seed(0)
+    experts = FFNExperts(E, M, F, activation=activation)
+    experts.gemm = mode
+    x = torch.randn(sum(counts), M, requires_grad=True)
+    y = experts(x, counts)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}[activation]
+    ref, xr, ps = brute_force(experts, x, counts, act)
+    (ref * g.double()).sum().backward()
+    torch.testing.assert_close(y.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+    for n, p in experts.named_parameters():
+        torch.testing.assert_close(p.grad.double(), ps[n].grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    for e in range(E):  # an expert without rows gets exactly zero gradients
+        if e >= len(counts) or counts[e] == 0:
+            assert all(float(p.grad[e].abs().max()) == 0 for p in experts.parameters())
+
+
+@pytest.mark.parametrize("mode", ["loop", "bmm"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gemm_modes_gradcheck_float64(mode, dropout):
+    E, M, F = 3, 3, 4
+    torch.manual_seed(0)
+    experts = FFNExperts(E, M, F, activation="silu", expert_dropout=dropout).double().train()
+    experts.gemm = mode
+    counts = [2, 0, 3]
+    x = torch.randn(5, M, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in experts.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in experts.named_parameters()]
+
+    def fn(x, *ps):
+        torch.manual_seed(123)
+        return torch.func.functional_call(experts, dict(zip(names, ps)), (x, counts))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_gemm_modes_agree_with_each_other(dropout):
+    """Same seed, same output and gradients in every mode, with expert dropout too (the mask is
+    drawn over the N rows whatever the mode)."""
+    E, M, F = 4, 8, 16
+    counts = [5, 0, 1, 6]
+    torch.manual_seed(0)
+    experts = FFNExperts(E, M, F, expert_dropout=dropout).train()
+    x0 = torch.randn(sum(counts), M)
+    results = {}
+    for mode in MODES:
+        experts.gemm = mode
+        experts.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        y = experts(x, counts)
+        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        results[mode] = [y, x.grad] + [p.grad for p in experts.parameters()]
+    for mode in ("bmm", "grouped"):
+        for a, b in zip(results[mode], results["loop"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gemm_modes_under_autocast_bf16(mode):
+    """CPU autocast (bf16): every mode computes in bf16 and matches fp32 within bf16 precision;
+    the fp32 weights get fp32 gradients."""
+    E, M, F = 4, 16, 32
+    counts = [3, 0, 5, 2]
+    torch.manual_seed(0)
+    experts = FFNExperts(E, M, F)
+    experts.gemm = mode
+    x0 = torch.randn(sum(counts), M)
+    out = {}
+    for amp in (False, True):
+        experts.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = experts(x, counts)
+        y.float().sum().backward()
+        out[amp] = (y, x.grad, [p.grad for p in experts.parameters()])
+    assert out[True][0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in out[True][2])
+    for a, b in zip([out[True][0], out[True][1], *out[True][2]], [out[False][0], out[False][1], *out[False][2]]):
+        err = float((a.float() - b).norm() / b.norm().clamp_min(1e-12))
+        assert err < 1.5e-2
+    assert float((out[True][0].float() - out[False][0]).abs().max()) > 0  # really rounded
+
+
+def test_grouped_mode_takes_counts_on_the_device():
+    """Counts as a tensor (no host copy) give the same result as the host list."""
+    E, M, F = 4, 8, 12
+    counts = [3, 0, 2, 4]
+    torch.manual_seed(0)
+    experts = FFNExperts(E, M, F)
+    experts.gemm = "grouped"
+    x = torch.randn(sum(counts), M)
+    torch.testing.assert_close(experts(x, torch.tensor(counts)), experts(x, counts))
+    experts.gemm = "loop"  # any other mode reads the tensor on the host
+    torch.testing.assert_close(experts(x, torch.tensor(counts)), experts(x, counts))
+
+
+def test_auto_mode_rule_and_bad_mode():
+    from moe_fairseq.moe.experts import BMM_MAX_PAD_ROWS
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    experts = FFNExperts(4, 8, 12)
+    cpu = torch.device("cpu")
+    assert experts.gemm == "auto"
+    assert BMM_MAX_PAD_ROWS == 10
+    assert experts.gemm_mode(cpu, torch.float32, [2, 2, 2, 2]) == "bmm"  # no padding
+    assert experts.gemm_mode(cpu, torch.float32, [11, 1, 1, 1]) == "bmm"  # 30 padding rows = 7.5 per expert
+    assert experts.gemm_mode(cpu, torch.float32, [15, 1, 1, 1]) == "loop"  # 42 > 10 per expert
+    assert experts.gemm_mode(cpu, torch.float32, [8, 0, 1, 1]) == "loop"  # an empty expert: the loop skips it
+    assert experts.gemm_mode(cpu, torch.float32, [2, 2, 2]) == "loop"  # fewer counts than experts
+    assert not experts.takes_device_counts(cpu, torch.float32)  # on CPU the host copy is free
+    experts.gemm = "grouped"
+    assert experts.takes_device_counts(cpu, torch.float32)
+    with pytest.raises(MoEUsageError, match="torch._grouped_mm"):
+        experts.gemm_mode(cpu, torch.float64, [1, 1, 1, 1])
+    with pytest.raises(MoEUsageError, match="torch._grouped_mm"):
+        e2 = FFNExperts(2, 5, 12)
+        e2.gemm = "grouped"
+        e2.gemm_mode(cpu, torch.float32, [1, 1])  # 5 floats = 20 bytes: not 16-byte strides
+    experts.gemm = "fast"
+    with pytest.raises(MoEUsageError, match="FFNExperts.gemm must be one of"):
+        experts(torch.randn(2, 8), [1, 1, 0, 0])

@@ -48,10 +48,14 @@ def make_router(kind, M, E, seed=0):
     return r
 
 
-def make_layer(kind, M=6, E=4, F=5, seed=0, **kw):
+def make_layer(kind, M=6, E=4, F=5, seed=0, eval_aux=True, **kw):
+    """eval_aux: losses and statistics in evaluation mode too (as the criterion's validation
+    asks for them); generation's default, without them, is tested on its own below."""
     router = make_router(kind, M, E, seed)
     experts = FFNExperts(E, M, F)
-    return MoELayer(router, experts, **kw).double()
+    layer = MoELayer(router, experts, **kw).double()
+    layer.eval_aux = eval_aux
+    return layer
 
 
 def capture_routing(layer):
@@ -395,3 +399,81 @@ def test_layer_comm_mismatch():
     from moe_fairseq.moe.comm import LocalComm
     with pytest.raises(ValueError):
         MoELayer(Top1Router(4, 4), FFNExperts(2, 4, 4), comm=LocalComm(4))
+
+
+# --------------------------------------------------------------------------- inference fast path
+@pytest.mark.parametrize("kind", ROUTER_KINDS)
+def test_evaluation_skips_aux_unless_asked(kind):
+    """Generation (evaluation, nothing asked): no losses, no statistics, the same output;
+    validation (eval_aux) and moe-prune's usage count (collect_stats=True) get them."""
+    S, M, E = 12, 6, 4
+    x = torch.randn(S, M, dtype=torch.float64)
+    layer = make_layer(kind, M=M, E=E, eval_aux=False).eval()
+    y = layer(x)
+    assert layer.aux.losses == {} and layer.aux.stats is None
+    layer.eval_aux = True
+    torch.testing.assert_close(layer(x), y)
+    assert layer.aux.stats is not None
+    if kind not in ("random", "top1_dropless"):  # these have no loss (random) or weight 0 z-loss only
+        assert layer.aux.losses
+    want = layer.aux.stats.tokens_per_expert.clone()
+    layer.eval_aux = False
+    layer.collect_stats = True
+    torch.testing.assert_close(layer(x), y)
+    assert torch.equal(layer.aux.stats.tokens_per_expert, want)
+    layer.collect_stats = False
+    layer.train()
+    layer(x)
+    assert layer.aux.stats is None  # never, even in training
+    if kind not in ("random", "top1_dropless"):
+        assert layer.aux.losses  # but training still has its losses
+
+
+def test_aux_in_evaluation_restores_the_flags():
+    from moe_fairseq.moe.collect import aux_in_evaluation
+
+    model = torch.nn.ModuleList([make_layer("top2_all", eval_aux=False), make_layer("top1", eval_aux=True)])
+    with aux_in_evaluation(model):
+        assert all(m.eval_aux for m in model)
+    assert [m.eval_aux for m in model] == [False, True]
+
+
+@pytest.mark.parametrize("kind", ["top1_dropless", "top2_all", "noisy_topk", "random"])
+def test_dropless_evaluation_plans_without_host_counts(kind, monkeypatch):
+    """Dropless evaluation, all experts local, experts that take device counts: the plan has no
+    host split sizes, and the output equals the host-count (loop) path's."""
+    import moe_fairseq.moe.layer as layer_mod
+
+    S, M, E, F = 10, 8, 4, 12
+    layer = make_layer(kind, M=M, E=E, F=F, eval_aux=False).float().eval()
+    layer.router.capacity_factor = layer.router.eval_capacity_factor = None
+    x = torch.randn(S, M)
+    layer.experts.gemm = "loop"
+    want = layer(x)
+    plans = []
+    real = layer_mod.plan_dispatch
+    monkeypatch.setattr(layer_mod, "plan_dispatch", lambda *a: plans.append(real(*a)) or plans[-1])
+    layer.experts.gemm = "grouped"
+    torch.testing.assert_close(layer(x), want)
+    assert plans[-1].counts_list is None
+    layer.train()  # training reads the split sizes (the router may drop slots)
+    layer(x)
+    assert plans[-1].counts_list is not None
+
+
+def test_capacity_no_expert_can_reach_is_skipped():
+    """capacity >= S: apply_capacity would drop nothing, and is not run."""
+    import moe_fairseq.moe.routers.base as base
+
+    router = Top1Router(6, 2, capacity_factor=1.0, eval_capacity_factor=4.0).eval()  # C = ceil(4 S / 2) >= S
+    calls = []
+    real = base.apply_capacity
+    base.apply_capacity = lambda *a: calls.append(1) or real(*a)
+    try:
+        r = router(torch.randn(9, 6))
+        assert not calls and bool(r.keep.all()) and int(r.dropped_by_capacity) == 0
+        router.train()  # C = ceil(9 / 2) = 5 < 9: applied
+        router(torch.randn(9, 6))
+        assert calls
+    finally:
+        base.apply_capacity = real

@@ -9,7 +9,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from ..moe.collect import pop_aux
+from ..moe.collect import aux_in_evaluation, pop_aux
 from ..moe.stats import summarize
 from ..moe.errors import MoEUsageError
 
@@ -39,7 +39,8 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def forward(self, model, sample, reduce=True):
         pop_aux(model)  # forget anything left by a forward outside the criterion (e.g. generation)
-        loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
+        with aux_in_evaluation(model):  # validation logs the MoE losses and statistics too
+            loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
         losses, stats = pop_aux(model)
         moe_loss, parts = self.combine_losses(losses)
         if moe_loss is not None:

@@ -1,4 +1,5 @@
 """Collect what the MoE layers of a model left after a forward pass (losses, statistics)."""
+import contextlib
 from typing import Dict, List, Tuple
 
 import torch
@@ -37,3 +38,19 @@ def pop_aux(model: nn.Module) -> Tuple[List[Dict[str, torch.Tensor]], List[Routi
                 stats.append(aux.stats)
         layer.aux = MoEAux()
     return losses, stats
+
+
+@contextlib.contextmanager
+def aux_in_evaluation(model: nn.Module):
+    """Within this block the model's MoE layers compute their auxiliary losses and statistics
+    in evaluation mode too (validation logs them); outside it, evaluation (generation) skips
+    them."""
+    layers = moe_layers(model)
+    before = [layer.eval_aux for layer in layers]
+    for layer in layers:
+        layer.eval_aux = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.eval_aux = value

@@ -5,7 +5,7 @@ dispatch: gather the token rows in that order (one contiguous block per expert);
 combine:  gate-weighted scatter-add of the expert outputs back to their tokens.
 """
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -15,12 +15,19 @@ class DispatchPlan:
     token_index: torch.Tensor  # (N,) source row of each dispatched slot, grouped by expert
     gate: torch.Tensor  # (N,) combine weight of each dispatched slot
     counts: torch.Tensor  # (E,) slots per expert, on the device
-    counts_list: List[int]  # the same on the host: split sizes for the GEMMs and the all-to-all
+    counts_list: Optional[List[int]]  # the same on the host (split sizes for the GEMMs and the
+    # all-to-all), or None when the caller said every slot is kept and needs no host copy
 
 
 def plan_dispatch(expert_index: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor,
-                  num_experts: int) -> DispatchPlan:
+                  num_experts: int, num_kept: Optional[int] = None) -> DispatchPlan:
+    """num_kept: the caller knows every slot is kept (num_kept = S * k): then nothing is read
+    on the host."""
     k = expert_index.shape[1]
+    if num_kept is not None:
+        sorted_e, order = torch.sort(expert_index.reshape(-1), stable=True)
+        counts = torch.bincount(sorted_e, minlength=num_experts)
+        return DispatchPlan(order // k, gate.reshape(-1)[order], counts, None)
     # Dropped slots get the sentinel expert id E, which sorts after every real expert, so one
     # stable sort both groups the kept slots and pushes the dropped ones to the end.
     flat_e = torch.where(keep, expert_index, torch.full_like(expert_index, num_experts)).reshape(-1)

@@ -31,41 +31,120 @@ _ACTIVATION_BACKWARD = {
 }
 
 
+GEMM_MODES = ("auto", "loop", "bmm", "grouped")
+
+
+class _Groups:
+    """How N rows, grouped by expert, split over E experts, in the form one GEMM mode needs.
+
+    loop:    host split sizes; one addmm / mm per expert with rows (the fallback: any device,
+             dtype and shape).
+    bmm:     the rows copied into an (E, C, .) zero-padded block, C = the largest count: one
+             baddbmm / bmm per GEMM for all experts.  Padding rows are zero in the input and in
+             the output gradient, so they add nothing to any weight or bias gradient.
+    grouped: torch._grouped_mm with the cumulative counts as offsets, one call per GEMM, no
+             padding; the counts may stay on the device (no host sync).
+    """
+
+    def __init__(self, counts, num_experts: int, n: int, device, mode: str):
+        self.mode, self.num_experts, self.n, self.device = mode, num_experts, n, device
+        self._counts_t = None
+        if isinstance(counts, torch.Tensor):
+            if mode != "grouped":
+                counts = counts.tolist()
+            else:
+                self._counts_t = counts.to(device=device, dtype=torch.long)
+        self.counts = counts if isinstance(counts, list) else None
+        if mode == "loop":
+            self.groups = [(e, start, c) for e, (start, c) in enumerate(zip(_starts(counts), counts)) if c > 0]
+        self._row_expert = None
+        if mode == "bmm":
+            self.capacity = max(counts)
+            starts = torch.cumsum(self.counts_t, 0) - self.counts_t
+            # Row i of expert e (i-th overall, r-th of its expert) sits at e * C + r.
+            shift = torch.arange(len(counts), device=device) * self.capacity - starts
+            self.pos = torch.arange(n, device=device) + shift[self.row_expert]
+        elif mode == "grouped":
+            offs = torch.cumsum(self.counts_t, 0).to(torch.int32)
+            if len(offs) < num_experts:  # fewer counts than experts: the last ones get no rows
+                offs = torch.cat([offs, offs[-1:].expand(num_experts - len(offs)) if len(offs) else
+                                  offs.new_zeros(num_experts - len(offs))])
+            self.offs = offs
+
+    @property
+    def counts_t(self) -> torch.Tensor:
+        if self._counts_t is None:
+            self._counts_t = torch.tensor(self.counts, dtype=torch.long, device=self.device)
+        return self._counts_t
+
+    @property
+    def row_expert(self) -> torch.Tensor:
+        """Expert of each row (bias gradients, the grouped GEMM's bias, the bmm's padding map).
+        Made on first use: a loop-mode forward without autograd (a decoder step) needs none, and
+        repeat_interleave is one of the dearer small ops."""
+        if self._row_expert is None:
+            self._row_expert = torch.repeat_interleave(torch.arange(len(self.counts_t), device=self.device),
+                                                       self.counts_t, output_size=self.n)
+        return self._row_expert
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, d) rows -> (E, C, d) zero-padded block (bmm mode)."""
+        out = t.new_zeros(self.num_experts * self.capacity, t.shape[1])
+        return out.index_copy_(0, self.pos, t).view(self.num_experts, self.capacity, t.shape[1])
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).index_select(0, self.pos)
+
+
 class _GroupedFFN(torch.autograd.Function):
     """y[rows of e] = act(x[rows of e] @ w1[e] + b1[e]) (dropout) @ w2[e] + b2[e], with rows
     grouped by expert (counts[e] consecutive rows for expert e).
 
-    Only the GEMMs are per expert; activation, dropout, their derivatives and the bias
-    gradients are single ops over all N rows (fewer, larger kernels: each parallel region has
-    a fixed cost, large when the cores are shared)."""
+    The GEMMs are done as `groups.mode` says (see _Groups); activation, dropout, their
+    derivatives and the bias gradients are single ops over all rows (fewer, larger kernels:
+    each parallel region has a fixed cost, large when the cores are shared).  The dropout mask
+    is drawn over the N rows in every mode, so the modes agree under the same seed."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts: Sequence[int], activation, dropout_p: float):
-        n, hidden, model_dim = x.shape[0], w1.shape[2], w2.shape[2]
-        groups = [(e, start, c) for e, (start, c) in enumerate(zip(_starts(counts), counts)) if c > 0]
+    def forward(ctx, x, w1, b1, w2, b2, groups: _Groups, activation, dropout_p: float):
+        mode = groups.mode
         is_relu = activation is F.relu
-        h = x.new_empty(n, hidden)
-        pre = h if is_relu else x.new_empty(n, hidden)
-        for e, start, c in groups:
-            torch.addmm(b1[e], x[start:start + c], w1[e], out=pre[start:start + c])
-        if is_relu:
-            h.relu_()
+        if mode == "bmm":
+            x_in = groups.pad(x)
+            pre = torch.baddbmm(b1.unsqueeze(1), x_in, w1)  # (E, C, F)
+        elif mode == "grouped":
+            x_in = x
+            pre = torch._grouped_mm(x, w1, offs=groups.offs).add_(b1.index_select(0, groups.row_expert))
         else:
-            h.copy_(activation(pre))
+            x_in = x
+            pre = x.new_empty(x.shape[0], w1.shape[2])
+            for e, start, c in groups.groups:
+                torch.addmm(b1[e], x[start:start + c], w1[e], out=pre[start:start + c])
+        if is_relu:
+            h = pre.relu_()
+        else:
+            h = activation(pre)
         mask = None
         scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
         if dropout_p > 0:
-            mask = torch.empty_like(h).bernoulli_(1.0 - dropout_p)
+            mask = x.new_empty(x.shape[0], w1.shape[2]).bernoulli_(1.0 - dropout_p)
+            if mode == "bmm":
+                mask = groups.pad(mask)
             h.mul_(mask).mul_(scale)
             if is_relu:
                 mask = None  # not needed: see below
-        y = x.new_empty(n, model_dim)
-        for e, start, c in groups:
-            torch.addmm(b2[e], h[start:start + c], w2[e], out=y[start:start + c])
-        ctx.counts, ctx.activation, ctx.scale = tuple(counts), activation, scale
+        if mode == "bmm":
+            y = groups.unpad(torch.baddbmm(b2.unsqueeze(1), h, w2))
+        elif mode == "grouped":
+            y = torch._grouped_mm(h, w2, offs=groups.offs).add_(b2.index_select(0, groups.row_expert))
+        else:
+            y = x.new_empty(x.shape[0], w2.shape[2])
+            for e, start, c in groups.groups:
+                torch.addmm(b2[e], h[start:start + c], w2[e], out=y[start:start + c])
+        ctx.groups, ctx.activation, ctx.scale = groups, activation, scale
         # For relu, h (after dropout) alone gives both d/dw2 and the derivative mask: h > 0
         # exactly where pre > 0 and the unit was not dropped.
-        ctx.save_for_backward(x, w1, w2, h, None if is_relu else pre, mask)
+        ctx.save_for_backward(x_in, w1, w2, h, None if is_relu else pre, mask)
         return y
 
     @staticmethod
@@ -79,31 +158,49 @@ class _GroupedFFN(torch.autograd.Function):
     def _backward(ctx, gy):
         x, w1, w2, h, pre, mask = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        counts = ctx.counts
-        groups = [(e, start, c) for e, (start, c) in enumerate(zip(_starts(counts), counts)) if c > 0]
+        groups = ctx.groups
+        mode = groups.mode
         num_experts = w1.shape[0]
         gy = gy.contiguous()
-        # Every expert with rows writes its whole GEMM slice; only the others need zeros.
-        gw1 = torch.empty_like(w1) if need_w1 else None
-        gw2 = torch.empty_like(w2) if need_w2 else None
-        for e in range(num_experts):
-            if e >= len(counts) or counts[e] == 0:
-                for g in (gw1, gw2):
-                    if g is not None:
-                        g[e].zero_()
-        row_expert = None
-        if need_b1 or need_b2:
-            row_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device),
-                                                 torch.tensor(counts, device=x.device), output_size=x.shape[0])
-        gb2 = w2.new_zeros(num_experts, w2.shape[2]).index_add_(0, row_expert, gy) if need_b2 else None
+        if mode == "bmm":
+            gy_in = groups.pad(gy)  # zero at padding: padding rows add nothing below
+        else:
+            gy_in = gy
+
+        def bias_grad(g, like):
+            if mode == "bmm":
+                return g.sum(1)
+            return like.new_zeros(num_experts, like.shape[-1]).index_add_(0, groups.row_expert, g)
+
+        gb2 = bias_grad(gy_in, w2) if need_b2 else None
+        gw2 = gw1 = gx = gb1 = None
+        if mode == "loop":
+            # Every expert with rows writes its whole GEMM slice; only the others need zeros.
+            gw1 = torch.empty_like(w1) if need_w1 else None
+            gw2 = torch.empty_like(w2) if need_w2 else None
+            used = {e for e, _, _ in groups.groups}
+            for e in range(num_experts):
+                if e not in used:
+                    for g in (gw1, gw2):
+                        if g is not None:
+                            g[e].zero_()
         if need_w2:
-            for e, start, c in groups:
-                torch.mm(h[start:start + c].t(), gy[start:start + c], out=gw2[e])
-        gx = gb1 = None
+            if mode == "bmm":
+                gw2 = torch.bmm(h.transpose(1, 2), gy_in)
+            elif mode == "grouped":
+                gw2 = torch._grouped_mm(h.t(), gy, offs=groups.offs)
+            else:
+                for e, start, c in groups.groups:
+                    torch.mm(h[start:start + c].t(), gy[start:start + c], out=gw2[e])
         if need_x or need_w1 or need_b1:
-            gh = h.new_empty(h.shape)
-            for e, start, c in groups:
-                torch.mm(gy[start:start + c], w2[e].t(), out=gh[start:start + c])
+            if mode == "bmm":
+                gh = torch.bmm(gy_in, w2.transpose(1, 2))
+            elif mode == "grouped":
+                gh = torch._grouped_mm(gy, w2.transpose(1, 2), offs=groups.offs)
+            else:
+                gh = h.new_empty(h.shape)
+                for e, start, c in groups.groups:
+                    torch.mm(gy[start:start + c], w2[e].t(), out=gh[start:start + c])
             if ctx.activation is F.relu:
                 torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
                 if ctx.scale != 1.0:
@@ -113,15 +210,52 @@ class _GroupedFFN(torch.autograd.Function):
                     gh.mul_(mask).mul_(ctx.scale)
                 gh = _ACTIVATION_BACKWARD[ctx.activation](gh, pre)
             if need_b1:
-                gb1 = w1.new_zeros(num_experts, w1.shape[2]).index_add_(0, row_expert, gh)
+                gb1 = bias_grad(gh, w1)
             if need_w1:
-                for e, start, c in groups:
-                    torch.mm(x[start:start + c].t(), gh[start:start + c], out=gw1[e])
+                if mode == "bmm":
+                    gw1 = torch.bmm(x.transpose(1, 2), gh)
+                elif mode == "grouped":
+                    gw1 = torch._grouped_mm(x.t(), gh, offs=groups.offs)
+                else:
+                    for e, start, c in groups.groups:
+                        torch.mm(x[start:start + c].t(), gh[start:start + c], out=gw1[e])
             if need_x:
-                gx = torch.empty_like(x)
-                for e, start, c in groups:
-                    torch.mm(gh[start:start + c], w1[e].t(), out=gx[start:start + c])
+                if mode == "bmm":
+                    gx = groups.unpad(torch.bmm(gh, w1.transpose(1, 2)))
+                elif mode == "grouped":
+                    gx = torch._grouped_mm(gh, w1.transpose(1, 2), offs=groups.offs)
+                else:
+                    gx = torch.empty_like(x)
+                    for e, start, c in groups.groups:
+                        torch.mm(gh[start:start + c], w1[e].t(), out=gx[start:start + c])
         return gx, gw1, gb1, gw2, gb2, None, None, None
+
+
+# gemm="auto" on CPU: the padded bmm when every expert has rows and padding adds at most this
+# many rows per expert (E * max(counts) - N <= BMM_MAX_PAD_ROWS * E), else the per-expert loop.
+# Why (docs/benchmarks.md, "Expert GEMM modes"): the bmm costs about (padded rows / N) times
+# its unpadded time, and saves the loop's fixed cost per expert GEMM, worth about 10 rows of
+# work per expert (break-even padding 1.3x at 32 rows per expert, 1.1x at 128, none at 512);
+# an expert without rows costs the loop nothing but the bmm a full read of its weights
+# (decoder steps: a few rows, most experts empty).  torch._grouped_mm on CPU measured as the
+# loop (it loops over the groups inside), so auto uses it on CUDA only.
+BMM_MAX_PAD_ROWS = 10
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, model_dim: int, hidden_dim: int) -> bool:
+    """Whether torch._grouped_mm runs the experts' GEMMs here: it needs fp32/bf16/fp16 on CPU
+    (bf16 on CUDA, compute capability 9.0 and later) and row strides that are multiples of 16
+    bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    elem = torch.empty((), dtype=dtype).element_size()
+    if (model_dim * elem) % 16 or (hidden_dim * elem) % 16:
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return False
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -158,6 +292,7 @@ class FFNExperts(nn.Module):
         self.num_local, self.model_dim, self.hidden_dim = num_local, model_dim, hidden_dim
         self.activation = ACTIVATIONS[activation]
         self.expert_dropout = expert_dropout
+        self.gemm = "auto"  # GEMM mode (GEMM_MODES); "auto" chooses per call, see gemm_mode
         # Stored as (in, out) so each expert is a plain addmm without a transpose.
         self.w1 = nn.Parameter(torch.empty(num_local, model_dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_local, hidden_dim))
@@ -189,19 +324,27 @@ class FFNExperts(nn.Module):
                     w[local].copy_(torch.empty(w.shape[1:]).uniform_(-bound, bound, generator=gen))
                     b[local].copy_(torch.empty(b.shape[1:]).uniform_(-bound, bound, generator=gen))
 
-    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        """x: (N, M) rows grouped by local expert, counts[e] rows for expert e."""
-        counts = [int(c) for c in counts]
-        if sum(counts) != x.shape[0] or min(counts, default=0) < 0:
-            torch.split(x, counts)  # raises torch's own error for sizes that do not split x
+    def forward(self, x: torch.Tensor, counts) -> torch.Tensor:
+        """x: (N, M) rows grouped by local expert, counts[e] rows for expert e (a list, or a
+        1-D tensor on x's device: then the grouped GEMM mode needs no host sync)."""
+        on_device = isinstance(counts, torch.Tensor)
+        if not on_device:
+            counts = [int(c) for c in counts]
+            if sum(counts) != x.shape[0] or min(counts, default=0) < 0:
+                torch.split(x, counts)  # raises torch's own error for sizes that do not split x
         if len(counts) > self.num_local:
             raise IndexError(f"{len(counts)} expert counts for {self.num_local} local experts")
         if x.shape[0] > 0 and (self.activation is F.relu or self.activation in _ACTIVATION_BACKWARD):
             p = self.expert_dropout if self.training else 0.0
             dtype = compute_dtype(x)
-            w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
+            mode = self.gemm_mode(x.device, dtype, counts)
+            groups = _Groups(counts, self.num_local, x.shape[0], x.device, mode)
+            w1, b1, w2, b2 = (t if t.dtype == dtype else t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
             with torch.autocast(x.device.type, enabled=False):
-                return _GroupedFFN.apply(x.to(dtype), w1, b1, w2, b2, counts, self.activation, p)
+                return _GroupedFFN.apply(x if x.dtype == dtype else x.to(dtype), w1, b1, w2, b2, groups,
+                                         self.activation, p)
+        if on_device:
+            counts = counts.tolist()
         # Generic path (custom activation, or no rows at all).  unbind, not w[e]: one stacked
         # gradient per weight instead of a zero-filled (E, ., .) tensor per expert.
         w1, b1, w2, b2 = (t.unbind(0) for t in (self.w1, self.b1, self.w2, self.b2))
@@ -216,6 +359,36 @@ class FFNExperts(nn.Module):
         if not outs:
             return x.new_zeros(0, self.model_dim) + 0 * self.b2.sum()
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether forward would use the grouped GEMM, which reads the split sizes on the
+        device: on CUDA where torch._grouped_mm supports the dtype, or when set explicitly."""
+        if self.gemm == "grouped":
+            return True
+        return (self.gemm == "auto" and device.type == "cuda"
+                and grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim))
+
+    def gemm_mode(self, device: torch.device, dtype: torch.dtype, counts) -> str:
+        """The GEMM mode of one call: `self.gemm` unless "auto"; see BMM_MAX_PAD_ROWS for auto."""
+        mode = self.gemm
+        if mode not in GEMM_MODES:
+            raise MoEUsageError(f"FFNExperts.gemm must be one of {', '.join(GEMM_MODES)} (got {mode!r})")
+        if mode == "grouped":
+            if not grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim):
+                raise MoEUsageError(f"the grouped expert GEMM (torch._grouped_mm) does not support {dtype} on "
+                                    f"{device.type} with model dim {self.model_dim} and hidden dim "
+                                    f"{self.hidden_dim}; use gemm='auto'")
+            return mode
+        if mode != "auto":
+            return mode
+        if isinstance(counts, torch.Tensor):
+            if device.type == "cuda" and grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim):
+                return "grouped"  # counts stay on the GPU: no host sync
+            counts = counts.tolist()
+        n, e = sum(counts), len(counts)
+        if e == self.num_local and min(counts) > 0 and e * max(counts) - n <= BMM_MAX_PAD_ROWS * e:
+            return "bmm"
+        return "loop"
 
     @classmethod
     def split_dense(cls, fc1: nn.Linear, fc2: nn.Linear, num_experts: int, activation="relu",

@@ -28,7 +28,8 @@ class MoELayer(nn.Module):
 
     forward(x, padding_mask) takes x of shape (..., M) and an optional bool mask of shape (...)
     that is True at padding; padding rows are never routed, never counted in a balance loss or
-    statistic, and get a zero output.  Losses and statistics of the last call are in `self.aux`.
+    statistic, and get a zero output.  Losses and statistics of the last call are in `self.aux`;
+    in evaluation mode only if asked for (`eval_aux`, `collect_stats=True`).
 
     Gating Dropout (training only): with probability `gating_dropout` a whole step of this
     layer skips the router, decided from (seed, update number, layer index) so every rank
@@ -40,7 +41,7 @@ class MoELayer(nn.Module):
 
     def __init__(self, router: Router, experts: FFNExperts, layer_index: int = 0, comm=None,
                  gating_dropout: float = 0.0, gating_dropout_mode: str = "gate_drop", seed: int = 1,
-                 collect_stats: bool = True):
+                 collect_stats: Optional[bool] = None):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -56,7 +57,13 @@ class MoELayer(nn.Module):
         self.gating_dropout_mode = gating_dropout_mode
         self.seed = seed
         self.num_updates = 0
+        # Statistics: True always, False never, None (default) in training and, in evaluation,
+        # only when asked (`eval_aux`, or collect_stats=True as moe-prune's usage count sets).
         self.collect_stats = collect_stats
+        # Evaluation computes auxiliary losses and statistics only when this is set (the
+        # criterion sets it for validation, see collect.aux_in_evaluation): generation needs
+        # neither, and a decoder step routes a handful of rows, so they would be its main cost.
+        self.eval_aux = False
         self.aux = MoEAux()
 
     def set_num_updates(self, num_updates: int):
@@ -85,32 +92,52 @@ class MoELayer(nn.Module):
             out = flat.new_zeros(flat.shape).index_copy(0, rows, out)
         return out.view(shape)
 
+    def wants_aux(self) -> bool:
+        """Whether this call computes auxiliary losses (and, by default, statistics)."""
+        return self.training or self.eval_aux or self.collect_stats is True
+
     def _forward_routed(self, tokens: torch.Tensor) -> torch.Tensor:
         # The router sees the tokens as they come (it computes in fp32 anyway); the experts'
         # copy is cast to their compute dtype before dispatch, so under autocast the
         # all-to-all carries half-precision rows, as a dense FFN's GEMM would read them.
+        want_aux = self.wants_aux()
+        self.router.compute_aux = want_aux
         routing = self.router(tokens)
-        plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, self.router.num_experts)
-        sent = dispatch(tokens.to(compute_dtype(tokens)), plan)
-        local_in, local_counts, handle = self.comm.exchange(sent, plan.counts, plan.counts_list)
+        dtype = compute_dtype(tokens)
+        # Dropless evaluation with every expert local: S * k slots, all kept, so the split sizes
+        # need not be read on the host when the experts take them on the device (the grouped
+        # GEMM): no host sync in a decoder step.
+        num_kept = None
+        if (not self.training and self.router.eval_keeps_all_slots and self.comm.world_size == 1
+                and self.router.current_capacity_factor() is None
+                and self.experts.takes_device_counts(tokens.device, dtype)):
+            num_kept = routing.expert_index.numel()
+        plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, self.router.num_experts, num_kept)
+        sent = dispatch(tokens if tokens.dtype == dtype else tokens.to(dtype), plan)
+        counts = plan.counts if plan.counts_list is None else plan.counts_list
+        local_in, local_counts, handle = self.comm.exchange(sent, plan.counts, counts)
         expert_out = self.comm.exchange_back(self.experts(local_in, local_counts), handle)
         # Output in the input's dtype: under autocast that is the fp32 residual stream, which
         # the fp32 combine feeds without another rounding.
-        out = combine(expert_out, plan, tokens.shape[0]).to(tokens.dtype)
-        stats = None
-        if self.collect_stats:
-            elem = sent.element_size() * tokens.shape[1]
-            stats = RoutingStats(
-                num_tokens=torch.tensor(float(tokens.shape[0])),
-                requested_slots=torch.tensor(float(routing.expert_index.numel())),
-                tokens_per_expert=plan.counts.detach(),
-                dropped_by_capacity=routing.dropped_by_capacity.detach(),
-                gate_entropy_sum=entropy_sum(routing.probs),
-                gating_dropped=torch.tensor(0.0),
-                a2a_bytes=self.comm.remote_rows(plan.counts) * (2 * elem),
-            )
+        out = combine(expert_out, plan, tokens.shape[0])
+        if out.dtype != tokens.dtype:
+            out = out.to(tokens.dtype)
+        collect = self.collect_stats if self.collect_stats is not None else want_aux
+        stats = self.routing_stats(tokens, routing, plan, sent.element_size()) if collect else None
         self.aux = MoEAux(dict(routing.losses), stats)
         return out
+
+    def routing_stats(self, tokens, routing, plan, elem_size: int) -> RoutingStats:
+        elem = elem_size * tokens.shape[1]
+        return RoutingStats(
+            num_tokens=torch.tensor(float(tokens.shape[0])),
+            requested_slots=torch.tensor(float(routing.expert_index.numel())),
+            tokens_per_expert=plan.counts.detach(),
+            dropped_by_capacity=routing.dropped_by_capacity.detach(),
+            gate_entropy_sum=entropy_sum(routing.probs),
+            gating_dropped=torch.tensor(0.0),
+            a2a_bytes=self.comm.remote_rows(plan.counts) * (2 * elem),
+        )
 
     def _forward_gating_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
         num_local = self.experts.num_local
@@ -126,7 +153,7 @@ class MoELayer(nn.Module):
             expert_out = self.experts(tokens.index_select(0, order), local_counts).to(tokens.dtype)
             out = tokens.new_zeros(tokens.shape).index_copy(0, order, expert_out)
         stats = None
-        if self.collect_stats:
+        if self.collect_stats is not False:  # Gating Dropout fires in training only
             per_expert = torch.zeros(self.router.num_experts, dtype=torch.long, device=tokens.device)
             local_ids = torch.tensor(self.comm.local_expert_ids(), device=tokens.device)
             per_expert[local_ids] = torch.tensor(local_counts, device=tokens.device)

@@ -20,6 +20,8 @@ class Routing:
     probs:        (S, E) fp32 router distribution, for statistics (entropy); may be None.
     losses:       weighted auxiliary losses of this router, by name.
     dropped_by_capacity: number of slots removed by capacity (0-dim tensor, no host sync).
+
+    A token sends at most one slot to an expert (its k experts are distinct).
     """
 
     expert_index: torch.Tensor
@@ -41,6 +43,9 @@ class Router(nn.Module):
 
     default_capacity_factors = (None, None)  # (training, evaluation): dropless unless a router says otherwise
     variable_k = False  # True for routers whose k may change at evaluation (--moe-eval-top-k)
+    # True for routers whose evaluation keeps every slot unless capacity drops it (then a
+    # dropless evaluation dispatches exactly S * k slots, known without reading `keep`).
+    eval_keeps_all_slots = False
 
     def __init__(self, model_dim: int, num_experts: int, k: int,
                  capacity_factor: Optional[float] = None,
@@ -57,6 +62,9 @@ class Router(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.num_updates = 0
+        # False when the caller wants neither auxiliary losses nor statistics (the layer sets it
+        # per call: generation needs neither): routers then skip computing them.
+        self.compute_aux = True
         self.eval_k = None
         self.set_eval_k(eval_k)
 
@@ -93,11 +101,17 @@ class Router(nn.Module):
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
     def limit_capacity(self, expert_index, keep, k_for_capacity: int):
-        """Apply the current capacity; returns (keep, number of slots dropped)."""
+        """Apply the current capacity; returns (keep, number of slots dropped).  The `keep`
+        passed in is returned as is (the same object) when no capacity applies, so a router can
+        skip masking its gates."""
         cf = self.current_capacity_factor()
         if cf is None:
             return keep, keep.new_zeros((), dtype=torch.long)
         capacity = expert_capacity(expert_index.shape[0], self.num_experts, k_for_capacity, cf)
+        if capacity >= expert_index.shape[0]:
+            # A token sends at most one slot to an expert, so no expert can receive more than
+            # S slots: this capacity drops nothing (large eval capacity factors, small E).
+            return keep, keep.new_zeros((), dtype=torch.long)
         new_keep = apply_capacity(expert_index, keep, self.num_experts, capacity)
         return new_keep, (keep.sum() - new_keep.sum())
 

@@ -17,6 +17,8 @@ class NoisyTopKRouter(Router):
     normal CDF finite while W_noise is still zero.
     """
 
+    eval_keeps_all_slots = True
+
     variable_k = True
 
     def __init__(self, model_dim, num_experts, k=2, capacity_factor=None, eval_capacity_factor=None,
@@ -45,11 +47,14 @@ class NoisyTopKRouter(Router):
         top_values, top_index = logits.topk(min(k + 1, num_experts), dim=1)
         expert_index = top_index[:, :k]
         gates = torch.softmax(top_values[:, :k], dim=1)
-        keep = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, keep, k)
-        gates = gates * keep
-        dense_gates = torch.zeros_like(clean).scatter(1, expert_index, gates)
+        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
+        keep, dropped = self.limit_capacity(expert_index, all_kept, k)
+        if keep is not all_kept:
+            gates = gates * keep
         losses = {}
+        if not self.compute_aux:
+            return Routing(expert_index, gates, keep, None, losses, dropped)
+        dense_gates = torch.zeros_like(clean).scatter(1, expert_index, gates)
         if self.importance_loss_weight > 0:
             losses["importance"] = self.importance_loss_weight * cv_squared(dense_gates.sum(0))
         if self.load_loss_weight > 0:

@@ -19,6 +19,8 @@ class RandomRouter(Router):
     Softmax is over the k chosen logits only; there is no balance loss and no noise.
     """
 
+    eval_keeps_all_slots = True
+
     variable_k = True
 
     def __init__(self, model_dim, num_experts, schedule: KSchedule, capacity_factor=None,
@@ -45,6 +47,7 @@ class RandomRouter(Router):
         logits = fp32_logits(x, self.weight)
         top_values, expert_index = logits.topk(k, dim=1)
         gates = torch.softmax(top_values, dim=1)
-        keep = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, keep, k)
-        return Routing(expert_index, gates * keep, keep, torch.softmax(logits, dim=-1), {}, dropped)
+        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
+        keep, dropped = self.limit_capacity(expert_index, all_kept, k)
+        probs = torch.softmax(logits, dim=-1) if self.compute_aux else None  # statistics only
+        return Routing(expert_index, gates if keep is all_kept else gates * keep, keep, probs, {}, dropped)

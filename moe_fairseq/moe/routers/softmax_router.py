@@ -12,6 +12,7 @@ class SoftmaxRouter(Router):
 
     balance_loss = None  # f(probs, top1) -> unweighted loss
     default_capacity_factors = (1.0, 2.0)  # they drop tokens past capacity by default, as in their papers
+    eval_keeps_all_slots = True
 
     def __init__(self, model_dim, num_experts, k, capacity_factor, eval_capacity_factor,
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):
@@ -30,6 +31,8 @@ class SoftmaxRouter(Router):
 
     def aux_losses(self, logits, probs, top1):
         losses = {}
+        if not self.compute_aux:
+            return losses
         if self.balance_loss_weight > 0:
             losses["balance"] = self.balance_loss_weight * type(self).balance_loss(probs, top1)
         if self.z_loss_weight > 0:

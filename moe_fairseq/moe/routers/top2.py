@@ -58,8 +58,10 @@ class Top2Router(SoftmaxRouter):
             # As fairseq's top2gating: the test 2 * g2 > U uses g2 after the optional
             # normalisation before dropping.
             keep[:, 1] = 2 * gates[:, 1] > torch.rand_like(gates[:, 1])
+        policy_keep = keep
         keep, dropped = self.limit_capacity(expert_index, keep, 2)
-        gates = gates * keep
+        if keep is not policy_keep or (self.training and self.second_expert_policy == "random"):
+            gates = gates * keep  # else every slot is kept
         if not self.normalize_before_dropping:
             gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
         return Routing(expert_index, gates, keep, probs, self.aux_losses(logits, probs, top1), dropped)
