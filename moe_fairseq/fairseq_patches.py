@@ -343,14 +343,22 @@ def distributed_init(cfg):
     # NCCL), so a rank whose peer hangs (a stopped process, a frozen or unreachable host) waits
     # that long inside a collective.  torchrun ends a job on its own machine when a worker
     # *exits*, but not when one hangs, nor the workers on other machines (static rendezvous).
+    # The timeout is set once the group exists, so that it bounds collectives only: the
+    # rendezvous keeps torch's default (ranks may start seconds apart).
     seconds = collective_timeout(cfg)
     if seconds is None or dist.is_initialized():
         return _original["distributed_init"](cfg)
-    init = dist.init_process_group
-    dist.init_process_group = functools.partial(init, timeout=datetime.timedelta(seconds=seconds))
-    try:  # only for fairseq's one call; the rest of the program sees torch's own function
+    timeout = datetime.timedelta(seconds=seconds)
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.2
+    if set_timeout is not None:
         result = _original["distributed_init"](cfg)
-    finally:
-        dist.init_process_group = init
-    logger.info(f"collective timeout: {seconds} s (--collective-timeout)")
+        set_timeout(timeout)
+    else:  # older torch: the timeout of the whole group, rendezvous included
+        init = dist.init_process_group
+        dist.init_process_group = functools.partial(init, timeout=timeout)
+        try:  # only for fairseq's one call; the rest of the program sees torch's own function
+            result = _original["distributed_init"](cfg)
+        finally:
+            dist.init_process_group = init
+    logger.info(f"collective timeout: {seconds:g} s (--collective-timeout)")
     return result

@@ -7,7 +7,9 @@ MOE_FAULT_KILL=R:U[:N]    rank R kills itself with SIGKILL inside its N-th (defa
                           exchange of token rows, after the count exchange) all_to_all_single
                           once it has done U updates, i.e. in the middle of step U+1; the time
                           of the kill is written to MOE_FAULT_STAMP
-MOE_FAULT_STALL=R:U[:N]   the same with SIGSTOP: the rank hangs (a frozen host) instead of dying
+MOE_FAULT_STALL=R:U[:N[:stop]]  the same, but the rank hangs instead of dying: it sleeps inside
+                          the all-to-all (a deadlocked process), or with `stop` it stops itself
+                          with SIGSTOP (a frozen host: it does not even react to SIGTERM)
 MOE_FAULT_SAVE=R:K:B      on rank R the K-th torch.save (1-based, counted from the start)
                           raises OSError(ENOSPC) after writing B bytes: a full disk
 MOE_FAULT_COPY=K:B        the K-th shutil.copyfile (fairseq's save_checkpoint copies its first
@@ -65,13 +67,14 @@ def _install():
 
     Trainer.train_step = counting_train_step
 
-    for var, sig in (("MOE_FAULT_KILL", signal.SIGKILL), ("MOE_FAULT_STALL", signal.SIGSTOP)):
+    for var in ("MOE_FAULT_KILL", "MOE_FAULT_STALL"):
         spec = _spec(var)
         if spec and int(spec[0]) == _rank():
             at_update, nth = int(spec[1]), int(spec[2]) if len(spec) > 2 else 2
+            action = {"MOE_FAULT_KILL": "kill", "MOE_FAULT_STALL": spec[3] if len(spec) > 3 else "sleep"}[var]
             original = dist.all_to_all_single
 
-            def faulty_a2a(*args, _original=original, _sig=sig, _at=at_update, _nth=nth, **kwargs):
+            def faulty_a2a(*args, _original=original, _action=action, _at=at_update, _nth=nth, **kwargs):
                 if state["update"] >= _at:
                     count = state["a2a"][_at] = state["a2a"].get(_at, 0) + 1
                     if count == _nth:
@@ -79,7 +82,10 @@ def _install():
                         if stamp:
                             with open(stamp, "w") as f:
                                 f.write(repr(time.time()))
-                        os.kill(os.getpid(), _sig)
+                        if _action == "sleep":
+                            while True:
+                                time.sleep(3600)
+                        os.kill(os.getpid(), signal.SIGKILL if _action == "kill" else signal.SIGSTOP)
                 return _original(*args, **kwargs)
 
             dist.all_to_all_single = faulty_a2a
