@@ -97,7 +97,8 @@ def assert_same_training_state(path, expected_path):
     assert got_opt["state"].keys() == want_opt["state"].keys()
     for slot, entry in want_opt["state"].items():
         for key, value in entry.items():  # exp_avg, exp_avg_sq, step
-            assert torch.equal(got_opt["state"][slot][key], value), (slot, key)
+            other = got_opt["state"][slot][key]
+            assert torch.equal(other, value) if torch.is_tensor(value) else other == value, (slot, key)
     assert got_opt["param_groups"][0]["lr"] == want_opt["param_groups"][0]["lr"]
     assert got["extra_state"]["train_iterator"] == want["extra_state"]["train_iterator"]
 
@@ -142,9 +143,10 @@ def test_rank_killed_inside_an_all_to_all_ends_the_job_and_relaunch_resumes_exac
 
 
 def test_hung_rank_ends_the_job_within_the_collective_timeout(data, tmp_path):
-    """Rank 1 stops inside an all-to-all without dying (a deadlock, a frozen host): torchrun
-    sees nothing wrong, and rank 0 would wait torch's 30 min (fairseq's --heartbeat-timeout
-    does not interrupt it either: docs/benchmarks.md).  --collective-timeout 10 ends it."""
+    """Rank 1 hangs inside an all-to-all without dying: torchrun sees nothing wrong, and rank 0
+    would wait torch's 30 min.  --collective-timeout 10 ends it.  (fairseq's --heartbeat-timeout
+    ends this hang only because the hung rank still runs Python and interrupts itself; it does
+    not end a frozen rank (SIGSTOP), while the collective timeout does: docs/benchmarks.md.)"""
     save = tmp_path / "hung"
     hung = launch(fault_cmd(data, save, "--collective-timeout", "10"), tmp_path, MOE_FAULT_STALL="1:3")
     assert hung.returncode != 0 and hung.seconds_after_fault is not None, hung.output[-3000:]
