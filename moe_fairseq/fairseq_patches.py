@@ -30,8 +30,9 @@ exists:
    points to any more are deleted.  Every file is written atomically and the pointer last, so a
    crash (even SIGKILL) never leaves a checkpoint with mixed shards.  The pointer records the
    job's run id (drawn by rank 0, broadcast once) and the shards' tensor shapes, so that a
-   reader refuses a foreign or damaged shard in one line (checkpoint/format.py).  Every checkpoint of a MoE
-   model also records the parameter name of each optimizer slot (resharding needs them).
+   reader refuses a foreign or damaged shard in one line (checkpoint/format.py).  Every
+   checkpoint of a MoE model also records the parameter name of each optimizer slot
+   (resharding needs them).
 6. checkpoint_utils.load_checkpoint_to_cpu.  Every rank reads the checkpoint and its own shard;
    a checkpoint written by another world size (or a consolidated single file) is merged and
    re-sliced for this rank, optimizer state included.  A single process (fairseq-generate) gets

@@ -175,6 +175,22 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint_and_the_next_save_succ
     assert_clean(save)  # the half-written update-4 set was replaced, nothing else accumulated
 
 
+def test_resuming_from_a_truncated_shard_is_refused_in_one_line(data, reference, tmp_path):
+    """fairseq-train on 2 ranks resuming from a checkpoint whose rank-1 shard was cut short:
+    rank 1 refuses in one line naming the file, and the job ends (rank 0 is stopped by torchrun)."""
+    import shutil
+
+    save = tmp_path / "damaged"
+    shutil.copytree(reference, save)
+    shard = next((save / SHARD_ROOT / torch.load(save / "checkpoint_last.pt")[POINTER]["tag"]).glob("rank-1-*"))
+    shard.write_bytes(shard.read_bytes()[:5000])
+    proc = launch(torchrun_cmd(train_cmd(data, save, *FLAGS, max_update=MAX_UPDATE + 2)), tmp_path)
+    assert proc.returncode != 0
+    assert f"moe_fairseq: error: checkpoint shard {shard} cannot be read, it is truncated or corrupt (" \
+        in proc.output, proc.output[-3000:]
+    assert "MoEUsageError" not in proc.output
+
+
 def test_ranks_given_different_expert_counts_are_refused_at_start_up(data, tmp_path):
     proc = launch(fault_cmd(data, tmp_path / "mixed"), tmp_path, MOE_FAULT_ARGS="1:--moe-expert-count 8")
     assert proc.returncode != 0

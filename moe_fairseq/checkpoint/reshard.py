@@ -19,7 +19,8 @@ from ..moe.expert_parallel import expert_sharding
 from .format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer, shard_meta, shard_path,
                      tensor_shapes)
 from .io import read_checkpoint
-from .sharded import atomic_save, num_experts_of, remove_unreferenced_shards, resolve_experts, slice_shard, split_experts
+from .sharded import (atomic_save, num_experts_of, remove_unreferenced_shards, resolve_experts, slice_shard,
+                      split_experts)
 
 
 def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_last.pt"):
