@@ -6,7 +6,9 @@ Writes new_save_dir/checkpoint_last.pt (shared parameters + a pointer) and one e
 rank, optimizer state included (fairseq's NLLB branch drops it); then train with
 `--save-dir new_save_dir` on that many ranks.  Training also reshards on the fly when it loads
 a checkpoint written by another world size; this command makes the layout explicit and lets
-the new run start from a directory of its own.
+the new run start from a directory of its own.  Damaged or missing input shards are refused
+in one line naming the file, before anything is written; a write that fails (a full disk)
+removes what was written, so there is never a partial output.
 """
 import argparse
 import os
