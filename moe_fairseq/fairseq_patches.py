@@ -28,8 +28,11 @@ exists:
    state) into a shard set, after a barrier rank 0 lets fairseq write its usual files with the
    shared parameters and a pointer to that set (checkpoint/format.py), and shard sets no file
    points to any more are deleted.  Every file is written atomically and the pointer last, so a
-   crash (even SIGKILL) never leaves a checkpoint with mixed shards.  Every checkpoint of a MoE
-   model also records the parameter name of each optimizer slot (resharding needs them).
+   crash (even SIGKILL) never leaves a checkpoint with mixed shards.  The pointer records the
+   job's run id (drawn by rank 0, broadcast once) and the shards' tensor shapes, so that a
+   reader refuses a foreign or damaged shard in one line (checkpoint/format.py).  Every
+   checkpoint of a MoE model also records the parameter name of each optimizer slot
+   (resharding needs them).
 6. checkpoint_utils.load_checkpoint_to_cpu.  Every rank reads the checkpoint and its own shard;
    a checkpoint written by another world size (or a consolidated single file) is merged and
    re-sliced for this rank, optimizer state included.  A single process (fairseq-generate) gets
@@ -45,17 +48,32 @@ exists:
    and the step wrote inf/nan into the experts.  The norm is made inf when any expert gradient
    is not finite, on every rank alike (one MAX all-reduce of a flag: ranks hold different
    experts, and fairseq stops when ranks report different norms); fairseq then skips the step.
+10. checkpoint_utils.torch_persistent_save and checkpoint_utils.PathManager.copy.  fairseq
+   retries a failed torch.save on the same, partly written file handle (a torn file is then
+   renamed into place), leaves <file>.tmp behind, and copies checkpoint_last.pt (_best, ...)
+   over the old file with shutil.copyfile: a full disk during the copy destroyed the previous
+   checkpoint_last.pt.  Local files are now written and copied atomically (temporary file,
+   fsync, rename; the temporary removed on failure), and after a completed save the
+   temporaries of interrupted ones (SIGKILL) are deleted.
+11. fairseq.distributed.utils.distributed_init.  fairseq creates the process group with
+   torch's default timeout (30 min gloo, 10 min NCCL), so when a rank hangs (or dies where no
+   launcher notices: another machine) its peers wait that long inside a collective;
+   --collective-timeout (task translation_multi_moe) sets the process group's timeout.
 """
 import argparse
 import contextlib
+import datetime
+import functools
 import logging
 import os
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint.format import PARAM_NAMES, POINTER, optimizer_param_names, point_to_shards, shard_meta, shard_path
-from .checkpoint.sharded import atomic_save, remove_unreferenced_shards, resolve_experts, split_experts
+from .checkpoint.format import (PARAM_NAMES, POINTER, new_run_id, optimizer_param_names, point_to_shards, shard_meta,
+                                shard_path, tensor_shapes)
+from .checkpoint.sharded import (atomic_copy, atomic_save, remove_stale_temporaries, remove_unreferenced_shards,
+                                 resolve_experts, split_experts)
 from .cli_errors import install_excepthook
 from .moe.collect import expert_parallel_comm, moe_layers
 from .moe.errors import MoEUsageError
@@ -102,7 +120,9 @@ def install():
                      save_checkpoint=checkpoint_utils.save_checkpoint,
                      load_checkpoint_to_cpu=checkpoint_utils.load_checkpoint_to_cpu,
                      trainer_load_checkpoint=Trainer.load_checkpoint,
-                     clip_grad_norm_=fairseq_utils.clip_grad_norm_)
+                     clip_grad_norm_=fairseq_utils.clip_grad_norm_,
+                     torch_persistent_save=checkpoint_utils.torch_persistent_save,
+                     distributed_init=distributed_utils.distributed_init)
     distributed_utils.infer_init_method = infer_init_method
     base_ddp = distributed_fairseq_model.DistributedDataParallel
     distributed_fairseq_model.DistributedDataParallel = _cpu_ddp_class(base_ddp)
@@ -111,6 +131,9 @@ def install():
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
     Trainer.load_checkpoint = trainer_load_checkpoint
     fairseq_utils.clip_grad_norm_ = clip_grad_norm_
+    checkpoint_utils.torch_persistent_save = torch_persistent_save
+    checkpoint_utils.PathManager = _AtomicCopyPathManager(checkpoint_utils.PathManager)
+    distributed_utils.distributed_init = distributed_init
     _installed = True
 
 
@@ -193,6 +216,20 @@ def _post_process_state(trainer, fn):
         del trainer.state_dict
 
 
+def _run_id(trainer, comm) -> str:
+    """An id of this job, drawn by rank 0 at its first save and shared with every rank (one
+    broadcast, once): it marks the job's shards so that a reader can tell them from another
+    job's shards under the same tag (format.py)."""
+    run = getattr(trainer, "_moe_run_id", None)
+    if run is None:
+        box = [new_run_id()]
+        group = comm.group
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(box, src=src, group=group)
+        run = trainer._moe_run_id = box[0]
+    return run
+
+
 def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
     original = _original["save_checkpoint"]
     if not moe_layers(trainer._model):
@@ -201,29 +238,65 @@ def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
     comm = expert_parallel_comm(trainer._model)
     if comm is None or cfg.no_save:
         with _post_process_state(trainer, lambda s: s.__setitem__(PARAM_NAMES, names)):
-            return original(cfg, trainer, epoch_itr, val_loss)
+            result = original(cfg, trainer, epoch_itr, val_loss)
+        if not cfg.no_save and trainer.should_save_checkpoint_on_current_rank:
+            remove_stale_temporaries(cfg.save_dir)
+        return result
     if getattr(trainer.optimizer, "has_flat_params", False):
         raise MoEUsageError("expert-parallel checkpoints need per-parameter optimizer state: use "
                             "--memory-efficient-fp16 (or --fp16-no-flatten-grads) instead of plain --fp16")
     rank, world = dist.get_rank(comm.group), dist.get_world_size(comm.group)
     tag = f"e{epoch_itr.epoch}-u{trainer.get_num_updates()}"
+    run = _run_id(trainer, comm)
     trainer.consolidate_optimizer()  # fairseq's state_dict() expects it (it sets the optimizer hand-off)
     from fairseq import utils
 
     shard = split_experts(utils.move_to_cpu(trainer.state_dict()), names)
-    shard["meta"] = shard_meta(rank, world, tag, trainer.get_num_updates())
+    shard["meta"] = shard_meta(rank, world, tag, trainer.get_num_updates(), run)
+    shapes = tensor_shapes(shard["model"])  # the same on every rank (each holds L experts)
     atomic_save(shard, shard_path(cfg.save_dir, tag, rank, world))
     dist.barrier(group=comm.group)  # every shard is on disk before anything points to them
 
     def strip_and_point(state):
         split_experts(state, names)  # rank 0's experts are in its shard
-        point_to_shards(state, tag, world, names)
+        point_to_shards(state, tag, world, names, run=run, shapes=shapes)
 
     with _post_process_state(trainer, strip_and_point):
         result = original(cfg, trainer, epoch_itr, val_loss)
     if rank == 0:
+        # Only after a save that completed: a failed one leaves the previous set referenced.
         remove_unreferenced_shards(cfg.save_dir, tag)
+        remove_stale_temporaries(cfg.save_dir)
     return result
+
+
+def torch_persistent_save(obj, filename, async_write=False):
+    # fairseq writes <file>.tmp and renames it, but on an error it retries torch.save twice on
+    # the same, already partly written handle (a file with a torn prefix is then renamed into
+    # place) and leaves <file>.tmp behind; no fsync either.  A local file is written by
+    # atomic_save instead: one attempt, fsync, rename, the temporary removed on failure.
+    if async_write or "://" in str(filename):
+        return _original["torch_persistent_save"](obj, filename, async_write)
+    atomic_save(obj, filename)
+
+
+class _AtomicCopyPathManager:
+    """fairseq's PathManager as checkpoint_utils sees it, with an atomic copy of local files:
+    save_checkpoint copies its first file to checkpoint_last.pt (and _best, ...) with
+    PathManager.copy, i.e. shutil.copyfile over the old file, so a full disk during the copy
+    left a truncated checkpoint_last.pt: neither the old checkpoint nor the new one."""
+
+    def __init__(self, base):
+        self._base = base
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    def copy(self, src_path, dst_path, overwrite=False):
+        if "://" in str(src_path) or "://" in str(dst_path) or (not overwrite and os.path.exists(dst_path)):
+            return self._base.copy(src_path, dst_path, overwrite)
+        atomic_copy(src_path, dst_path)
+        return True
 
 
 def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
@@ -258,3 +331,37 @@ def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank with experts calls this, in step
     return total + float("inf") if bad > 0 else total
+
+
+# ------------------------------------------------------------------ 11. collective timeout
+def collective_timeout(cfg):
+    """--collective-timeout (task translation_multi_moe) in seconds, or None (torch's default)."""
+    task = getattr(cfg, "task", None)
+    value = getattr(task, "collective_timeout", None) if task is not None else getattr(cfg, "collective_timeout", None)
+    return value if value and value > 0 else None
+
+
+def distributed_init(cfg):
+    # fairseq creates the process group with torch's default timeout (30 min for gloo, 10 for
+    # NCCL), so a rank whose peer hangs (a stopped process, a frozen or unreachable host) waits
+    # that long inside a collective.  torchrun ends a job on its own machine when a worker
+    # *exits*, but not when one hangs, nor the workers on other machines (static rendezvous).
+    # The timeout is set once the group exists, so that it bounds collectives only: the
+    # rendezvous keeps torch's default (ranks may start seconds apart).
+    seconds = collective_timeout(cfg)
+    if seconds is None or dist.is_initialized():
+        return _original["distributed_init"](cfg)
+    timeout = datetime.timedelta(seconds=seconds)
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.2
+    if set_timeout is not None:
+        result = _original["distributed_init"](cfg)
+        set_timeout(timeout)
+    else:  # older torch: the timeout of the whole group, rendezvous included
+        init = dist.init_process_group
+        dist.init_process_group = functools.partial(init, timeout=timeout)
+        try:  # only for fairseq's one call; the rest of the program sees torch's own function
+            result = _original["distributed_init"](cfg)
+        finally:
+            dist.init_process_group = init
+    logger.info(f"collective timeout: {seconds:g} s (--collective-timeout)")
+    return result

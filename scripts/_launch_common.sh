@@ -3,6 +3,10 @@
 #   calling script's header as usage otherwise; sets CONFIG DATA_BIN SAVE_DIR and CONFIG_ARGS, the
 #   config file read exactly as `$(grep -v '^#' CONFIG)` (whole-line comments dropped, split on
 #   whitespace, never globbed).  The caller then does `shift 3`.
+# collective_timeout_args "$@": sets TIMEOUT_ARGS to --collective-timeout ${COLLECTIVE_TIMEOUT:-600} when
+#   the command line (config + extra args) trains with the task translation_multi_moe, which has
+#   that flag (fairseq's own tasks do not), else to nothing; COLLECTIVE_TIMEOUT=0 keeps torch's
+#   default (30 min gloo, 10 min NCCL).  Extra args come later, so their --collective-timeout wins.
 # launch_run LOG_PREFIX: prints the command under DRY_RUN=1, else runs CMD appending to train.log.
 launch_init() {
   if [ "$#" -lt 3 ]; then
@@ -14,6 +18,13 @@ launch_init() {
   set -f
   CONFIG_ARGS=($(grep -v '^#' "$CONFIG" || true))
   set +f
+}
+
+collective_timeout_args() {
+  TIMEOUT_ARGS=()
+  if printf '%s\n' "${CONFIG_ARGS[@]}" "$@" | grep -qE '(^|=)translation_multi_moe$'; then
+    TIMEOUT_ARGS=(--collective-timeout "${COLLECTIVE_TIMEOUT:-600}")
+  fi
 }
 
 launch_run() {

@@ -19,7 +19,9 @@
 # use --gpus-per-node, not --gpus-per-task / --gpu-bind.  The torchrun variables
 # (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK) are unset, or fairseq would take the torchrun path.
 # Environment: PORT (rendezvous port; default 10000 + job id % 20000), VENV (activate it
-# first), DRY_RUN=1 (print the srun command only; runs outside Slurm too).
+# first), DRY_RUN=1 (print the srun command only; runs outside Slurm too), COLLECTIVE_TIMEOUT
+# (600, see train_torchrun.sh).  A task that exits non-zero ends the whole step
+# (--kill-on-bad-exit); one that hangs is ended by the collective timeout of its peers.
 set -euo pipefail
 # sbatch runs a copy of this script from the spool directory: find the repository from the
 # submission directory when needed.
@@ -29,6 +31,7 @@ REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 . "$REPO/scripts/_launch_common.sh"
 launch_init "$@"
 shift 3
+collective_timeout_args "$@"
 if [ -n "${VENV:-}" ]; then . "$VENV/bin/activate"; fi
 
 NNODES=${SLURM_NNODES:-1}
@@ -44,5 +47,5 @@ PORT=${PORT:-$((10000 + JOB % 20000))}
 CMD=(srun --kill-on-bad-exit=1 env -u MASTER_ADDR -u MASTER_PORT -u WORLD_SIZE -u RANK -u LOCAL_RANK
      OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
      "${FAIRSEQ_TRAIN:-fairseq-train}" "$DATA_BIN" --user-dir "$REPO/moe_fairseq" "${CONFIG_ARGS[@]}"
-     --distributed-world-size "$NTASKS" --distributed-port "$PORT" --save-dir "$SAVE_DIR" "$@")
+     "${TIMEOUT_ARGS[@]}" --distributed-world-size "$NTASKS" --distributed-port "$PORT" --save-dir "$SAVE_DIR" "$@")
 launch_run "job ${JOB}: "

@@ -11,7 +11,9 @@
 #
 # Environment: NPROC (processes per machine; default: the GPUs nvidia-smi lists, 2 with CPU=1),
 # NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), CPU (unset; 1 adds
-# --cpu --distributed-backend gloo), DRY_RUN (1: print the command only).
+# --cpu --distributed-backend gloo), DRY_RUN (1: print the command only), COLLECTIVE_TIMEOUT
+# (600: --collective-timeout for the task translation_multi_moe, seconds a rank waits in a
+# collective for a dead or hung peer before the job fails; 0: torch's default, 30 min on gloo).
 # Always passes --distributed-world-size NNODES*NPROC.  With --moe-expert-count E, each rank
 # holds E/W experts: choose W dividing E (see configs/README.md).  Fairseq's own flags that
 # come later win (extra args), e.g. --update-freq to keep the batch when W changes.
@@ -20,6 +22,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$REPO/scripts/_launch_common.sh"
 launch_init "$@"
 shift 3
+collective_timeout_args "$@"
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -49,5 +52,5 @@ FAIRSEQ_TRAIN=${FAIRSEQ_TRAIN:-$(command -v fairseq-train || echo fairseq-train)
 CMD=("${TORCHRUN:-torchrun}" --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      "$FAIRSEQ_TRAIN" "$DATA_BIN" --user-dir "$REPO/moe_fairseq" "${CONFIG_ARGS[@]}"
-     --distributed-world-size "$WORLD" "${DEVICE_ARGS[@]}" --save-dir "$SAVE_DIR" "$@")
+     "${TIMEOUT_ARGS[@]}" --distributed-world-size "$WORLD" "${DEVICE_ARGS[@]}" --save-dir "$SAVE_DIR" "$@")
 launch_run

@@ -28,6 +28,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_cmd(cmd, nproc=2):
+    """A command (fairseq-train, or a script) under torchrun: the launcher script path replaces argv[0]."""
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *cmd]
+
+
+def descendants(pid):
+    """Every process below `pid` (torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group would leave the ranks running)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def run(cmd, check=True, timeout=600, env=None):
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -32,7 +32,7 @@ def test_pointer_is_stamped_with_the_format_version(tmp_path):
     path = sharded_checkpoint(tmp_path)
     state = torch.load(path)
     assert state[fmt.POINTER] == {"dir": "moe_shards/e1-u5", "tag": "e1-u5", "world_size": 2,
-                                  "param_names": NAMES, "version": fmt.FORMAT_VERSION}
+                                  "param_names": NAMES, "version": fmt.FORMAT_VERSION, "run": None, "shapes": None}
     assert state[fmt.PARAM_NAMES] == NAMES
     assert sorted(p.name for p in (tmp_path / fmt.SHARD_ROOT / "e1-u5").iterdir()) == ["rank-0-of-2.pt",
                                                                                       "rank-1-of-2.pt"]

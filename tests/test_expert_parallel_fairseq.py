@@ -17,35 +17,10 @@ import torch
 
 import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
 
-from cli_helpers import (BIN, USER_DIR, cli, free_port, generate_cmd, hypotheses, last_value, make_tiny_corpus, run,
-                         train_cmd)
+from cli_helpers import (BIN, USER_DIR, cli, descendants, free_port, generate_cmd, hypotheses, last_value,
+                         make_tiny_corpus, run, torchrun_cmd, train_cmd)
 
 MOE = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-gating-dropout", "0.3", "--dropout", "0.0"]
-
-
-def torchrun_cmd(cmd, nproc=2):
-    """fairseq-train under torchrun: the launcher script path replaces argv[0]."""
-    return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *cmd]
-
-
-def descendants(pid):
-    """Every process below `pid` (torchrun starts its workers in sessions of their own, so
-    killing the launcher's process group would leave the ranks running)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def saved_updates(path):

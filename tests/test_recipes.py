@@ -217,6 +217,20 @@ def test_train_torchrun_sh_world_size_and_cpu_mode():
     assert "--cpu" in cmd and cmd[cmd.index("--distributed-backend") + 1] == "gloo"
 
 
+def test_multi_process_launchers_set_a_collective_timeout_for_moe_runs():
+    """A dead or hung rank must end the job: the launchers pass --collective-timeout (600 s by
+    default, COLLECTIVE_TIMEOUT overrides, a later extra arg wins) with the MoE task only,
+    since fairseq's own tasks (the plain-fairseq anchor) do not know the flag."""
+    for script, env in (("train_torchrun.sh", {"CPU": "1"}), ("train_slurm.sh", {})):
+        cmd = dry_run(script, config_path("multi30k", "moe_top2"), "DATA", "SAVE", **env)
+        assert cmd[cmd.index("--collective-timeout") + 1] == "600"
+        cmd = dry_run(script, config_path("multi30k", "moe_top2"), "DATA", "SAVE", "--collective-timeout", "30",
+                      COLLECTIVE_TIMEOUT="90", **env)
+        assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--collective-timeout"] == ["90", "30"]
+        assert "--collective-timeout" not in dry_run(script, config_path("multi30k", "fairseq_dense"), "DATA", "SAVE",
+                                                     **env)
+
+
 def test_train_slurm_sh_uses_fairseqs_slurm_detection():
     cmd = dry_run("train_slurm.sh", config_path("wmt10", "moe_top2"), "DATA", "SAVE", SLURM_NNODES="2",
                   SLURM_NTASKS="16", SLURM_JOB_ID="4242")

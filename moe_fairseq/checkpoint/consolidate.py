@@ -10,24 +10,21 @@ import argparse
 import os
 import sys
 
-import torch
-
 from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from .format import is_expert_key
+from .io import read_checkpoint
 from .sharded import atomic_save, resolve_experts
 
 
 def consolidate(src: str, dst: str, keep_optimizer: bool = True) -> dict:
     if os.path.abspath(src) == os.path.abspath(dst):
         raise MoEUsageError("the consolidated checkpoint must not overwrite its source")
-    state = torch.load(src, map_location="cpu")
-    if not isinstance(state, dict) or "model" not in state:
-        raise MoEUsageError(f"{src} is not a fairseq checkpoint")
+    state = read_checkpoint(src)
     state = resolve_experts(state, src, rank=0, world_size=1)  # drops the pointer
     if not keep_optimizer:
         state["last_optimizer_state"] = None
-    atomic_save(state, dst)
+    atomic_save(state, dst)  # only once every shard has been read and checked: no partial output
     return state
 
 

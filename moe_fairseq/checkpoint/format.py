@@ -8,15 +8,22 @@ A training run on W ranks writes
                                                  optimizer state, and state[POINTER]
     save_dir/moe_shards/<tag>/rank-R-of-W.pt     experts of rank R + their optimizer state
 
-The pointer, {"dir", "tag", "world_size", "param_names", "version"}, is made by
-`point_to_shards` only, which stamps FORMAT_VERSION; a reader refuses any other version (the
+The pointer, {"dir", "tag", "world_size", "param_names", "version", "run", "shapes"}, is made
+by `point_to_shards` only, which stamps FORMAT_VERSION; a reader refuses any other version (the
 layout it describes may have changed).  Every checkpoint of a MoE model, sharded or not, also
 holds state[PARAM_NAMES]: the parameter name of each optimizer slot, which is what makes
 optimizer state reshardable.
+
+"run" (an id drawn once per job and shared by its ranks) and "shapes" (each expert tensor's
+shape on one rank) let a reader refuse, in one line naming the file, a shard that another job
+wrote under the same tag (a copied or restored directory) or one whose tensors do not fit,
+before anything is loaded into a model.  Both are optional: pointers written before they
+existed are read as before (extra keys do not change the layout, so FORMAT_VERSION stays).
 """
 import os
 import re
-from typing import List, Optional
+import uuid
+from typing import Dict, List, Optional
 
 from ..moe.errors import MoEUsageError
 
@@ -49,16 +56,26 @@ def shard_path(save_dir: str, tag: str, rank: int, world_size: int) -> str:
     return os.path.join(save_dir, SHARD_ROOT, tag, shard_filename(rank, world_size))
 
 
-def shard_meta(rank: int, world_size: int, tag: str, num_updates: int) -> dict:
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def shard_meta(rank: int, world_size: int, tag: str, num_updates: int, run: Optional[str] = None) -> dict:
     """What a shard file says about itself, checked against its pointer when it is read."""
-    return {"rank": rank, "world_size": world_size, "tag": tag, "num_updates": num_updates}
+    return {"rank": rank, "world_size": world_size, "tag": tag, "num_updates": num_updates, "run": run}
 
 
-def point_to_shards(state: dict, tag: str, world_size: int, param_names: List[str]):
+def tensor_shapes(tensors: Dict[str, "torch.Tensor"]) -> Dict[str, List[int]]:
+    return {name: list(t.shape) for name, t in tensors.items()}
+
+
+def point_to_shards(state: dict, tag: str, world_size: int, param_names: List[str], run: Optional[str] = None,
+                    shapes: Optional[Dict[str, List[int]]] = None):
     """Make `state` the main file of a sharded checkpoint (in place): the pointer to shard set
-    `tag` of `world_size` ranks, stamped with FORMAT_VERSION, and the parameter names."""
+    `tag` of `world_size` ranks written by job `run`, whose expert tensors have `shapes` on
+    every rank, stamped with FORMAT_VERSION, and the parameter names."""
     state[POINTER] = {"dir": os.path.join(SHARD_ROOT, tag), "tag": tag, "world_size": world_size,
-                      "param_names": param_names, "version": FORMAT_VERSION}
+                      "param_names": param_names, "version": FORMAT_VERSION, "run": run, "shapes": shapes}
     state[PARAM_NAMES] = param_names
 
 

@@ -6,23 +6,29 @@ Writes new_save_dir/checkpoint_last.pt (shared parameters + a pointer) and one e
 rank, optimizer state included (fairseq's NLLB branch drops it); then train with
 `--save-dir new_save_dir` on that many ranks.  Training also reshards on the fly when it loads
 a checkpoint written by another world size; this command makes the layout explicit and lets
-the new run start from a directory of its own.
+the new run start from a directory of its own.  Damaged or missing input shards are refused
+in one line naming the file, before anything is written; a write that fails (a full disk)
+removes what was written, so there is never a partial output.
 """
 import argparse
 import os
+import shutil
 import sys
-
-import torch
 
 from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
-from .format import param_names_of, point_to_shards, read_pointer, shard_meta, shard_path
-from .sharded import atomic_save, num_experts_of, resolve_experts, slice_shard, split_experts
+from .format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer, shard_meta, shard_path,
+                     tensor_shapes)
+from .io import read_checkpoint
+from .sharded import (atomic_save, num_experts_of, remove_unreferenced_shards, resolve_experts, slice_shard,
+                      split_experts)
 
 
 def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_last.pt"):
-    state = torch.load(src, map_location="cpu")
+    """Every input is read and checked (resolve_experts) before anything is written; if a write
+    fails, what this call wrote is removed again, so a failure leaves no partial output."""
+    state = read_checkpoint(src)
     num_experts = num_experts_of(state)
     if not num_experts:
         raise MoEUsageError(f"{src} has no MoE layers (moe_expert_count is 0)")
@@ -36,11 +42,9 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
     state = resolve_experts(state, src, rank=0, world_size=1)  # every expert in one state
     full = split_experts(state, names)
     updates = state["optimizer_history"][-1].get("num_updates", 0) if state.get("optimizer_history") else 0
-    tag = f"resharded-u{updates}-w{world_size}"
-    for rank in range(world_size):
-        shard = slice_shard(full, num_experts, rank, world_size)
-        shard["meta"] = shard_meta(rank, world_size, tag, updates)
-        atomic_save(shard, shard_path(out_dir, tag, rank, world_size))
+    run = new_run_id()
+    tag = f"resharded-u{updates}-w{world_size}-{run[:8]}"  # never an existing set's name
+    shards = [slice_shard(full, num_experts, rank, world_size) for rank in range(world_size)]
     old_world = (state.get("cfg") or {}).get("distributed_training", {}).get("distributed_world_size")
     itr = (state.get("extra_state") or {}).get("train_iterator")
     if itr and itr.get("iterations_in_epoch") and old_world != world_size:
@@ -50,8 +54,20 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
         print(f"note: the run stopped inside epoch {itr['epoch']}; continuing at the start of epoch "
               f"{itr['epoch'] + 1} on {world_size} ranks")
         itr.update(epoch=itr["epoch"] + 1, iterations_in_epoch=0)
-    point_to_shards(state, tag, world_size, names)
-    atomic_save(state, os.path.join(out_dir, name))  # written last: it makes the set visible
+    point_to_shards(state, tag, world_size, names, run=run, shapes=tensor_shapes(shards[0]["model"]))
+    created = [d for d in (out_dir, os.path.join(out_dir, SHARD_ROOT)) if not os.path.exists(d)]
+    try:
+        for rank, shard in enumerate(shards):
+            shard["meta"] = shard_meta(rank, world_size, tag, updates, run)
+            atomic_save(shard, shard_path(out_dir, tag, rank, world_size))
+        atomic_save(state, os.path.join(out_dir, name))  # written last: it makes the set visible
+    except BaseException:  # a full disk, an interrupt: remove what this call wrote
+        shutil.rmtree(os.path.join(out_dir, SHARD_ROOT, tag), ignore_errors=True)
+        for d in reversed(created):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+    remove_unreferenced_shards(out_dir, tag)  # a set an earlier reshard into out_dir left
     return os.path.join(out_dir, name)
 
 

@@ -20,7 +20,8 @@ import torch
 
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
-from .format import POINTER, SHARD_ROOT, is_expert_key, param_names_of, read_pointer, shard_paths
+from .format import (POINTER, SHARD_ROOT, is_expert_key, param_names_of, read_pointer, shard_paths,
+                     tensor_shapes)
 
 
 def atomic_save(obj, path: str):
@@ -33,6 +34,20 @@ def atomic_save(obj, path: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_copy(src: str, dst: str):
+    """Copy src over dst as atomic_save writes: a temporary file beside dst, fsync, rename.  A
+    failed copy (a full disk) leaves dst as it was and no temporary file."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -121,19 +136,57 @@ def slice_shard(full: dict, num_experts: int, rank: int, world_size: int) -> dic
     return {"model": model, "optimizer": optimizer}
 
 
-def read_shard(path: str, expect_world: int, expect_rank: int, expect_tag: str) -> dict:
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def read_shard(path: str, expect_world: int, expect_rank: int, expect_tag: str, expect_run: Optional[str] = None,
+               shapes: Optional[Dict[str, List[int]]] = None) -> dict:
+    """Read one expert shard and check it against its checkpoint's pointer: rank, world size,
+    tag, the job that wrote it (`expect_run`, when the pointer records one) and the shape of
+    every tensor (`shapes`, likewise).  Every refusal is one line naming the file."""
     if not os.path.exists(path):
         raise MoEUsageError(f"checkpoint shard {path} is missing (the checkpoint points to it)")
     try:
         shard = torch.load(path, map_location="cpu")
-    except Exception as e:  # truncated or corrupt file
-        raise MoEUsageError(f"checkpoint shard {path} cannot be read ({type(e).__name__}: {e})") from None
-    meta = shard.get("meta", {})  # see format.shard_meta
+    except Exception as e:  # truncated or corrupt file; torch's own message spans many lines
+        raise MoEUsageError(f"checkpoint shard {path} cannot be read, it is truncated or corrupt "
+                            f"({_first_line(e)})") from None
+    if not isinstance(shard, dict) or not isinstance(shard.get("model"), dict) or "meta" not in shard:
+        raise MoEUsageError(f"checkpoint shard {path} is not a moe_fairseq expert shard (no meta/model)")
+    meta = shard["meta"]  # see format.shard_meta
     if (meta.get("rank"), meta.get("world_size"), meta.get("tag")) != (expect_rank, expect_world, expect_tag):
         raise MoEUsageError(f"checkpoint shard {path} does not match its checkpoint: it holds rank "
                             f"{meta.get('rank')} of {meta.get('world_size')} from save {meta.get('tag')}, "
                             f"expected rank {expect_rank} of {expect_world} from save {expect_tag}")
+    if expect_run is not None and meta.get("run") != expect_run:
+        raise MoEUsageError(f"checkpoint shard {path} was written by another run (run id {meta.get('run')}, "
+                            f"the checkpoint points to run {expect_run}'s save {expect_tag})")
+    if shapes is not None:
+        _check_shapes(path, shard, shapes)
+    shard.setdefault("optimizer", {})
     return shard
+
+
+def _check_shapes(path: str, shard: dict, shapes: Dict[str, List[int]]):
+    model = shard["model"]
+    missing = sorted(set(shapes) - set(model))
+    extra = sorted(set(model) - set(shapes))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has an unexpected tensor {extra[0]}"
+        raise MoEUsageError(f"checkpoint shard {path} {what} ({len(missing)} missing, {len(extra)} unexpected "
+                            f"of the {len(shapes)} expert tensors its checkpoint lists)")
+    for name, expected in shapes.items():
+        if list(model[name].shape) != list(expected):
+            raise MoEUsageError(f"checkpoint shard {path} has {name} of shape {list(model[name].shape)}, its "
+                                f"checkpoint expects {list(expected)}")
+    for name, entry in shard.get("optimizer", {}).items():
+        expected = shapes.get(name)
+        for key, value in (entry.items() if isinstance(entry, dict) else ()):
+            if expected is not None and _stacked(value) and list(value.shape) != list(expected):
+                raise MoEUsageError(f"checkpoint shard {path} has optimizer {key} of {name} of shape "
+                                    f"{list(value.shape)}, its checkpoint expects {list(expected)}")
 
 
 def num_experts_of(state: dict) -> int:
@@ -154,13 +207,17 @@ def resolve_experts(state: dict, checkpoint_path: str, rank: int, world_size: in
     param_names = param_names_of(state, pointer)
     if pointer is not None:
         paths = shard_paths(checkpoint_path, pointer)
+        expect = dict(expect_tag=pointer["tag"], expect_run=pointer.get("run"), shapes=pointer.get("shapes"))
         if pointer["world_size"] == world_size:
             # Same layout: read this rank's shard only.
-            shard = read_shard(paths[rank], world_size, rank, pointer["tag"])
+            shard = read_shard(paths[rank], world_size, rank, **expect)
             insert_experts(state, shard, param_names)
             return state
-        full = merge_shards([read_shard(p, pointer["world_size"], r, pointer["tag"])
-                             for r, p in enumerate(paths)], num_experts)
+        shards = [read_shard(p, pointer["world_size"], r, **expect) for r, p in enumerate(paths)]
+        if expect["shapes"] is None:  # a pointer without shapes: the shards must at least agree
+            for path, shard in zip(paths[1:], shards[1:]):
+                _check_shapes(path, shard, tensor_shapes(shards[0]["model"]))
+        full = merge_shards(shards, num_experts)
     else:
         if world_size == 1 or not num_experts:
             return state
@@ -173,6 +230,20 @@ def resolve_experts(state: dict, checkpoint_path: str, rank: int, world_size: in
     else:
         insert_experts(state, slice_shard(full, num_experts, rank, world_size), param_names)
     return state
+
+
+def remove_stale_temporaries(save_dir: str):
+    """Delete the temporary files of interrupted checkpoint writes under save_dir: fairseq's
+    `<name>.pt.tmp`, atomic_save's `<name>.pt.tmp<pid>`, in save_dir and in its shard sets.
+    Called when a save has completed, by the one process that writes the main files, when no
+    write of this job is in progress (the other ranks wrote their shards before the barrier)."""
+    patterns = [os.path.join(save_dir, "*.pt.tmp*"), os.path.join(save_dir, SHARD_ROOT, "*", "*.pt.tmp*")]
+    for pattern in patterns:
+        for path in glob.glob(pattern):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
 
 def _referenced_tags(save_dir: str):

@@ -16,6 +16,7 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_vaswani_wmt_en_de_big,
 )
 
+from ..distributed.agreement import check_ranks_agree
 from ..moe.config import MoEConfig
 from ..moe.layer import build_moe_layer
 from .moe_args import add_moe_args, moe_config_from_args, moe_layer_indices, set_moe_defaults
@@ -95,6 +96,9 @@ class TransformerMoEModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         set_moe_defaults(args)
+        # First, before anything a rank could fail at alone: ranks given different flags would
+        # otherwise fail later with a shape error or hang in an all-to-all.
+        check_ranks_agree(args)
         validate_moe_args(args)
         check_precision_flags(args)
         # The MoE config (moe_eval_top_k included) reaches every router when it is built; the

@@ -39,6 +39,11 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
         g.add_argument("--eval-bleu-remove-bpe", type=str, default="sentencepiece",
                        help="subword marker to remove before scoring (fairseq's --post-process)")
         g.add_argument("--eval-bleu-print-samples", action="store_true", help="log a hypothesis per batch")
+        g.add_argument("--collective-timeout", type=float, metavar="SECONDS", default=None,
+                       help="seconds a rank waits in one collective (all-to-all, all-reduce, barrier) for "
+                            "its peers before it fails, so that a job whose rank died or hangs ends instead "
+                            "of waiting; default: torch's (30 min gloo, 10 min NCCL). The process group's "
+                            "timeout (moe_fairseq sets it, fairseq_patches.py)")
 
     @classmethod
     def setup_task(cls, args, **kwargs):
