@@ -435,7 +435,7 @@ def run(args, evaluate=None, log=print) -> dict:
     bleu = evaluate_step(pairs, keeps, work / "pruned", work / "eval", evaluate, log)
     table = build_table(args.checkpoint, pairs, keeps, work / "pruned", reports, bleu, state)
     table.update(split=args.split, beam=args.beam, batch_size=args.batch_size, record=record,
-                 command="python scripts/prune_table.py " + " ".join(sys.argv[1:] if argv_is_cli() else []))
+                 command=" ".join(["python", "scripts/prune_table.py", *sys.argv[1:]]) if argv_is_cli() else None)
     if args.json:
         atomic_write_json(args.json, table)
         log(f"wrote {args.json}")
