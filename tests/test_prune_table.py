@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cli_helpers import REPO, make_tiny_corpus, run, train_cmd
-from moe_fairseq.checkpoint.prune import prune_state
+from moe_fairseq.checkpoint.prune import prune_state, router_changes
 from moe_fairseq.checkpoint.sharded import atomic_save
 from moe_fairseq.expert_usage import load_model
 from moe_fairseq.moe.errors import MoEUsageError
@@ -90,7 +90,8 @@ def test_parameters_and_sizes_are_those_of_the_pruned_models(setup, real_run):
         want += p.numel() if layer is None else p.numel() // E * len(union[layer])
     assert one["en-de"]["params_all_directions"] == one["en-fr"]["params_all_directions"] == want
     if len({len(ids) for ids in union.values()}) == 1:  # a checkpoint has one N for every layer
-        atomic_save(prune_state(torch.load(ckpt, weights_only=False), union, {}, {}), str(out / "union.pt"))
+        state, n = torch.load(ckpt, weights_only=False), len(next(iter(union.values())))
+        atomic_save(prune_state(state, union, router_changes(state, n), {}), str(out / "union.pt"))
         assert model_parameters(out / "union.pt", data)[0] == want
 
 
