@@ -21,6 +21,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# settings first: a typo costs no torch import
+STEPS=${STEPS:-123}
+[[ $STEPS =~ ^[123]+$ ]] || { echo "gpu_check.sh: STEPS must list steps 1, 2, 3 (e.g. 123 or 3; got '$STEPS')" >&2; exit 2; }
+LAUNCHER=${LAUNCHER:-spawn}
+case "$LAUNCHER" in
+  spawn|torchrun) ;;
+  *) echo "gpu_check.sh: LAUNCHER must be spawn or torchrun (got '$LAUNCHER')" >&2; exit 2 ;;
+esac
 GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 DEVICE=${DEVICE:-$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)}
 case "$DEVICE" in
@@ -31,13 +39,6 @@ if [ "$DEVICE" = cuda ] && [ "$GPUS" -eq 0 ]; then
   echo "gpu_check.sh: DEVICE=cuda but torch sees no GPU; use DEVICE=cpu" >&2
   exit 2
 fi
-STEPS=${STEPS:-123}
-[[ $STEPS =~ ^[123]+$ ]] || { echo "gpu_check.sh: STEPS must list steps 1, 2, 3 (e.g. 123 or 3; got '$STEPS')" >&2; exit 2; }
-LAUNCHER=${LAUNCHER:-spawn}
-case "$LAUNCHER" in
-  spawn|torchrun) ;;
-  *) echo "gpu_check.sh: LAUNCHER must be spawn or torchrun (got '$LAUNCHER')" >&2; exit 2 ;;
-esac
 echo "== gpu_check: DEVICE=$DEVICE, GPUs visible: $GPUS, QUICK=${QUICK:-0}"
 
 if [[ $STEPS == *1* ]]; then
