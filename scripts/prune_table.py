@@ -250,10 +250,11 @@ def markdown(table: dict, slimmable: Optional[dict], record: Optional[dict], sli
                          f"{r['kept_share_mean']:.2f} (min {r['kept_share_min']:.2f}) | {r['bleu']:.2f} | {delta} |")
     sigs = sorted({r["signature"] for r in table["rows"]})
     lines += ["", f"sacrebleu signature: `{'`, `'.join(sigs)}`.", ""]
-    lines.append(f"- *params, this direction*: the pruned checkpoint that serves one target language "
-                 f"(shared part {_m(table['rows'][0]['params_shared'])}, router rows included). "
+    lines.append(f"- *params, this direction*: the pruned checkpoint that serves one target language: the "
+                 f"shared part ({_m(table['rows'][0]['params_shared'])}: embeddings, attention, norms) plus "
+                 f"the kept experts and their router rows; tied embeddings counted once. "
                  f"*params, all directions*: one model serving {', '.join(table['directions'])}: the shared "
-                 f"part plus, per MoE layer, the union of the experts kept for the three targets. "
+                 f"part plus, per MoE layer, the union of the experts kept for those targets. "
                  f"*file MB*: the pruned checkpoint on disk (no optimizer state; the training checkpoint "
                  f"with Adam's moments is {_mb(table['original_file_bytes'])} MB). *routed share kept*: the "
                  f"share of the router's slots (top-2: two per token) on the measuring split that went to "
@@ -303,12 +304,12 @@ def plot(table: dict, slimmable: Optional[dict], out) -> Path:
     for pair in table["directions"]:
         rows = sorted((r for r in table["rows"] if r["direction"] == pair), key=lambda r: r["keep"])
         axes[0].plot([r["keep"] for r in rows], [r["bleu"] for r in rows], marker="o", label=pair)
-        axes[1].plot([r["keep"] for r in rows], [r["params_direction"] / 1e6 for r in rows], marker="o", label=pair)
-    all_dirs = {}
-    for r in table["rows"]:
-        all_dirs[r["keep"]] = r["params_all_directions"] / 1e6
-    axes[1].plot(keeps, [all_dirs[k] for k in keeps], marker="s", color="black", linestyle="--",
-                 label="all directions")
+    # every target's checkpoint has the same size at a given N: one line for them
+    one = {r["keep"]: r["params_direction"] / 1e6 for r in table["rows"]}
+    union = {r["keep"]: r["params_all_directions"] / 1e6 for r in table["rows"]}
+    axes[1].plot(keeps, [one[k] for k in keeps], marker="o", color="tab:gray", label="one target's checkpoint")
+    axes[1].plot(keeps, [union[k] for k in keeps], marker="s", color="black", linestyle="--",
+                 label=f"all {len(table['directions'])} targets (union)")
     axes[0].set_title(f"pruned {table['router']} model: BLEU")
     axes[0].set_ylabel("BLEU")
     axes[1].set_title("parameters deployed")

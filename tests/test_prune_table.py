@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from cli_helpers import REPO, make_tiny_corpus, run, train_cmd
+from cli_helpers import REPO, hypotheses, make_tiny_corpus, run, train_cmd
 from moe_fairseq.checkpoint.prune import prune_state, router_changes
 from moe_fairseq.checkpoint.sharded import atomic_save
 from moe_fairseq.expert_usage import load_model
@@ -104,8 +104,12 @@ def test_bleu_is_moe_evaluates_and_keeping_every_expert_scores_the_original(setu
         saved = json.loads((out / "work" / "eval" / f"{row['direction']}.keep{row['keep']}" / "results.json").read_text())
         assert row["bleu"] == saved[0]["bleu"] and row["signature"].startswith("nrefs:1|")
     original = evaluate(["--path", str(ckpt), "--lang-pairs", "en-de", "--raw-dir", str(data.parent / "raw"), "--split",
-                         "test", "--beam", "1", "--batch-size", "20", "--cpu", str(data)])
+                         "test", "--beam", "1", "--batch-size", "20", "--cpu", "--out", str(out / "original"), str(data)])
     assert next(r for r in table["rows"] if r["keep"] == E and r["direction"] == "en-de")["bleu"] == original[0]["bleu"]
+    # the tiny model's BLEU is near 0, so compare what was generated: N = E is the original model
+    want = hypotheses((out / "original" / "generate.test.en-de.txt").read_text())
+    got = hypotheses((out / "work" / "eval" / f"en-de.keep{E}" / "generate.test.en-de.txt").read_text())
+    assert len(want) == 40 and got == want
 
 
 def test_outputs_json_markdown_section_and_png(real_run):
