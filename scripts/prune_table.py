@@ -20,7 +20,8 @@ Steps, each skipped when its output exists (so an interrupted run resumes where 
    parameters, size and BLEU are the unpruned baseline measured the same way as the pruned rows.
 2. `moe-evaluate` of every direction with its target's checkpoint (beam, split, batch size and
    references as scripts/run_study.sh): WORK/eval/{pair}.keep{N}/, and the row's result in
-   WORK/eval/{pair}.keep{N}.json, written atomically once BLEU is known.
+   WORK/eval/{pair}.keep{N}.json, written atomically once BLEU is known.  --jobs J runs J at a
+   time; a lock file per piece lets copies of the command started side by side share the work.
 3. The table: --json (every number), the section between the `prune:begin` / `prune:end` markers
    of --results-md, and --png (BLEU against kept N per direction; parameters in a second panel;
    with --slimmable, SMoE-Dropout's BLEU against its evaluation k in a third).  --render-only
@@ -166,22 +167,85 @@ def moe_evaluate(path: str, data: str, pair: str, raw_dir: str, split: str, beam
     return rows[0]
 
 
+def claim(lock: Path) -> bool:
+    """Take a piece: create `lock` holding this pid, unless a live process holds it.  Lets
+    several copies of this command (or --jobs threads) share the pieces without doing one twice;
+    a lock left by a dead process is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):
+                return False
+            try:
+                os.remove(lock)  # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def evaluate_step(pairs: List[str], keeps: List[int], pruned_dir: Path, eval_dir: Path,
-                  evaluate: Callable[..., dict], log=print) -> Dict[int, Dict[str, dict]]:
-    results: Dict[int, Dict[str, dict]] = {}
-    for keep in keeps:
-        for pair in pairs:
-            done = eval_dir / f"{pair}.keep{keep}.json"
-            if done.exists():
-                results.setdefault(keep, {})[pair] = json.loads(done.read_text())
-                log(f"== keep {keep} {pair}: BLEU {results[keep][pair]['bleu']:.2f} (done, skipping)")
-                continue
+                  evaluate: Callable[..., dict], log=print, jobs: int = 1, poll: float = 30.0
+                  ) -> Dict[int, Dict[str, dict]]:
+    """BLEU of every (N, direction): done pieces are read back, the rest evaluated, `jobs` at a
+    time; pieces another live process is evaluating are waited for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pieces = [(keep, pair) for keep in keeps for pair in pairs]
+    done_path = lambda keep, pair: eval_dir / f"{pair}.keep{keep}.json"  # noqa: E731
+
+    def piece(keep, pair):
+        done = done_path(keep, pair)
+        if done.exists():
+            return "done"
+        lock = eval_dir / f".{pair}.keep{keep}.lock"
+        if not claim(lock):
+            return "busy"
+        try:
+            if done.exists():  # finished between the check and the claim
+                return "done"
             ckpt = pruned_dir / f"{pair.split('-')[1]}.keep{keep}.pt"
             log(f"== keep {keep} {pair}: moe-evaluate {ckpt}")
             row = evaluate(str(ckpt), pair, str(eval_dir / f"{pair}.keep{keep}"))
             atomic_write_json(done, row)
-            results.setdefault(keep, {})[pair] = row
-    return results
+            log(f"== keep {keep} {pair}: BLEU {row['bleu']:.2f}")
+            return "done"
+        finally:
+            os.remove(lock)
+
+    import time
+
+    while True:
+        todo = [p for p in pieces if not done_path(*p).exists()]
+        if not todo:
+            break
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            states = list(pool.map(lambda p: piece(*p), todo))
+        busy = [p for p, state in zip(todo, states) if state == "busy"]
+        if busy:
+            log(f"== waiting for {len(busy)} piece(s) another process is evaluating: "
+                + ", ".join(f"{pair} N={keep}" for keep, pair in busy))
+            time.sleep(poll)
+    return {keep: {pair: json.loads(done_path(keep, pair).read_text()) for pair in pairs} for keep in keeps}
 
 
 def build_table(checkpoint: str, pairs: List[str], keeps: List[int], pruned_dir: Path,
@@ -260,10 +324,11 @@ def markdown(table: dict, slimmable: Optional[dict], record: Optional[dict], sli
                  f"share of the router's slots (top-2: two per token) on the measuring split that went to "
                  f"the kept experts, mean (and min) over the MoE layers.")
     if record:
-        lines.append(f"- N = {E} is the original model: its BLEU in the study's record "
-                     f"({record['path']}) is " + ", ".join(f"{d} {b:.2f}" for d, b in record["bleu"].items())
-                     + " (all three directions in one `fairseq-generate` call per direction; here one direction "
-                       "per call).")
+        same = all(by.get((d, E)) is None or abs(by[(d, E)]["bleu"] - b) < 1e-9 for d, b in record["bleu"].items())
+        lines.append(f"- N = {E} is the original model without optimizer state. The study's record of the original "
+                     f"checkpoint ({record['path']}) has BLEU " + ", ".join(f"{d} {b:.2f}" for d, b in record["bleu"].items())
+                     + ("; the N = E rows reproduce it exactly." if same else
+                        "; the N = E rows differ from it (see prune_table.json)."))
     lines.append("")
     lines.append("**SMoE-Dropout evaluation k (compute) beside kept experts N (memory).**")
     lines.append("<!-- slimmable: filled by scripts/prune_table.py --slimmable PATH when the file exists -->")
@@ -387,6 +452,8 @@ def build_parser():
     p.add_argument("--split", default="test", help="split BLEU is computed on (default: test)")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="evaluations at a time (each is one fairseq-generate process; default 1)")
     p.add_argument("--record", help="the original's record.json / results.json, quoted beside N = E")
     p.add_argument("--slimmable", help="scripts/slimmable_eval.py's slimmable.json: added when it exists")
     p.add_argument("--json", help="write every number here")
@@ -433,7 +500,7 @@ def run(args, evaluate=None, log=print) -> dict:
     if evaluate is None:
         def evaluate(path, pair, out):
             return moe_evaluate(path, args.data, pair, args.raw_dir, args.split, args.beam, args.batch_size, out)
-    bleu = evaluate_step(pairs, keeps, work / "pruned", work / "eval", evaluate, log)
+    bleu = evaluate_step(pairs, keeps, work / "pruned", work / "eval", evaluate, log, jobs=args.jobs)
     table = build_table(args.checkpoint, pairs, keeps, work / "pruned", reports, bleu, state)
     table.update(split=args.split, beam=args.beam, batch_size=args.batch_size, record=record,
                  command=" ".join(["python", "scripts/prune_table.py", *sys.argv[1:]]) if argv_is_cli() else None)

@@ -197,3 +197,38 @@ def test_default_keeps_and_parameter_counting_by_storage():
     with pytest.raises(MoEUsageError, match="--keeps must lie between 1 and"):
         pt.parse_keeps("0,2", 4)
     assert pt.parse_keeps("1,4,2,4", 4) == [4, 2, 1]
+
+
+def test_pieces_locked_by_a_live_process_are_waited_for_and_stale_locks_taken_over(tmp_path):
+    """Copies of the command started side by side share the pieces (one lock file per piece)."""
+    import subprocess
+    import sys
+    import threading
+
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (eval_dir / ".en-de.keep2.lock").write_text(str(sleeper.pid))  # another copy is evaluating it
+        (eval_dir / ".en-fr.keep2.lock").write_text(str(dead.pid))  # left by a process that died
+        row = {"direction": "en-de", "bleu": 7.0, "sentences": 40, "missing": 0, "signature": "s"}
+        timer = threading.Timer(0.3, lambda: pt.atomic_write_json(eval_dir / "en-de.keep2.json", row))
+        timer.start()
+        calls = []
+
+        def fake(path, pair, out):
+            calls.append(pair)
+            return {"direction": pair, "bleu": 1.0, "sentences": 40, "missing": 0, "signature": "s"}
+
+        got = pt.evaluate_step(["en-de", "en-fr"], [2], tmp_path, eval_dir, fake, log=lambda *_: None, jobs=2,
+                               poll=0.05)
+        timer.join()
+    finally:
+        sleeper.kill()
+    assert calls == ["en-fr"]  # en-de was the live process's; en-fr's lock was stale
+    assert got[2]["en-de"]["bleu"] == 7.0 and got[2]["en-fr"]["bleu"] == 1.0
+    # this process removed its own lock; the other process's is its own to remove
+    assert sorted(p.name for p in eval_dir.iterdir()) == [".en-de.keep2.lock", "en-de.keep2.json", "en-fr.keep2.json"]
+    assert pt.claim(eval_dir / ".x.lock") and not pt.claim(eval_dir / ".x.lock")  # held by this live process
