@@ -204,10 +204,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def evaluate_step(pairs: List[str], keeps: List[int], pruned_dir: Path, eval_dir: Path,
-                  evaluate: Callable[..., dict], log=print, jobs: int = 1, poll: float = 30.0
-                  ) -> Dict[int, Dict[str, dict]]:
+                  evaluate: Callable[..., dict], log=print, jobs: int = 1, poll: float = 30.0,
+                  partial: bool = False) -> Dict[int, Dict[str, dict]]:
     """BLEU of every (N, direction): done pieces are read back, the rest evaluated, `jobs` at a
-    time; pieces another live process is evaluating are waited for."""
+    time; pieces another live process is evaluating are waited for.  partial: only read back."""
     from concurrent.futures import ThreadPoolExecutor
 
     pieces = [(keep, pair) for keep in keeps for pair in pairs]
@@ -234,7 +234,7 @@ def evaluate_step(pairs: List[str], keeps: List[int], pruned_dir: Path, eval_dir
 
     import time
 
-    while True:
+    while not partial:
         todo = [p for p in pieces if not done_path(*p).exists()]
         if not todo:
             break
@@ -245,7 +245,8 @@ def evaluate_step(pairs: List[str], keeps: List[int], pruned_dir: Path, eval_dir
             log(f"== waiting for {len(busy)} piece(s) another process is evaluating: "
                 + ", ".join(f"{pair} N={keep}" for keep, pair in busy))
             time.sleep(poll)
-    return {keep: {pair: json.loads(done_path(keep, pair).read_text()) for pair in pairs} for keep in keeps}
+    return {keep: {pair: json.loads(done_path(keep, pair).read_text()) for pair in pairs
+                   if done_path(keep, pair).exists()} for keep in keeps}
 
 
 def build_table(checkpoint: str, pairs: List[str], keeps: List[int], pruned_dir: Path,
@@ -266,7 +267,7 @@ def build_table(checkpoint: str, pairs: List[str], keeps: List[int], pruned_dir:
             path = pruned_dir / f"{group}.keep{keep}.pt"
             counts = count_parameters(torch.load(path, map_location="cpu", weights_only=False)["model"])
             layers = report["groups"][group]["layers"]
-            row = bleu[keep][pair]
+            row = bleu.get(keep, {}).get(pair) or {"bleu": None, "signature": None, "sentences": None}
             rows.append({
                 "direction": pair, "keep": keep, "checkpoint": path.name,
                 "params_direction": counts["total"], "params_experts": counts["experts"],
@@ -308,12 +309,16 @@ def markdown(table: dict, slimmable: Optional[dict], record: Optional[dict], sli
         base = by.get((pair, E))
         for keep in keeps:
             r = by[(pair, keep)]
-            delta = f"{r['bleu'] - base['bleu']:+.2f}" if base and keep != E else "—"
+            pending = r["bleu"] is None
+            bleu_cell = "*pending*" if pending else f"{r['bleu']:.2f}"
+            delta = "—" if keep == E or pending or not base or base["bleu"] is None else f"{r['bleu'] - base['bleu']:+.2f}"
             lines.append(f"| {pair} | {keep} | {_m(r['params_direction'])} | {_m(r['params_experts'])} | "
                          f"{_m(r['params_all_directions'])} | {_mb(r['file_bytes'])} | "
-                         f"{r['kept_share_mean']:.2f} (min {r['kept_share_min']:.2f}) | {r['bleu']:.2f} | {delta} |")
-    sigs = sorted({r["signature"] for r in table["rows"]})
+                         f"{r['kept_share_mean']:.2f} (min {r['kept_share_min']:.2f}) | {bleu_cell} | {delta} |")
+    sigs = sorted({r["signature"] for r in table["rows"] if r["signature"]})
     lines += ["", f"sacrebleu signature: `{'`, `'.join(sigs)}`.", ""]
+    if any(r["bleu"] is None for r in table["rows"]):
+        lines.append("- *pending*: not evaluated yet (a --partial rendering); rerun the command to fill it in.")
     lines.append(f"- *params, this direction*: the pruned checkpoint that serves one target language: the "
                  f"shared part ({_m(table['rows'][0]['params_shared'])}: embeddings, attention, norms) plus "
                  f"the kept experts and their router rows; tied embeddings counted once. "
@@ -324,7 +329,8 @@ def markdown(table: dict, slimmable: Optional[dict], record: Optional[dict], sli
                  f"share of the router's slots (top-2: two per token) on the measuring split that went to "
                  f"the kept experts, mean (and min) over the MoE layers.")
     if record:
-        same = all(by.get((d, E)) is None or abs(by[(d, E)]["bleu"] - b) < 1e-9 for d, b in record["bleu"].items())
+        same = all(by.get((d, E)) is None or by[(d, E)]["bleu"] is None or abs(by[(d, E)]["bleu"] - b) < 1e-9
+                   for d, b in record["bleu"].items())
         lines.append(f"- N = {E} is the original model without optimizer state. The study's record of the original "
                      f"checkpoint ({record['path']}) has BLEU " + ", ".join(f"{d} {b:.2f}" for d, b in record["bleu"].items())
                      + ("; the N = E rows reproduce it exactly." if same else
@@ -367,7 +373,8 @@ def plot(table: dict, slimmable: Optional[dict], out) -> Path:
     fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8))
     keeps = sorted(table["keeps"])
     for pair in table["directions"]:
-        rows = sorted((r for r in table["rows"] if r["direction"] == pair), key=lambda r: r["keep"])
+        rows = sorted((r for r in table["rows"] if r["direction"] == pair and r["bleu"] is not None),
+                      key=lambda r: r["keep"])
         axes[0].plot([r["keep"] for r in rows], [r["bleu"] for r in rows], marker="o", label=pair)
     # every target's checkpoint has the same size at a given N: one line for them
     one = {r["keep"]: r["params_direction"] / 1e6 for r in table["rows"]}
@@ -459,6 +466,8 @@ def build_parser():
     p.add_argument("--json", help="write every number here")
     p.add_argument("--results-md", help="Markdown file whose prune:begin/prune:end section gets the table")
     p.add_argument("--png", help="write the plot here")
+    p.add_argument("--partial", action="store_true",
+                   help="evaluate nothing: table and plot from the evaluations finished so far, the rest marked pending")
     p.add_argument("--render-only", action="store_true", help="redo the Markdown and PNG from --json alone")
     return p
 
@@ -500,7 +509,8 @@ def run(args, evaluate=None, log=print) -> dict:
     if evaluate is None:
         def evaluate(path, pair, out):
             return moe_evaluate(path, args.data, pair, args.raw_dir, args.split, args.beam, args.batch_size, out)
-    bleu = evaluate_step(pairs, keeps, work / "pruned", work / "eval", evaluate, log, jobs=args.jobs)
+    bleu = evaluate_step(pairs, keeps, work / "pruned", work / "eval", evaluate, log, jobs=args.jobs,
+                         partial=args.partial)
     table = build_table(args.checkpoint, pairs, keeps, work / "pruned", reports, bleu, state)
     table.update(split=args.split, beam=args.beam, batch_size=args.batch_size, record=record,
                  command=" ".join(["python", "scripts/prune_table.py", *sys.argv[1:]]) if argv_is_cli() else None)
