@@ -141,6 +141,9 @@ def test_a_rerun_skips_finished_pieces_and_redoes_only_a_missing_one(setup, real
     again = pt.main(argv(data, ckpt, out / "work"), evaluate=fake_evaluate, log=lambda *_: None)
     assert calls == [] and again["rows"] == table["rows"]
     (out / "work" / "eval" / "en-fr.keep1.json").unlink()
+    partial = pt.main(argv(data, ckpt, out / "work", "--partial"), evaluate=fake_evaluate, log=lambda *_: None)
+    assert calls == [] and [r["bleu"] for r in partial["rows"] if (r["direction"], r["keep"]) == ("en-fr", 1)] == [None]
+    assert "| en-fr | 1 | " in pt.markdown(partial, None, None, None) and "*pending*" in pt.markdown(partial, None, None, None)
     redone = pt.main(argv(data, ckpt, out / "work"), evaluate=fake_evaluate, log=lambda *_: None)
     assert calls == [("fr.keep1.pt", "en-fr")]
     assert [r["bleu"] for r in redone["rows"] if (r["direction"], r["keep"]) == ("en-fr", 1)] == [12.34]
