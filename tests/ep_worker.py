@@ -1,11 +1,28 @@
-"""Worker processes of the expert-parallel tests (gloo on CPU), started by torch.multiprocessing.
+"""Worker processes of the expert-parallel tests: gloo on CPU in CI, NCCL on CUDA on a GPU machine.
 
 Each process builds a single-process reference MoE layer (same seed everywhere, so identical on
 every rank) and the expert-parallel layer whose local experts are copies of the reference's
 slices.  Every rank feeds its own batch; the reference processes that batch alone (routing is
 per rank anyway), and the comparisons are made inside the workers: an assertion error in any
 rank fails the spawning test with the traceback.
+
+The device follows the backend (`device_for`): with nccl, rank r works on cuda:LOCAL_RANK (NCCL
+moves CUDA tensors only); with gloo, on the CPU.  Layers, batches and every tensor a collective
+sees are put there, so one set of scenarios checks both.  On CUDA, TF32 is switched off (the
+1e-5 tolerance is a float32 one) and the checkpointing scenario's gradients are compared within
+that tolerance instead of bit for bit (CUDA's index_add / scatter_add accumulate with atomics, in
+no fixed order).
+
+Started three ways:
+- by the tests: torch.multiprocessing with `run(rank, world_size, port, jobs)` (gloo);
+- as a program, spawning its own processes (scripts/gpu_check.sh, step 3):
+      python tests/ep_worker.py --backend nccl --nprocs 2
+- under torchrun, one process per GPU (RANK / WORLD_SIZE / LOCAL_RANK from the environment):
+      torchrun --nproc_per_node 2 tests/ep_worker.py --backend nccl
+Either program form runs `suite(world_size)`: the W = 2 and W = 4 scenarios of
+tests/test_expert_parallel.py and tests/test_activation_checkpointing.py, sized for any W.
 """
+import argparse
 import os
 import sys
 
@@ -22,12 +39,38 @@ from moe_fairseq.moe.expert_parallel import ExpertParallelComm, all_reduce_exper
 TOL = dict(atol=1e-5, rtol=1e-5)
 M, F = 16, 24
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+BACKENDS = ("gloo", "nccl")
+DEVICE = torch.device("cpu")  # this process's device, set by setup_device (run / main)
 
 
-def run(rank, world_size, port, jobs):
-    """Entry point for torch.multiprocessing.spawn: run [(scenario, kwargs), ...] in order."""
+def device_for(backend: str, local_rank: int, cuda_devices: int) -> torch.device:
+    """The device a rank works on: cuda:local_rank for nccl, the CPU for gloo."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend == "gloo":
+        return torch.device("cpu")
+    if local_rank >= cuda_devices:
+        raise ValueError(f"--backend nccl: local rank {local_rank} needs a GPU of its own, but torch sees "
+                         f"{cuda_devices} (one process per GPU)")
+    return torch.device("cuda", local_rank)
+
+
+def setup_device(backend: str, local_rank: int) -> torch.device:
+    global DEVICE
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    DEVICE = device_for(backend, local_rank, cuda_devices)
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)  # NCCL and all_gather_object use the current device
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return DEVICE
+
+
+def run(rank, world_size, port, jobs, backend="gloo", local_rank=None):
+    """Entry point for torch.multiprocessing: run [(scenario, kwargs), ...] in order."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    setup_device(backend, rank if local_rank is None else local_rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         for name, kwargs in jobs:
             try:
@@ -49,7 +92,7 @@ def grad(p):
 
 
 def build_pair(cfg, comm, orthogonal_router=False):
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # built on the CPU, then moved: the same weights on every device
     ref = build_moe_layer(cfg, M, F)
     ep = build_moe_layer(cfg, M, F, comm=comm)
     if orthogonal_router:  # rows of the router are orthonormal: x = 20 q_e routes to expert e
@@ -61,20 +104,20 @@ def build_pair(cfg, comm, orthogonal_router=False):
     with torch.no_grad():
         for name in EXPERT_PARAMS:
             getattr(ep.experts, name).copy_(getattr(ref.experts, name)[ids])
-    return ref, ep
+    return ref.to(DEVICE), ep.to(DEVICE)
 
 
 def batch(rank, num_tokens, seed, local_only=None, router=None):
-    g = torch.Generator().manual_seed(1000 * seed + rank)
+    g = torch.Generator().manual_seed(1000 * seed + rank)  # CPU generator: the same batch on any device
     x = torch.randn(num_tokens, M, generator=g)
     if local_only is not None:  # every token's top choices are among `local_only` (router rows)
-        q = router.wg.weight.detach()[local_only]
+        q = router.wg.weight.detach()[local_only].cpu()
         x = 0.1 * x + 20 * q.sum(0) if len(local_only) > 1 else 0.1 * x + 20 * q[0]
         pick = torch.randint(len(local_only), (num_tokens,), generator=g)
         if len(local_only) > 1:  # vary which local expert wins the first slot
             x = x + 2 * q[pick]
     target = torch.randn(num_tokens, M, generator=g)
-    return x, target
+    return x.to(DEVICE), target.to(DEVICE)
 
 
 def step(layer, x, target, rank, seed):
@@ -116,7 +159,7 @@ def equivalence(rank, world, num_experts, router="top2", tokens=None, capacity_f
     for k in aux_ref.losses:
         close(aux_ep.losses[k].detach(), aux_ref.losses[k].detach(), f"loss {k}")
     if expect_drops:
-        drops = torch.tensor([float(aux_ep.stats.dropped_by_capacity)])
+        drops = torch.tensor([float(aux_ep.stats.dropped_by_capacity)], device=DEVICE)
         dist.all_reduce(drops)
         assert drops.item() > 0, "the capacity scenario dropped nothing"
     if local_only is not None:
@@ -158,7 +201,8 @@ def exchange_layout(rank, world, num_experts, seed=3):
     expert = torch.sort(torch.randint(num_experts, (n,), generator=g)).values
     counts = torch.bincount(expert, minlength=num_experts)
     # Row = (source rank, global expert, position): identifies itself after the exchange.
-    x = torch.stack([torch.full((n,), float(rank)), expert.float(), torch.arange(n).float()], 1)
+    x = torch.stack([torch.full((n,), float(rank)), expert.float(), torch.arange(n).float()], 1).to(DEVICE)
+    counts = counts.to(DEVICE)
     local, local_counts, handle = comm.exchange(x, counts, counts.tolist())
     assert sum(local_counts) == local.shape[0]
     ids = comm.local_expert_ids()
@@ -186,7 +230,7 @@ def gating_dropout(rank, world, num_experts, mode="gate_drop", p=0.3, updates=20
     cfg = MoEConfig(num_experts=num_experts, router="top2", gating_dropout=p, gating_dropout_mode=mode, seed=11)
     comm = ExpertParallelComm(num_experts)
     torch.manual_seed(0)
-    layer = build_moe_layer(cfg, M, F, layer_index=2, comm=comm).train()
+    layer = build_moe_layer(cfg, M, F, layer_index=2, comm=comm).to(DEVICE).train()
     decisions = []
     for u in range(updates):
         layer.set_num_updates(u)
@@ -197,7 +241,7 @@ def gating_dropout(rank, world, num_experts, mode="gate_drop", p=0.3, updates=20
     frac = sum(decisions) / updates
     assert abs(frac - p) < 0.12, f"drop fraction {frac} far from p={p}"
     assert any(decisions[:run_updates]) and not all(decisions[:run_updates])
-    x0 = torch.randn(8 + 3 * rank, M)
+    x0 = torch.randn(8 + 3 * rank, M).to(DEVICE)
     for u in range(run_updates):
         layer.set_num_updates(u)
         x = x0.clone().requires_grad_(True)
@@ -247,13 +291,13 @@ def checkpointing(rank, world, num_experts, dropout=0.0):
         comm = ExpertParallelComm(num_experts)
         moe = build_moe_layer(MoEConfig(num_experts=num_experts, router="top2", expert_dropout=dropout, jitter_eps=0.1),
                               M, F, comm=comm)
-        layer = MoETransformerEncoderLayer(cfg, moe).train()
+        layer = MoETransformerEncoderLayer(cfg, moe).to(DEVICE).train()
         g = torch.Generator().manual_seed(10 + rank)
         tokens = 5 + 3 * rank
-        x = torch.randn(tokens, 3, M, generator=g).requires_grad_(True)
-        mask = torch.zeros(3, tokens, dtype=torch.bool)
+        x = torch.randn(tokens, 3, M, generator=g).to(DEVICE).requires_grad_(True)
+        mask = torch.zeros(3, tokens, dtype=torch.bool, device=DEVICE)
         mask[0, -2:] = True
-        target = torch.randn(tokens, 3, M, generator=g)
+        target = torch.randn(tokens, 3, M, generator=g).to(DEVICE)
         torch.manual_seed(7 + rank)
         out = layer(x, mask)
         losses, _ = pop_aux(layer)
@@ -264,14 +308,96 @@ def checkpointing(rank, world, num_experts, dropout=0.0):
     (plain, plain_fwd, plain_all, _), (ckpt, ckpt_fwd, ckpt_all, left) = results[False], results[True]
     assert plain.keys() == ckpt.keys()
     for name in plain:
-        if not torch.equal(plain[name], ckpt[name]):
+        # exact on the CPU; CUDA's atomic index_add / scatter_add sum in no fixed order
+        same = torch.equal(plain[name], ckpt[name]) if DEVICE.type == "cpu" else \
+            torch.allclose(plain[name], ckpt[name], **TOL)
+        if not same:
             raise AssertionError(f"grad of {name} differs with checkpointing")
     assert plain_fwd == ckpt_fwd > 0 and ckpt_all == plain_all + ckpt_fwd, (plain_fwd, ckpt_fwd, plain_all, ckpt_all)
-    calls = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(calls, torch.tensor([ckpt_all]))
+    calls = [torch.zeros(1, dtype=torch.long, device=DEVICE) for _ in range(world)]
+    dist.all_gather(calls, torch.tensor([ckpt_all], device=DEVICE))
     assert len({int(c) for c in calls}) == 1, f"all-to-alls per rank differ: {calls}"
     assert not left.losses and left.stats is None  # the recomputation's aux was discarded
 
 
 SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
              "bad_sharding": bad_sharding, "checkpointing": checkpointing}
+
+
+def suite(world: int, quick: bool = False) -> list:
+    """The scenarios a GPU check runs on `world` ranks: two local experts per rank, one per rank,
+    replicated experts (when W is even), uneven and empty batches, a rank whose tokens all stay
+    local, capacity drops, Gating Dropout in both modes, and activation checkpointing."""
+    if world < 2:
+        raise ValueError(f"expert parallelism needs 2 or more processes (got {world})")
+    uneven = [(7 * r + 5) % 37 for r in range(world)]
+    uneven[-1] = 0  # a rank without tokens still joins every collective
+    jobs = [("exchange_layout", dict(num_experts=2 * world)),
+            ("equivalence", dict(num_experts=2 * world, router="top2")),
+            ("equivalence", dict(num_experts=2 * world, router="top1", capacity_factor=0.5, expect_drops=True)),
+            ("checkpointing", dict(num_experts=2 * world, dropout=0.1))]
+    if quick:
+        return jobs
+    jobs += [("equivalence", dict(num_experts=2 * world, router="top2", dropless=True, tokens=uneven, seed=2)),
+             ("equivalence", dict(num_experts=2 * world, router="top2", tokens=[23] + [31] * (world - 1),
+                                  local_only_rank=0)),
+             ("equivalence", dict(num_experts=2 * world, router="top2", capacity_factor=0.75, expect_drops=True,
+                                  seed=3)),
+             ("exchange_layout", dict(num_experts=world)),
+             ("equivalence", dict(num_experts=world, router="top1", capacity_factor=0.5, expect_drops=True)),
+             ("gating_dropout", dict(num_experts=2 * world, mode="gate_drop")),
+             ("gating_dropout", dict(num_experts=2 * world, mode="gate_expert_drop", p=0.5)),
+             ("checkpointing", dict(num_experts=2 * world, dropout=0.0))]
+    if world % 2 == 0:  # two replicas of every expert (one expert at W = 2: top1)
+        jobs += [("exchange_layout", dict(num_experts=world // 2)),
+                 ("equivalence", dict(num_experts=world // 2, router="top2" if world >= 4 else "top1", dropless=True))]
+    return jobs
+
+
+def _torchrun_main(backend, quick):
+    """One rank under torchrun: RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT from the environment."""
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    torch.set_num_threads(1)
+    setup_device(backend, local_rank)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    try:
+        for name, kwargs in suite(world, quick):
+            try:
+                SCENARIOS[name](rank, world, **kwargs)
+            except Exception as exc:
+                raise AssertionError(f"rank {rank}, scenario {name} {kwargs}: {exc}") from exc
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"expert parallelism on {backend}: {len(suite(world, quick))} scenarios passed on {world} ranks "
+              f"({DEVICE.type})", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="expert-parallel equivalence against the single-process MoE layer")
+    p.add_argument("--backend", choices=BACKENDS, default="gloo", help="nccl: one CUDA device per rank; gloo: CPU")
+    p.add_argument("--nprocs", type=int, default=2, help="processes to spawn (ignored under torchrun)")
+    p.add_argument("--quick", action="store_true", help="the four basic scenarios only")
+    args = p.parse_args(argv)
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _torchrun_main(args.backend, args.quick)
+    jobs = suite(args.nprocs, args.quick)
+    if args.backend == "nccl":  # before spawning, so a missing GPU is one line, not W tracebacks
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device_for("nccl", args.nprocs - 1, n)
+    import torch.multiprocessing as mp
+
+    from cli_helpers import free_port
+
+    # spawn: a CUDA context cannot be forked
+    mp.start_processes(run, args=(args.nprocs, free_port(), jobs, args.backend), nprocs=args.nprocs, join=True,
+                       start_method="spawn")
+    print(f"expert parallelism on {args.backend}: {len(jobs)} scenarios passed on {args.nprocs} ranks "
+          f"({'cuda' if args.backend == 'nccl' else 'cpu'})", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"ep_worker: error: {e}")

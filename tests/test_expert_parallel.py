@@ -111,3 +111,37 @@ def test_w4_e2_replicated_experts():
           ("equivalence", dict(num_experts=2, router="top1", capacity_factor=0.5, expect_drops=True)),
           ("equivalence", dict(num_experts=2, router="top2", dropless=True, tokens=[20, 7, 33, 12])),
           ("gating_dropout", dict(num_experts=2, mode="gate_drop", p=0.3)))
+
+
+# ------------------------------------------------------------------ the GPU check's suite (gpu_check.sh step 3)
+def test_device_follows_the_backend():
+    assert ep_worker.device_for("gloo", 3, 0) == torch.device("cpu")
+    assert ep_worker.device_for("gloo", 0, 8) == torch.device("cpu")
+    assert ep_worker.device_for("nccl", 1, 2) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="local rank 2 needs a GPU of its own, but torch sees 2"):
+        ep_worker.device_for("nccl", 2, 2)
+    with pytest.raises(ValueError, match="--backend must be one of gloo, nccl"):
+        ep_worker.device_for("mpi", 0, 0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_gpu_check_suite_passes_on_gloo(world):
+    """Every scenario gpu_check.sh runs on NCCL, here on gloo/CPU: a broken scenario is found in CI."""
+    jobs = ep_worker.suite(world)
+    assert {name for name, _ in jobs} == set(ep_worker.SCENARIOS) - {"bad_sharding"}
+    assert len(ep_worker.suite(world, quick=True)) == 4
+    spawn(world, *jobs)
+
+
+def test_ep_worker_without_gpus_refuses_nccl_in_one_line():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs: nccl would run")
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(ep_worker.__file__), "--backend", "nccl", "--nprocs", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("ep_worker: error: --backend nccl: local rank 1 needs a GPU of its own, but torch "
+                                   f"sees {torch.cuda.device_count() if torch.cuda.is_available() else 0} "
+                                   "(one process per GPU)")
