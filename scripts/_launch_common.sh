@@ -22,9 +22,15 @@ launch_init() {
 
 collective_timeout_args() {
   TIMEOUT_ARGS=()
-  if printf '%s\n' "${CONFIG_ARGS[@]}" "$@" | grep -qE '(^|=)translation_multi_moe$'; then
-    TIMEOUT_ARGS=(--collective-timeout "${COLLECTIVE_TIMEOUT:-600}")
-  fi
+  # a loop, not `printf | grep -q`: under `set -o pipefail`, grep -q exiting at the first match
+  # can kill printf with SIGPIPE and turn the match into a failure (seen under load)
+  local arg
+  for arg in "${CONFIG_ARGS[@]}" "$@"; do
+    if [ "$arg" = translation_multi_moe ] || [[ $arg == *=translation_multi_moe ]]; then
+      TIMEOUT_ARGS=(--collective-timeout "${COLLECTIVE_TIMEOUT:-600}")
+      break
+    fi
+  done
 }
 
 launch_run() {
