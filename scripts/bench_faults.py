@@ -18,9 +18,7 @@ rank writes just before) to the exit of the launcher.  Cases, run interleaved, `
                       has not ended (reported as "> cap")
 """
 import argparse
-import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from cli_helpers import BIN, descendants, free_port, make_tiny_corpus, torchrun_cmd, train_cmd  # noqa: E402
+sys.path.insert(0, str(REPO))
+from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
+from cli_helpers import BIN, free_port, kill_tree, make_tiny_corpus, torchrun_cmd, train_cmd  # noqa: E402
 
 FAULT_TRAIN = REPO / "tests" / "fault_train.py"
 FLAGS = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-gating-dropout", "0.3", "--dropout", "0.0",
@@ -70,12 +70,7 @@ def measure(case, data, tmp, cap):
         time.sleep(0.05)
         if stamp.exists() and time.time() - float(stamp.read_text() or "inf") > cap:
             capped = True
-            for pid in [*descendants(proc.pid), proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
+            kill_tree(proc)
     end = time.time()
     if not stamp.exists():
         raise RuntimeError(f"{case}: the fault was never injected (exit code {proc.returncode})")
@@ -108,8 +103,7 @@ def main():
         median = f"> {args.cap:g}" if s["capped"] == len(s["runs"]) else f"{s['median_s']:.1f}"
         print(f"| {case} | {median} | {s['max_s']:.1f} | {s['nonzero_exit']}/{len(s['runs'])} | "
               f"{s['capped']}/{len(s['runs'])} |")
-    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "cap_s": args.cap, "cases": summary},
-                                         indent=1) + "\n")
+    atomic_write_json(args.out, {"command": " ".join(sys.argv), "cap_s": args.cap, "cases": summary})
 
 
 if __name__ == "__main__":

@@ -31,11 +31,16 @@ of wall-clock time.  Reported per (model, B, beam): the median over rounds of to
 sentences/s, every round's value, and against --reference (default `dense`): the median over
 rounds of (model / reference in that round) and the ratio of the medians.
 
+Attribution (--attribute).  After the timed rounds, one more pass per (model, B, beam) with
+forward hooks on every layer's fc1 and fc2 gives the seconds spent inside the FFN sub-layers
+(a MoE layer takes fc1's place), encoder and decoder apart, and ms per call; a second pass under
+torch.profiler lists the operators inside those sub-layers by CPU time per call.  So a MoE
+model's shortfall against its dense twin can be put where it is: in its FFN sub-layers, or not.
+
 Writes the JSON to --out and prints a markdown table.  Run it on a quiet machine: nothing else
 should be running (docs/benchmarks.md).
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -47,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
 from moe_fairseq.expert_usage import USER_DIR, direction_task, load_model, sentence_batches  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
@@ -72,6 +78,10 @@ def build_from_config(name, data, model_args, lang_pairs, seed):
     """(model in eval mode, its training args) with random initialisation, as fairseq-train builds it."""
     import torch
     from fairseq import options, tasks
+
+    # --user-dir alone registers nothing here: fairseq skips importing a user directory whose
+    # package (moe_fairseq) is already imported, as it is by this script
+    from moe_fairseq import plugin  # noqa: F401
 
     argv = [data, "--user-dir", USER_DIR, *config_args(name), "--cpu", "--seed", str(seed), *model_args]
     if lang_pairs:
@@ -167,6 +177,79 @@ def decode(variant, batches, generator):
     return time.perf_counter() - start, sentences, tokens
 
 
+class FFNTimer:
+    """Wall time inside the FFN sub-layers of a model, by forward hooks on every layer's fc1 (entry)
+    and fc2 (exit): fairseq runs fc1, activation, dropout and fc2 inline, and a MoE layer takes
+    fc1's place with fc2 an identity, so the same two hooks cover a dense FFN and a MoE layer.
+    With `profile`, each sub-layer call is also a torch.profiler range, so that the operators
+    inside the FFNs can be told from the rest of the step."""
+
+    def __init__(self, model, profile=False):
+        self.seconds = {"encoder": 0.0, "decoder": 0.0}
+        self.calls = {"encoder": 0, "decoder": 0}
+        self.profile, self.handles, self._open = profile, [], None
+        for name, layer in model.named_modules():
+            if hasattr(layer, "fc1") and hasattr(layer, "fc2"):
+                side = "decoder" if name.startswith("decoder") else "encoder"
+                self.handles.append(layer.fc1.register_forward_pre_hook(self._enter(side)))
+                self.handles.append(layer.fc2.register_forward_hook(self._exit))
+
+    def _enter(self, side):
+        def hook(module, inputs):
+            rng = None
+            if self.profile:
+                import torch
+
+                rng = torch.profiler.record_function("ffn_sublayer")
+                rng.__enter__()
+            self._open = (side, time.perf_counter(), rng)
+        return hook
+
+    def _exit(self, module, inputs, output):
+        side, start, rng = self._open
+        self.seconds[side] += time.perf_counter() - start
+        self.calls[side] += 1
+        if rng is not None:
+            rng.__exit__(None, None, None)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def attribute(variant, batches, generator, top_ops=12):
+    """One more (untimed-round) translation of `batches` with FFNTimer: seconds in total, in the
+    encoder's and the decoder's FFN sub-layers, per-call ms; and the operators inside the FFN
+    sub-layers by total CPU time (torch.profiler, a second pass)."""
+    import torch
+
+    timer = FFNTimer(variant.model)
+    try:
+        seconds, _, _ = decode(variant, batches, generator)
+    finally:
+        timer.remove()
+    out = {"seconds": seconds,
+           **{f"{side}_ffn_seconds": timer.seconds[side] for side in timer.seconds},
+           **{f"{side}_ffn_calls": timer.calls[side] for side in timer.calls},
+           **{f"{side}_ffn_ms_per_call": 1000 * timer.seconds[side] / max(1, timer.calls[side])
+              for side in timer.seconds}}
+    timer = FFNTimer(variant.model, profile=True)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            decode(variant, batches, generator)
+    finally:
+        timer.remove()
+    ops, calls = {}, 0
+    for event in prof.events():
+        if event.name == "ffn_sublayer":
+            calls += 1
+            for child in event.cpu_children:
+                ops[child.name] = ops.get(child.name, 0.0) + child.cpu_time_total / 1000
+    out["ffn_ops_ms_per_call"] = {name: round(ms / max(1, calls), 4)
+                                  for name, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]}
+    return out
+
+
 def run(args):
     import torch
 
@@ -200,7 +283,14 @@ def run(args):
                 rec["sentences_per_s"].append(sentences / seconds)
                 rec["eval_top_k_used"] = sorted({active_k(router) for router in routers_of(v.model)})
         print(f"round {r + 1}/{args.repeats} done", flush=True)
-    return variants, summarise(records, variants, settings, args.reference)
+    rows = summarise(records, variants, settings, args.reference)
+    if args.attribute:
+        for row in rows:
+            v = next(v for v in variants if v.label == row["model"])
+            v.activate()
+            b, beam = row["batch_sentences"], row["beam"]
+            row["attribution"] = attribute(v, batches[v.label, b], generators[v.label, beam])
+    return variants, rows
 
 
 def summarise(records, variants, settings, reference):
@@ -259,6 +349,9 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--seed", type=int, default=1, help="initialisation seed of the config models")
+    p.add_argument("--attribute", action="store_true",
+                   help="after the timed rounds, one more pass per setting timing the FFN sub-layers "
+                        "(forward hooks) and profiling the operators inside them")
     p.add_argument("--model-args", help="extra fairseq flags for every config, e.g. smaller dims for a smoke test")
     return p
 
@@ -285,16 +378,14 @@ def main(argv=None):
     meta = {"data": args.data, "pair": args.pair, "split": args.split, "sentences": args.sentences,
             "batch_sizes": args.batch_sizes, "beams": args.beams, "fixed_len": args.fixed_len,
             "repeats": args.repeats, "threads": args.threads, "reference": args.reference,
+            "attribute": args.attribute,
             "configs": args.configs, "checkpoints": args.checkpoints, "model_args": args.model_args,
             "models": [v.describe() for v in variants], "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "load_average": list(os.getloadavg()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write_json(out, {"meta": meta, "results": rows})
     print(markdown(rows, args.reference))
     print(f"wrote {out}")
     return {"meta": meta, "results": rows}

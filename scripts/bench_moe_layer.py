@@ -69,6 +69,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 import moe_fairseq.moe as moe_pkg  # noqa: E402  (torch only: no fairseq)
+from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
 
 
 # --------------------------------------------------------------------------- implementations
@@ -437,12 +438,7 @@ def main():
     print()
     print(markdown_table(records))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, records)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -23,7 +23,8 @@
 #
 # Environment: DATA, OUT, RUNS, SEEDS (default "1 2 3"), PARALLEL (2), THREADS (nproc / PARALLEL), BEAM (5),
 # SKIP_THROUGHPUT=1 (no speed benchmark), STUDY_JSON (default $OUT/study.json; docs/study.json for
-# the committed study), RESULTS_MD (a Markdown file whose generated section the report rewrites).
+# the committed study), RESULTS_MD (a Markdown file whose generated section the report rewrites),
+# README_MD (a README whose study summary section the report rewrites).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -106,4 +107,5 @@ fi
 # 5. the report: study.json, tables, significance over seeds and test sentences, plots
 # (the PNGs go beside RESULTS_MD, which links them by name)
 python scripts/study_report.py report "$OUT" --anchor "$ANCHOR" --raw-dir "$DATA/raw" --json "$STUDY_JSON" \
-  --beam "$BEAM" ${RESULTS_MD:+--results-md "$RESULTS_MD" --figures "$(dirname "$RESULTS_MD")"}
+  --beam "$BEAM" ${RESULTS_MD:+--results-md "$RESULTS_MD" --figures "$(dirname "$RESULTS_MD")"} \
+  ${README_MD:+--readme "$README_MD"}

@@ -20,7 +20,6 @@ references named {split}.{src}-{tgt}.{tgt}, {split}.{tgt}-{src}.{tgt} (the wmt10
 or {split}.{tgt}.
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from moe_fairseq.atomic_files import atomic_write_json, atomic_write_text  # noqa: E402
 from moe_fairseq.evaluate import _as_list as as_list, _get, read_checkpoint_args  # noqa: E402
 
 SLIMMABLE_ROUTERS = ("random", "noisy_topk")
@@ -130,8 +130,8 @@ def main(argv=None):
               "bleu": {str(k): table[k] for k in ks},
               "mean_bleu": {str(k): round(sum(table[k].values()) / len(table[k]), 2) for k in ks},
               "rows": rows_all}
-    (out / "slimmable.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "slimmable.md").write_text(markdown(ks, pairs, table, signature))
+    atomic_write_json(out / "slimmable.json", result, indent=2)
+    atomic_write_text(out / "slimmable.md", markdown(ks, pairs, table, signature))
     from moe_fairseq import plots
 
     png = plots.plot_bleu_vs_k({p_: {k: table[k][p_] for k in ks} for p_ in pairs}, out / "slimmable_bleu.png",

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 from moe_fairseq.moe.k_schedule import KSchedule  # noqa: E402
 
@@ -156,11 +157,7 @@ def main(argv=None):
               "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
               "conditions": args.conditions,
               "date": time.strftime("%Y-%m-%d %H:%M"), "configs": configs, "raw": raw}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write_json(args.out, result)
     print("| config | updates/s | words/s | ratio to anchor (paired median) | ratio of medians |")
     print("|---|---|---|---|---|")
     for name, v in configs.items():

@@ -2,6 +2,7 @@
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +52,16 @@ def descendants(pid):
             out.append(child)
             todo.append(child)
     return out
+
+
+def kill_tree(proc):
+    """SIGKILL a process started with start_new_session=True and everything below it, then reap it."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def run(cmd, check=True, timeout=600, env=None):

@@ -4,6 +4,7 @@ values.  (The real timing run is not a test: it needs a quiet machine.)"""
 import importlib.util
 import json
 import statistics
+import sys
 
 import pytest
 
@@ -57,6 +58,30 @@ def test_configs_dense_twin_moe_and_smoe_ks(data, tmp_path):
         want_k = {"dense": [], "moe_top2": [2]}[model] if "_k" not in model else [int(model.rsplit("_k", 1)[1])]
         assert r["eval_top_k_used"] == want_k
     assert saved["meta"]["fixed_len"] == LENGTH and saved["meta"]["repeats"] == REPEATS
+
+
+def test_command_line_builds_the_plugin_configs_in_a_fresh_process(data, tmp_path):
+    """In a fresh interpreter nothing has registered the plugin's task and model yet (in-process
+    tests inherit them from earlier tests)."""
+    out = tmp_path / "bench.json"
+    run([sys.executable, "-W", "ignore", REPO / "scripts" / "bench_generate.py", *common(data, out),
+         "--configs", "dense,smoe_dropout", "--smoe-ks", "1", "--batch-sizes", "1", "--beams", "1",
+         "--repeats", "1", "--model-args", TINY], timeout=300)
+    assert {r["model"] for r in json.loads(out.read_text())["results"]} == {"dense", "smoe_dropout_k1"}
+
+
+def test_attribution_times_the_ffn_sublayers_of_dense_and_moe(data, tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench().main(common(data, out) + ["--model-args", TINY, "--configs", "dense,moe_top2", "--repeats", "1",
+                                               "--batch-sizes", "2", "--beams", "1", "--attribute"])
+    for row in result["results"]:
+        a = row["attribution"]
+        # 1 encoder and 1 decoder layer; 5 sentences in batches of 2 = 3 batches; L + 1 decoder steps each
+        assert a["encoder_ffn_calls"] == 3 and a["decoder_ffn_calls"] == 3 * (LENGTH + 1)
+        assert 0 < a["encoder_ffn_seconds"] + a["decoder_ffn_seconds"] < a["seconds"]
+        assert a["ffn_ops_ms_per_call"] and all(ms >= 0 for ms in a["ffn_ops_ms_per_call"].values())
+    ops = {r["model"]: set(r["attribution"]["ffn_ops_ms_per_call"]) for r in result["results"]}
+    assert "aten::linear" in ops["dense"] and ops["moe_top2"] != ops["dense"]
 
 
 def test_trained_checkpoint_with_language_tokens(data, tmp_path):

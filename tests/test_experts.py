@@ -276,15 +276,19 @@ def test_grouped_mode_takes_counts_on_the_device():
 
 
 def test_auto_mode_rule_and_bad_mode():
-    from moe_fairseq.moe.experts import BMM_MAX_PAD_ROWS
+    from moe_fairseq.moe.experts import BMM_MAX_PAD_ROWS, BMM_MAX_PAD_SHARE
     from moe_fairseq.moe.errors import MoEUsageError
 
     experts = FFNExperts(4, 8, 12)
     cpu = torch.device("cpu")
     assert experts.gemm == "auto"
-    assert BMM_MAX_PAD_ROWS == 10
+    assert BMM_MAX_PAD_ROWS == 10 and BMM_MAX_PAD_SHARE == 0.3
     assert experts.gemm_mode(cpu, torch.float32, [2, 2, 2, 2]) == "bmm"  # no padding
-    assert experts.gemm_mode(cpu, torch.float32, [11, 1, 1, 1]) == "bmm"  # 30 padding rows = 7.5 per expert
+    assert experts.gemm_mode(cpu, torch.float32, [4, 3, 3, 3]) == "bmm"  # 3 padding rows <= 0.3 x 13
+    assert experts.gemm_mode(cpu, torch.float32, [5, 3, 3, 3]) == "loop"  # 6 > 0.3 x 14: few rows, much padding
+    assert experts.gemm_mode(cpu, torch.float32, [11, 1, 1, 1]) == "loop"  # 30 rows = 7.5 per expert, but > 0.3 x 14
+    assert experts.gemm_mode(cpu, torch.float32, [110, 100, 100, 100]) == "bmm"  # 30 = 7.5 per expert, <= 0.3 x 410
+    assert experts.gemm_mode(cpu, torch.float32, [115, 100, 100, 100]) == "loop"  # 45 > 10 per expert
     assert experts.gemm_mode(cpu, torch.float32, [15, 1, 1, 1]) == "loop"  # 42 > 10 per expert
     assert experts.gemm_mode(cpu, torch.float32, [8, 0, 1, 1]) == "loop"  # an empty expert: the loop skips it
     assert experts.gemm_mode(cpu, torch.float32, [2, 2, 2]) == "loop"  # fewer counts than experts

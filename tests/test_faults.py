@@ -9,7 +9,6 @@ Damaged shards on disk are tests/test_checkpoint_damage.py (no training needed).
 """
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from moe_fairseq.checkpoint.format import POINTER, SHARD_ROOT
 from moe_fairseq.checkpoint.sharded import resolve_experts
 from moe_fairseq.distributed.agreement import agreed_flag_values, first_disagreement
 
-from cli_helpers import BIN, REPO, descendants, free_port, make_tiny_corpus, run, torchrun_cmd, train_cmd
+from cli_helpers import BIN, REPO, kill_tree, free_port, make_tiny_corpus, run, torchrun_cmd, train_cmd
 
 FAULT_TRAIN = REPO / "tests" / "fault_train.py"
 # 4 updates per epoch on 2 ranks; checkpoints at updates 2 (checkpoint_1_2.pt), 4 (end of
@@ -70,12 +69,7 @@ def launch(cmd, tmp_path, timeout=300, **fault_env):
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for pid in [*descendants(proc.pid), proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
+            kill_tree(proc)
             pytest.fail(f"{cmd} still running after {timeout} s:\n{log.read_text()[-3000:]}")
     end = time.time()
     after = end - float(stamp.read_text()) if stamp.exists() else None

@@ -163,11 +163,21 @@ def test_report_writes_study_json_tables_and_plots(tmp_path, refs, raw_dir):
         "raw": {"fairseq_dense": [{"round": r, "ups": u} for r, u in enumerate((0.5, 0.4, 0.5))],
                 "moe_top2": [{"round": r, "ups": u} for r, u in enumerate((0.6, 0.6, 0.55))]}}))
     report.main(["equal-time", str(out), "--data", "unused"])  # faster than the anchor: its final checkpoint
+    # throughput measured again: records read at the old ratio are read again, the others kept
+    speed = json.loads((out / "throughput.json").read_text())
+    speed["configs"]["moe_top2"]["ratio"] = 1.25
+    (out / "throughput.json").write_text(json.dumps(speed))
+    report.main(["equal-time", str(out), "--data", "unused"])
+    for seed in (1, 2, 3):
+        rec = json.loads((out / "moe_top2" / f"seed{seed}" / "record.json").read_text())
+        assert rec["equal_time"]["ratio"] == 1.25 and rec["equal_time"]["capped"]
     results = tmp_path / "results.md"
     results.write_text(f"# Study\n\nprose kept\n\n{report.BEGIN}\nold numbers\n{report.END}\n\nmore prose\n")
     study_json = tmp_path / "study.json"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n{report.README_BEGIN}\nstale summary\n{report.README_END}\n\n## Papers\n")
     report.main(["report", str(out), "--raw-dir", str(raw_dir), "--json", str(study_json),
-                 "--results-md", str(results), "--samples", "200"])
+                 "--results-md", str(results), "--readme", str(readme), "--samples", "200"])
     study = json.loads(study_json.read_text())
     assert study["signature"].startswith("nrefs:1") and study["anchor"] == "fairseq_dense"
     assert len(study["runs"]) == 6
@@ -177,6 +187,12 @@ def test_report_writes_study_json_tables_and_plots(tmp_path, refs, raw_dir):
         assert run["equal_time"]["updates"] == 100
     [cmp] = [c for c in study["comparisons"] if c["kind"] == "equal_updates"]
     assert (cmp["config"], cmp["baseline"]) == ("moe_top2", "fairseq_dense") and cmp["delta"] > 5 and cmp["p"] < 0.05
+    # the README's summary: one row per config with its seed count, and the verdicts against the anchor
+    summary = readme.read_text()
+    assert "stale summary" not in summary and summary.startswith("# Project") and summary.endswith("## Papers\n")
+    assert "| `moe_top2` | 8 experts" in summary and "| `fairseq_dense` | plain fairseq" in summary
+    assert f"- `moe_top2` at equal updates: {cmp['delta']:+.2f}" in summary
+    assert "`moe_top2` 1.250x" in summary
     text = results.read_text()
     assert "prose kept" in text and "more prose" in text and "old numbers" not in text
     assert "| moe_top2 − fairseq_dense |" in text and "| fairseq_dense | 3 | 100 |" in text

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..atomic_files import atomic_open
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
 from .format import (POINTER, SHARD_ROOT, is_expert_key, param_names_of, read_pointer, shard_paths,
@@ -26,17 +27,8 @@ from .format import (POINTER, SHARD_ROOT, is_expert_key, param_names_of, read_po
 
 def atomic_save(obj, path: str):
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_copy(src: str, dst: str):

@@ -95,6 +95,47 @@ class _Groups:
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1]).index_select(0, self.pos)
 
+    # The two GEMM shapes of an expert FFN, in this mode's form.  Row tensors are (N, d) in loop
+    # and grouped mode and the (E, C, d) padded block in bmm mode.
+
+    def rows_mm(self, a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each expert's rows of `a` times its matrix w[e] (E, d_in, d_out), plus bias[e] (E, d_out)."""
+        if self.mode == "bmm":
+            return torch.bmm(a, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, w)
+        if self.mode == "grouped":
+            y = torch._grouped_mm(a, w, offs=self.offs)
+            return y if bias is None else y.add_(bias.index_select(0, self.row_expert))
+        y = a.new_empty(a.shape[0], w.shape[2])
+        for e, start, c in self.groups:
+            if bias is None:
+                torch.mm(a[start:start + c], w[e], out=y[start:start + c])
+            else:
+                torch.addmm(bias[e], a[start:start + c], w[e], out=y[start:start + c])
+        return y
+
+    def weight_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per expert, its rows of `a` transposed times its rows of `b`: (E, d_a, d_b), zero for an
+        expert without rows (a weight gradient)."""
+        if self.mode == "bmm":
+            return torch.bmm(a.transpose(1, 2), b)
+        if self.mode == "grouped":
+            return torch._grouped_mm(a.t(), b, offs=self.offs)
+        # every expert with rows writes its whole slice; only the others need zeros
+        g = a.new_empty(self.num_experts, a.shape[1], b.shape[1])
+        used = {e for e, _, _ in self.groups}
+        for e in range(self.num_experts):
+            if e not in used:
+                g[e].zero_()
+        for e, start, c in self.groups:
+            torch.mm(a[start:start + c].t(), b[start:start + c], out=g[e])
+        return g
+
+    def bias_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """Per expert, the sum of its rows of `g`: (E, d)."""
+        if self.mode == "bmm":
+            return g.sum(1)
+        return g.new_zeros(self.num_experts, g.shape[-1]).index_add_(0, self.row_expert, g)
+
 
 class _GroupedFFN(torch.autograd.Function):
     """y[rows of e] = act(x[rows of e] @ w1[e] + b1[e]) (dropout) @ w2[e] + b2[e], with rows
@@ -107,19 +148,9 @@ class _GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, groups: _Groups, activation, dropout_p: float):
-        mode = groups.mode
         is_relu = activation is F.relu
-        if mode == "bmm":
-            x_in = groups.pad(x)
-            pre = torch.baddbmm(b1.unsqueeze(1), x_in, w1)  # (E, C, F)
-        elif mode == "grouped":
-            x_in = x
-            pre = torch._grouped_mm(x, w1, offs=groups.offs).add_(b1.index_select(0, groups.row_expert))
-        else:
-            x_in = x
-            pre = x.new_empty(x.shape[0], w1.shape[2])
-            for e, start, c in groups.groups:
-                torch.addmm(b1[e], x[start:start + c], w1[e], out=pre[start:start + c])
+        x_in = groups.pad(x) if groups.mode == "bmm" else x
+        pre = groups.rows_mm(x_in, w1, b1)  # (N, F), or (E, C, F) padded
         if is_relu:
             h = pre.relu_()
         else:
@@ -128,19 +159,14 @@ class _GroupedFFN(torch.autograd.Function):
         scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
         if dropout_p > 0:
             mask = x.new_empty(x.shape[0], w1.shape[2]).bernoulli_(1.0 - dropout_p)
-            if mode == "bmm":
+            if groups.mode == "bmm":
                 mask = groups.pad(mask)
             h.mul_(mask).mul_(scale)
             if is_relu:
                 mask = None  # not needed: see below
-        if mode == "bmm":
-            y = groups.unpad(torch.baddbmm(b2.unsqueeze(1), h, w2))
-        elif mode == "grouped":
-            y = torch._grouped_mm(h, w2, offs=groups.offs).add_(b2.index_select(0, groups.row_expert))
-        else:
-            y = x.new_empty(x.shape[0], w2.shape[2])
-            for e, start, c in groups.groups:
-                torch.addmm(b2[e], h[start:start + c], w2[e], out=y[start:start + c])
+        y = groups.rows_mm(h, w2, b2)
+        if groups.mode == "bmm":
+            y = groups.unpad(y)
         ctx.groups, ctx.activation, ctx.scale = groups, activation, scale
         # For relu, h (after dropout) alone gives both d/dw2 and the derivative mask: h > 0
         # exactly where pre > 0 and the unit was not dropped.
@@ -159,48 +185,14 @@ class _GroupedFFN(torch.autograd.Function):
         x, w1, w2, h, pre, mask = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         groups = ctx.groups
-        mode = groups.mode
-        num_experts = w1.shape[0]
-        gy = gy.contiguous()
-        if mode == "bmm":
-            gy_in = groups.pad(gy)  # zero at padding: padding rows add nothing below
-        else:
-            gy_in = gy
-
-        def bias_grad(g, like):
-            if mode == "bmm":
-                return g.sum(1)
-            return like.new_zeros(num_experts, like.shape[-1]).index_add_(0, groups.row_expert, g)
-
-        gb2 = bias_grad(gy_in, w2) if need_b2 else None
-        gw2 = gw1 = gx = gb1 = None
-        if mode == "loop":
-            # Every expert with rows writes its whole GEMM slice; only the others need zeros.
-            gw1 = torch.empty_like(w1) if need_w1 else None
-            gw2 = torch.empty_like(w2) if need_w2 else None
-            used = {e for e, _, _ in groups.groups}
-            for e in range(num_experts):
-                if e not in used:
-                    for g in (gw1, gw2):
-                        if g is not None:
-                            g[e].zero_()
-        if need_w2:
-            if mode == "bmm":
-                gw2 = torch.bmm(h.transpose(1, 2), gy_in)
-            elif mode == "grouped":
-                gw2 = torch._grouped_mm(h.t(), gy, offs=groups.offs)
-            else:
-                for e, start, c in groups.groups:
-                    torch.mm(h[start:start + c].t(), gy[start:start + c], out=gw2[e])
+        padded = groups.mode == "bmm"
+        # zero at padding: padding rows add nothing below
+        gy_in = groups.pad(gy.contiguous()) if padded else gy.contiguous()
+        gb2 = groups.bias_grad(gy_in) if need_b2 else None
+        gw2 = groups.weight_mm(h, gy_in) if need_w2 else None
+        gw1 = gx = gb1 = None
         if need_x or need_w1 or need_b1:
-            if mode == "bmm":
-                gh = torch.bmm(gy_in, w2.transpose(1, 2))
-            elif mode == "grouped":
-                gh = torch._grouped_mm(gy, w2.transpose(1, 2), offs=groups.offs)
-            else:
-                gh = h.new_empty(h.shape)
-                for e, start, c in groups.groups:
-                    torch.mm(gy[start:start + c], w2[e].t(), out=gh[start:start + c])
+            gh = groups.rows_mm(gy_in, w2.transpose(1, 2))
             if ctx.activation is F.relu:
                 torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
                 if ctx.scale != 1.0:
@@ -210,24 +202,13 @@ class _GroupedFFN(torch.autograd.Function):
                     gh.mul_(mask).mul_(ctx.scale)
                 gh = _ACTIVATION_BACKWARD[ctx.activation](gh, pre)
             if need_b1:
-                gb1 = bias_grad(gh, w1)
+                gb1 = groups.bias_grad(gh)
             if need_w1:
-                if mode == "bmm":
-                    gw1 = torch.bmm(x.transpose(1, 2), gh)
-                elif mode == "grouped":
-                    gw1 = torch._grouped_mm(x.t(), gh, offs=groups.offs)
-                else:
-                    for e, start, c in groups.groups:
-                        torch.mm(x[start:start + c].t(), gh[start:start + c], out=gw1[e])
+                gw1 = groups.weight_mm(x, gh)
             if need_x:
-                if mode == "bmm":
-                    gx = groups.unpad(torch.bmm(gh, w1.transpose(1, 2)))
-                elif mode == "grouped":
-                    gx = torch._grouped_mm(gh, w1.transpose(1, 2), offs=groups.offs)
-                else:
-                    gx = torch.empty_like(x)
-                    for e, start, c in groups.groups:
-                        torch.mm(gh[start:start + c], w1[e].t(), out=gx[start:start + c])
+                gx = groups.rows_mm(gh, w1.transpose(1, 2))
+                if padded:
+                    gx = groups.unpad(gx)
         return gx, gw1, gb1, gw2, gb2, None, None, None
 
 
@@ -240,6 +221,11 @@ class _GroupedFFN(torch.autograd.Function):
 # (decoder steps: a few rows, most experts empty).  torch._grouped_mm on CPU measured as the
 # loop (it loops over the groups inside), so auto uses it on CUDA only.
 BMM_MAX_PAD_ROWS = 10
+# ... and at most this share of N: with a few rows per expert (decoder steps at k = 2: 32-64
+# rows over 16 experts) 10 padding rows per expert double the work, and the bmm measured
+# 1.07-1.19x slower than the loop there (docs/benchmarks.md, decoder steps); the 1.3x matches
+# the break-even at 32 rows per expert above.
+BMM_MAX_PAD_SHARE = 0.3
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, model_dim: int, hidden_dim: int) -> bool:
@@ -369,7 +355,8 @@ class FFNExperts(nn.Module):
                 and grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim))
 
     def gemm_mode(self, device: torch.device, dtype: torch.dtype, counts) -> str:
-        """The GEMM mode of one call: `self.gemm` unless "auto"; see BMM_MAX_PAD_ROWS for auto."""
+        """The GEMM mode of one call: `self.gemm` unless "auto"; see BMM_MAX_PAD_ROWS and
+        BMM_MAX_PAD_SHARE for auto."""
         mode = self.gemm
         if mode not in GEMM_MODES:
             raise MoEUsageError(f"FFNExperts.gemm must be one of {', '.join(GEMM_MODES)} (got {mode!r})")
@@ -386,7 +373,8 @@ class FFNExperts(nn.Module):
                 return "grouped"  # counts stay on the GPU: no host sync
             counts = counts.tolist()
         n, e = sum(counts), len(counts)
-        if e == self.num_local and min(counts) > 0 and e * max(counts) - n <= BMM_MAX_PAD_ROWS * e:
+        pad = e * max(counts) - n if counts else 0
+        if e == self.num_local and min(counts) > 0 and pad <= min(BMM_MAX_PAD_ROWS * e, BMM_MAX_PAD_SHARE * n):
             return "bmm"
         return "loop"
 
