@@ -61,12 +61,18 @@ train_and_evaluate() {  # CONFIG SEED
   local run=$1 seed=$2 save=$OUT/$1/seed$2
   mkdir -p "$save"
   if [ ! -f "$save/.trained" ]; then
-    local user_dir=(--user-dir "$REPO/moe_fairseq")
-    [ "$run" = "$ANCHOR" ] && user_dir=()  # the anchor is plain fairseq: no plugin at all
+    local user_dir=(--user-dir "$REPO/moe_fairseq") unpickle=()
+    if [ "$run" = "$ANCHOR" ]; then
+      # The anchor is plain fairseq: no plugin at all.  Without the plugin's allowlist fairseq
+      # cannot resume from its own checkpoint_last.pt under torch >= 2.6 (weights_only refuses
+      # argparse.Namespace), so an interrupted anchor run would fail; the checkpoint is this
+      # run's own file, so torch's documented switch back to full unpickling is safe here.
+      user_dir=() unpickle=(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1)
+    fi
     local cfg
     set -f; cfg=($(grep -v '^#' "configs/multi30k/$run.args")); set +f
     echo "== $(date '+%F %T') threads=$THREADS parallel=$PARALLEL" >> "$save/train.log"
-    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS fairseq-train "$DATA" "${user_dir[@]}" "${cfg[@]}" \
+    env "${unpickle[@]}" OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS fairseq-train "$DATA" "${user_dir[@]}" "${cfg[@]}" \
       --save-dir "$save" --cpu --num-workers 0 --seed "$seed" >> "$save/train.log" 2>&1
     touch "$save/.trained"
   fi
