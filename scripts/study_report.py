@@ -131,13 +131,10 @@ def cmd_record(args):
     old = save / "record.json"
     if old.is_file():  # keep what later steps added (equal_time)
         rec = {**json.loads(old.read_text()), **rec}
-    write_json(old, rec)
+    atomic_write_json(old, rec)
     slim_interval_checkpoints(save)
     print(json.dumps({k: v for k, v in rec.items() if k != "valid"}))
     return rec
-
-
-write_json = atomic_write_json
 
 
 def load_records(out: Path):
@@ -183,7 +180,7 @@ def cmd_equal_time(args):
                                check=True, stdout=subprocess.DEVNULL, env=env)
             bleu, _ = read_bleu(eval_dir)
             rec["equal_time"] = {"updates": upd, "bleu": bleu, "ratio": ratio, "capped": False}
-        write_json(rec_path, rec)
+        atomic_write_json(rec_path, rec)
         print(f"{rec['config']} seed {rec['seed']}: equal time = {rec['equal_time']['updates']} updates")
 
 
@@ -283,7 +280,7 @@ def cmd_report(args):
              "budget_updates": max(r["updates"] for r in recs), "runs": runs}
     if speed:
         study["throughput"] = speed
-    write_json(Path(args.json), study)
+    atomic_write_json(Path(args.json), study)
 
     # pooled statistics per run (final checkpoint and, where evaluated, equal-time checkpoint)
     stats, stats_eq = {}, {}
@@ -348,7 +345,7 @@ def cmd_report(args):
     if speed and all(x is not None for c in configs for x in stats_eq[c]):
         lines += ["At equal wall-clock (each config read at the update it reaches in the anchor's time):", ""]
         lines += comparison_table("equal_time", stats_eq) + [""]
-    write_json(Path(args.json), study)
+    atomic_write_json(Path(args.json), study)
 
     # wall-clock to a fixed validation loss (the Gating Dropout claims), from the measured speed
     if speed:
