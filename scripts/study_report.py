@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq import plots  # noqa: E402
-from moe_fairseq.atomic_files import atomic_write_json, atomic_write_text  # noqa: E402
+from moe_fairseq.atomic_files import atomic_write_json, atomic_write_text, rewrite_section  # noqa: E402
 from moe_fairseq.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
@@ -382,20 +382,11 @@ def cmd_report(args):
     text = "\n".join(lines)
     atomic_write_text(out / "report.md", text)
     if args.results_md:
-        replace_section(Path(args.results_md), BEGIN, END, text, "--results-md")
+        rewrite_section(args.results_md, BEGIN, END, text, "--results-md")
     if args.readme:
         summary = readme_summary(configs, by_config, pooled, pooled_eq, speed, study.get("comparisons", []), args.anchor)
-        replace_section(Path(args.readme), README_BEGIN, README_END, summary, "--readme")
+        rewrite_section(args.readme, README_BEGIN, README_END, summary, "--readme")
     print(text)
-
-
-def replace_section(md: Path, begin: str, end: str, text: str, flag: str) -> None:
-    """Rewrite the part of `md` between the markers `begin` and `end`; the rest is kept."""
-    body = md.read_text(encoding="utf-8")
-    if begin not in body or end not in body:
-        raise MoEUsageError(f"{flag} {md}: no generated section ({begin} ... {end})")
-    head, rest = body.split(begin, 1)
-    atomic_write_text(md, head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 def readme_summary(configs, by_config, pooled, pooled_eq, speed, comparisons, anchor) -> str:
