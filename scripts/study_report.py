@@ -382,7 +382,8 @@ def cmd_report(args):
     text = "\n".join(lines)
     atomic_write_text(out / "report.md", text)
     if args.results_md:
-        rewrite_section(args.results_md, BEGIN, END, text + "\n", "--results-md")  # as before: a blank line above the end marker
+        # text + "\n": a blank line above the end marker, as the section has always had
+        rewrite_section(args.results_md, BEGIN, END, text + "\n", "--results-md")
     if args.readme:
         summary = readme_summary(configs, by_config, pooled, pooled_eq, speed, study.get("comparisons", []), args.anchor)
         rewrite_section(args.readme, README_BEGIN, README_END, summary, "--readme")
