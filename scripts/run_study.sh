@@ -24,7 +24,8 @@
 # Environment: DATA, OUT, RUNS, SEEDS (default "1 2 3"), PARALLEL (2), THREADS (nproc / PARALLEL), BEAM (5),
 # SKIP_THROUGHPUT=1 (no speed benchmark), STUDY_JSON (default $OUT/study.json; docs/study.json for
 # the committed study), RESULTS_MD (a Markdown file whose generated section the report rewrites),
-# README_MD (a README whose study summary section the report rewrites).
+# README_MD (a README whose study summary section the report rewrites), AVERAGE (5: every run is
+# also read with its last AVERAGE interval checkpoints averaged, as MT practice decodes; 0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -42,6 +43,8 @@ BEAM=${BEAM:-5}
 STUDY_JSON=${STUDY_JSON:-$OUT/study.json}
 ANCHOR=fairseq_dense
 THREADS=${THREADS:-$(( $(nproc) / PARALLEL ))}; [ "$THREADS" -ge 1 ] || THREADS=1
+AVERAGE=${AVERAGE:-5}
+[[ "$AVERAGE" =~ ^[0-9]+$ ]] && [ "$AVERAGE" != 1 ] || { echo "run_study: AVERAGE must be 0 (no averaging) or a number of checkpoints >= 2 (got '$AVERAGE')" >&2; exit 2; }
 [ -f "$DATA/train.en-de.en.idx" ] || { echo "run_study: no Multi30k data-bin at $DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)" >&2; exit 2; }
 for run in $RUNS; do
   [ -f "configs/multi30k/$run.args" ] || { echo "run_study: RUNS: no config configs/multi30k/$run.args" >&2; exit 2; }
@@ -101,6 +104,11 @@ while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
 # 3. BLEU at equal wall-clock for configs slower than the anchor (their equal-time checkpoint)
 if [ -f "$OUT/throughput.json" ]; then
   python scripts/study_report.py equal-time "$OUT" --data "$DATA" --beam "$BEAM" --threads "$(nproc)"
+fi
+
+# 3b. every run read again with its last AVERAGE interval checkpoints averaged (final and equal-time update)
+if [ "$AVERAGE" -ge 2 ]; then
+  python scripts/study_report.py average "$OUT" --data "$DATA" --last "$AVERAGE" --beam "$BEAM" --threads "$(nproc)"
 fi
 
 # 4. SMoE-Dropout's BLEU against the evaluation k (seed 1)

@@ -8,6 +8,9 @@
   study_report.py equal-time OUT --data DATA_BIN [--beam 5]
       For every config slower than the anchor in OUT/throughput.json (scripts/study_throughput.py):
       BLEU of its interval checkpoint at the update it reaches in the anchor's wall-clock time.
+  study_report.py average OUT --data DATA_BIN --last N [--beam 5]
+      Every run read again with its last N interval checkpoints averaged (moe-average, as MT
+      practice does before decoding): at its final update and at its equal-time update.
   study_report.py report OUT --anchor fairseq_dense --raw-dir RAW --json docs/study.json \
       [--results-md docs/results.md] [--figures docs/]
       study.json, the tables (OUT/report.md, and the generated section of --results-md between
@@ -173,15 +176,71 @@ def cmd_equal_time(args):
                                     f"(--save-interval-updates must be {SAVE_EVERY})")
             eval_dir = rec_path.parent / f"eval_u{upd}"
             if not (eval_dir / "results.json").is_file():
-                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-                subprocess.run(["moe-evaluate", "--path", str(ckpts[-1]), "--lang-pairs", ",".join(DIRECTIONS),
-                                "--raw-dir", str(Path(args.data) / "raw"), "--split", "test", "--beam", str(args.beam),
-                                "--batch-size", "100", "--cpu", "--out", str(eval_dir), args.data],
-                               check=True, stdout=subprocess.DEVNULL, env=env)
+                evaluate(ckpts[-1], eval_dir, args)
             bleu, _ = read_bleu(eval_dir)
             rec["equal_time"] = {"updates": upd, "bleu": bleu, "ratio": ratio, "capped": False}
         atomic_write_json(rec_path, rec)
         print(f"{rec['config']} seed {rec['seed']}: equal time = {rec['equal_time']['updates']} updates")
+
+
+def evaluate(checkpoint: Path, eval_dir: Path, args):
+    """moe-evaluate on the test sets as scripts/run_study.sh does for the final checkpoint
+    (results.json appears only once every direction is scored)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    subprocess.run(["moe-evaluate", "--path", str(checkpoint), "--lang-pairs", ",".join(DIRECTIONS),
+                    "--raw-dir", str(Path(args.data) / "raw"), "--split", "test", "--beam", str(args.beam),
+                    "--batch-size", "100", "--cpu", "--out", str(eval_dir), args.data],
+                   check=True, stdout=subprocess.DEVNULL, env=env)
+
+
+# ------------------------------------------------------------------ checkpoint averaging
+
+def averaged_inputs(save: Path, update: int, last: int) -> list:
+    """The `last` interval checkpoints ending at `update` (update, update - 50, ...), each one
+    required: a missing one is an error, not a silently wider window."""
+    paths = []
+    for u in range(update, update - SAVE_EVERY * last, -SAVE_EVERY):
+        found = sorted(save.glob(f"checkpoint_*_{u}.pt")) if u > 0 else []
+        if not found:
+            raise MoEUsageError(f"{save}: no interval checkpoint at update {u}, needed to average the last "
+                                f"{last} ending at update {update} (--last)")
+        paths.append(found[-1])
+    return paths
+
+
+def cmd_average(args):
+    """rec["averaged"] = {"last": N, "final": {...}, "equal_time": {...}}: BLEU of the mean of the
+    last N interval checkpoints at the run's final update and at its equal-time update (the same
+    file when the two coincide).  The averaged checkpoint is deleted once evaluated; its
+    evaluation, OUT/CONFIG/seedS/eval_avgN_uU/, is what a rerun reuses."""
+    if args.last < 2:
+        raise MoEUsageError(f"--last must be >= 2 (got {args.last}; 1 is the unaveraged reading)")
+    out = Path(args.out)
+    for rec_path in sorted(out.glob("*/seed*/record.json")):
+        rec, save = json.loads(rec_path.read_text()), rec_path.parent
+        points = {"final": rec["updates"]}
+        if "equal_time" in rec:
+            points["equal_time"] = rec["equal_time"]["updates"]
+        old = rec.get("averaged", {})
+        if old.get("last") == args.last and all(old.get(k, {}).get("updates") == u for k, u in points.items()):
+            continue
+        averaged = {"last": args.last}
+        for kind, upd in points.items():
+            eval_dir = save / f"eval_avg{args.last}_u{upd}"
+            if not (eval_dir / "results.json").is_file():
+                inputs = averaged_inputs(save, upd, args.last)
+                tmp = save / f"average{args.last}_u{upd}.pt"
+                subprocess.run(["moe-average", "--inputs", *map(str, inputs), "--output", str(tmp)],
+                               check=True, stdout=subprocess.DEVNULL)
+                try:
+                    evaluate(tmp, eval_dir, args)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            averaged[kind] = {"updates": upd, "bleu": read_bleu(eval_dir)[0]}
+        rec["averaged"] = averaged
+        atomic_write_json(rec_path, rec)
+        print(f"{rec['config']} seed {rec['seed']}: last {args.last} averaged at "
+              + ", ".join(f"{k} {v['updates']}" for k, v in averaged.items() if k != "last"))
 
 
 # ------------------------------------------------------------------ statistics
@@ -275,7 +334,8 @@ def cmd_report(args):
                          "wps": r["wps"], "bleu": {d: r["bleu"][d] for d in DIRECTIONS},
                          "threads": r.get("threads"), "parallel": r.get("parallel"),
                          "final_valid_loss": r["valid"][-1]["loss"] if r["valid"] else None,
-                         **({"equal_time": r["equal_time"]} if "equal_time" in r else {})})
+                         **({"equal_time": r["equal_time"]} if "equal_time" in r else {}),
+                         **({"averaged": r["averaged"]} if "averaged" in r else {})})
     study = {"signature": signature, "test_set": "test_2016_flickr", "anchor": args.anchor,
              "budget_updates": max(r["updates"] for r in recs), "runs": runs}
     if speed:
@@ -296,6 +356,28 @@ def cmd_report(args):
     pooled = {c: [corpus_bleu(s.sum(0)) for s in stats[c]] for c in configs}
     pooled_eq = {c: [corpus_bleu(s.sum(0)) for s in stats_eq[c]] if all(s is not None for s in stats_eq[c]) else None
                  for c in configs}
+
+    # the same two readings with the last N interval checkpoints averaged (the `average`
+    # command), reported only when every run has them with one N: a comparison mixing averaged
+    # and single checkpoints would measure the averaging, not the configs
+    lasts = {r.get("averaged", {}).get("last") for r in recs}
+    avg_last = next(iter(lasts)) if len(lasts) == 1 else None
+    if avg_last is None and lasts != {None}:
+        print(f"report: only some runs have averaged readings (last N: {sorted(map(str, lasts))}); "
+              f"run `study_report.py average {out} --last N` to report them")
+    stats_avg, stats_avg_eq, pooled_avg, pooled_avg_eq = {}, {}, {}, {}
+    if avg_last:
+        for c in configs:
+            stats_avg[c], stats_avg_eq[c] = [], []
+            for r in by_config[c]:
+                save, avg = out / c / f"seed{r['seed']}", r["averaged"]
+                stats_avg[c].append(sentence_stats(save / f"eval_avg{avg_last}_u{avg['final']['updates']}", raw))
+                eq = avg.get("equal_time")
+                stats_avg_eq[c].append(sentence_stats(save / f"eval_avg{avg_last}_u{eq['updates']}", raw) if eq else None)
+            pooled_avg[c] = [corpus_bleu(s.sum(0)) for s in stats_avg[c]]
+            pooled_avg_eq[c] = ([corpus_bleu(s.sum(0)) for s in stats_avg_eq[c]]
+                                if all(s is not None for s in stats_avg_eq[c]) else None)
+        study["averaged_last"] = avg_last
 
     lines = [f"Test set `test_2016_flickr` (1,000 sentences per direction), beam {args.beam}, sacrebleu `{signature}`.",
              "Mean ± standard deviation over training seeds; *pooled* is corpus BLEU over the three test sets",
@@ -345,6 +427,19 @@ def cmd_report(args):
     if speed and all(x is not None for c in configs for x in stats_eq[c]):
         lines += ["At equal wall-clock (each config read at the update it reaches in the anchor's time):", ""]
         lines += comparison_table("equal_time", stats_eq) + [""]
+    if avg_last:
+        lines += [f"**With the last {avg_last} interval checkpoints averaged** (`study_report.py average --last "
+                  f"{avg_last}`: `moe-average` of updates U − {SAVE_EVERY * (avg_last - 1)} .. U in steps of "
+                  f"{SAVE_EVERY}, then the same evaluation; every config alike), pooled BLEU:", "",
+                  "| config | at the final update | at equal wall-clock | per seed (final) |", "|---|---|---|---|"]
+        for c in configs:
+            eq = fmt(pooled_avg_eq[c]) if pooled_avg_eq[c] else "-"
+            lines.append(f"| {c} | **{fmt(pooled_avg[c])}** | {eq} | {' / '.join(f'{v:.2f}' for v in pooled_avg[c])} |")
+        lines += ["", "Differences with averaging, at equal updates:", ""]
+        lines += comparison_table("equal_updates_avg", stats_avg) + [""]
+        if speed and all(x is not None for c in configs for x in stats_avg_eq[c]):
+            lines += ["With averaging, at equal wall-clock:", ""]
+            lines += comparison_table("equal_time_avg", stats_avg_eq) + [""]
     atomic_write_json(Path(args.json), study)
 
     # wall-clock to a fixed validation loss (the Gating Dropout claims), from the measured speed
@@ -385,21 +480,25 @@ def cmd_report(args):
         # text + "\n": a blank line above the end marker, as the section has always had
         rewrite_section(args.results_md, BEGIN, END, text + "\n", "--results-md")
     if args.readme:
-        summary = readme_summary(configs, by_config, pooled, pooled_eq, speed, study.get("comparisons", []), args.anchor)
+        summary = readme_summary(configs, by_config, pooled, pooled_eq, speed, study.get("comparisons", []), args.anchor,
+                                 avg_last, pooled_avg_eq)
         rewrite_section(args.readme, README_BEGIN, README_END, summary, "--readme")
     print(text)
 
 
-def readme_summary(configs, by_config, pooled, pooled_eq, speed, comparisons, anchor) -> str:
+def readme_summary(configs, by_config, pooled, pooled_eq, speed, comparisons, anchor, avg_last=None,
+                   pooled_avg_eq=None) -> str:
     """The README's short form of the study: BLEU per config and the verdicts against the anchor."""
-    lines = ["| config | what | seeds | en-de | en-fr | en-cs | pooled | pooled at equal wall-clock |",
-             "|---|---|---|---|---|---|---|---|"]
+    avg_col = f" pooled at equal wall-clock, last {avg_last} averaged |" if avg_last else ""
+    lines = ["| config | what | seeds | en-de | en-fr | en-cs | pooled | pooled at equal wall-clock |" + avg_col,
+             "|---|---|---|---|---|---|---|---|" + ("---|" if avg_last else "")]
     for c in configs:
         rs = by_config[c]
         eq = fmt(pooled_eq[c]) if pooled_eq.get(c) else "-"
+        avg = f" {fmt(pooled_avg_eq[c]) if pooled_avg_eq.get(c) else '-'} |" if avg_last else ""
         lines.append(f"| `{c}` | {CONFIG_WHAT.get(c, '')} | {len(rs)} | "
                      + " | ".join(f"{mean_std([r['bleu'][d] for r in rs])[0]:.2f}" for d in DIRECTIONS)
-                     + f" | {fmt(pooled[c])} | {eq} |")
+                     + f" | {fmt(pooled[c])} | {eq} |" + avg)
     lines.append("")
     if speed:
         ratios = ", ".join(f"`{c}` {speed['configs'][c]['ratio']:.3f}x" for c in configs
@@ -411,7 +510,10 @@ def readme_summary(configs, by_config, pooled, pooled_eq, speed, comparisons, an
         lines.append("Against the anchor (Δ seed-mean pooled BLEU, 95% interval of a two-level bootstrap over "
                      "seeds and test sentences):")
         lines.append("")
-        for kind, label in (("equal_updates", "equal updates"), ("equal_time", "equal wall-clock")):
+        kinds = [("equal_updates", "equal updates"), ("equal_time", "equal wall-clock")]
+        if avg_last:
+            kinds += [(f"{k}_avg", f"{label}, last {avg_last} checkpoints averaged") for k, label in kinds]
+        for kind, label in kinds:
             for c in (v for v in verdicts if v["kind"] == kind):
                 lines.append(f"- `{c['config']}` at {label}: {c['delta']:+.2f} "
                              f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}], p = {c['p']:.3f}")
@@ -431,6 +533,12 @@ def main(argv=None):
     e.add_argument("--data", required=True)
     e.add_argument("--beam", type=int, default=5)
     e.add_argument("--threads", type=int, default=2, help="threads of the evaluation")
+    a = sub.add_parser("average")
+    a.add_argument("out")
+    a.add_argument("--data", required=True)
+    a.add_argument("--last", type=int, default=5, help="interval checkpoints to average (default 5)")
+    a.add_argument("--beam", type=int, default=5)
+    a.add_argument("--threads", type=int, default=2, help="threads of the evaluation")
     q = sub.add_parser("report")
     q.add_argument("out")
     q.add_argument("--anchor", default="fairseq_dense")
@@ -442,7 +550,8 @@ def main(argv=None):
     q.add_argument("--beam", type=int, default=5, help="the beam used (for the table caption)")
     q.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
     args = p.parse_args(argv)
-    return {"record": cmd_record, "equal-time": cmd_equal_time, "report": cmd_report}[args.cmd](args)
+    return {"record": cmd_record, "equal-time": cmd_equal_time, "average": cmd_average,
+            "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

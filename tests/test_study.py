@@ -64,7 +64,7 @@ def train_log(updates, losses, wps=1000.0, wpb=3000.0):
 
 def make_run(out, config, seed, refs, rate, losses, raw_bleu=None):
     """A finished run: train.log, eval/ (results.json + generate files) and its record."""
-    rng = random.Random(hash((config, seed)) % 1000)
+    rng = random.Random(f"{config}-{seed}")  # str seeds are not salted: the same data every run
     save = out / config / f"seed{seed}"
     hyps = {pair: [corrupt(rng, r, rate) for r in refs[pair]] for pair in DIRECTIONS}
     write_generate(save / "eval", hyps)
@@ -215,6 +215,92 @@ def test_report_refuses_a_results_file_without_the_generated_section(tmp_path, r
     assert md.read_text() == "# no markers\n"
 
 
+def test_average_reads_every_run_again_with_its_last_checkpoints_averaged(tmp_path, refs, raw_dir, monkeypatch):
+    """`average` averages exactly the interval checkpoints U, U - 50, ... of each run at its final
+    and its equal-time update, evaluates the mean, deletes it, and skips on a rerun; the report
+    then compares the averaged readings."""
+    out = tmp_path / "study"
+    for seed in (1, 2):
+        make_run(out, "fairseq_dense", seed, refs, 0.35, [6.0, 5.0])
+        make_run(out, "moe_top2", seed, refs, 0.35, [5.8, 4.8])
+        for config in ("fairseq_dense", "moe_top2"):
+            for u in (50, 100, 150):  # interval checkpoints; the log's final update is 100
+                (out / config / f"seed{seed}" / f"checkpoint_{u // 100 + 1}_{u}.pt").write_text(f"{config} {u}")
+    (out / "throughput.json").write_text(json.dumps({
+        "anchor": "fairseq_dense", "rounds": 1, "threads": 2,
+        "configs": {"fairseq_dense": {"ups": 0.5, "wps": 1700, "ratio": 1.0},
+                    "moe_top2": {"ups": 0.6, "wps": 2000, "ratio": 1.2}}}))
+    report.main(["equal-time", str(out), "--data", "unused"])  # both read at their final update
+    calls = []
+
+    def fake_run(cmd, check, stdout, env=None):
+        calls.append(cmd)
+        if cmd[0] == "moe-average":
+            # the "average" names its inputs; the fake evaluation scores it by them
+            out_path = Path(cmd[cmd.index("--output") + 1])
+            out_path.write_text("\n".join(Path(i).read_text() for i in cmd[cmd.index("--inputs") + 1:cmd.index("--output")]))
+        elif cmd[0] == "moe-evaluate":
+            inputs = Path(cmd[cmd.index("--path") + 1]).read_text().splitlines()
+            config = inputs[0].split()[0]
+            assert [int(line.split()[1]) for line in inputs] == [100, 50]  # U, U - 50: --last 2
+            eval_dir = Path(cmd[cmd.index("--out") + 1])
+            rng = random.Random(len(calls))
+            # averaging helps the MoE runs here and not the anchor's
+            hyps = {pair: [corrupt(rng, r, 0.1 if config == "moe_top2" else 0.35) for r in refs[pair]]
+                    for pair in DIRECTIONS}
+            write_generate(eval_dir, hyps)
+            (eval_dir / "results.json").write_text(json.dumps([{"direction": pair, "bleu": 50.0, "signature": "s"}
+                                                                for pair in DIRECTIONS]))
+        else:
+            raise AssertionError(cmd)
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    report.main(["average", str(out), "--data", "unused", "--last", "2"])
+    # one average and one evaluation per run: final and equal-time updates coincide here
+    assert sorted(c[0] for c in calls) == ["moe-average"] * 4 + ["moe-evaluate"] * 4
+    for config in ("fairseq_dense", "moe_top2"):
+        save = out / config / "seed1"
+        rec = json.loads((save / "record.json").read_text())
+        assert rec["averaged"] == {"last": 2, "final": {"updates": 100, "bleu": dict.fromkeys(DIRECTIONS, 50.0)},
+                                   "equal_time": {"updates": 100, "bleu": dict.fromkeys(DIRECTIONS, 50.0)}}
+        assert not list(save.glob("average*.pt"))  # the averaged checkpoint is not kept
+    calls.clear()
+    report.main(["average", str(out), "--data", "unused", "--last", "2"])
+    assert calls == []  # nothing new to read
+    study_json = tmp_path / "study.json"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_BEGIN}\n{report.README_END}\n")
+    report.main(["report", str(out), "--raw-dir", str(raw_dir), "--json", str(study_json), "--readme", str(readme),
+                 "--samples", "200"])
+    study = json.loads(study_json.read_text())
+    assert study["averaged_last"] == 2
+    by_kind = {c["kind"]: c for c in study["comparisons"]}
+    # single checkpoints alike (same corruption rate), averaged ones far apart
+    assert abs(by_kind["equal_updates"]["delta"]) < 8
+    assert by_kind["equal_updates_avg"]["delta"] > 15 and by_kind["equal_time_avg"]["delta"] > 15
+    text = (out / "report.md").read_text()
+    assert "**With the last 2 interval checkpoints averaged**" in text and "U − 50 .. U" in text
+    summary = readme.read_text()
+    assert "pooled at equal wall-clock, last 2 averaged |" in summary
+    assert "- `moe_top2` at equal wall-clock, last 2 checkpoints averaged: +" in summary
+
+
+def test_average_refuses_a_missing_checkpoint_and_a_window_of_one(tmp_path):
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    (tmp_path / "checkpoint_2_100.pt").write_text("")
+    (tmp_path / "checkpoint_1_50.pt").write_text("")
+    assert report.averaged_inputs(tmp_path, 100, 2) == [tmp_path / "checkpoint_2_100.pt", tmp_path / "checkpoint_1_50.pt"]
+    with pytest.raises(MoEUsageError, match="no interval checkpoint at update 0"):
+        report.averaged_inputs(tmp_path, 100, 3)
+    (tmp_path / "checkpoint_1_100.pt").unlink(missing_ok=True)
+    (tmp_path / "checkpoint_2_100.pt").unlink()
+    with pytest.raises(MoEUsageError, match="no interval checkpoint at update 100"):
+        report.averaged_inputs(tmp_path, 100, 2)
+    with pytest.raises(MoEUsageError, match="--last must be >= 2"):
+        report.main(["average", str(tmp_path), "--data", "unused", "--last", "1"])
+
+
 def test_smoe_schedule_cost_is_the_mean_over_its_updates():
     tp = load("study_throughput")
     args = tp.config_args("smoe_dropout")
@@ -240,3 +326,6 @@ def test_run_study_refuses_missing_data_and_unknown_configs(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "DATA": str(data), "OUT": str(tmp_path / "o"), "RUNS": "nope"})
     assert proc.returncode == 2 and "configs/multi30k/nope.args" in proc.stderr
+    proc = subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "DATA": str(data), "OUT": str(tmp_path / "o"), "AVERAGE": "1"})
+    assert proc.returncode == 2 and "AVERAGE must be 0" in proc.stderr
