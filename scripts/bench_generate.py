@@ -106,16 +106,21 @@ def active_k(router):
 class Variant:
     """One timed model: a built model, its per-direction task and, for the random router, its k."""
 
-    def __init__(self, label, model, task_args, eval_k=None):
+    def __init__(self, label, model, task_args, eval_k=None, fast_path=True):
         self.label, self.model, self.task_args, self.eval_k = label, model, task_args, eval_k
+        self.fast_path = fast_path  # False: MoE decoder steps through the general dispatch
         self.task = None
 
     def activate(self):
-        """Set this variant's evaluation k (variants of one SMoE model share the model)."""
+        """Set this variant's evaluation k and decode path (variants of one model share it)."""
+        from moe_fairseq.moe.collect import moe_layers
+
         if self.eval_k is not None:
             from moe_fairseq.models.transformer_moe import apply_eval_overrides
 
             apply_eval_overrides(self.model, self.eval_k)
+        for layer in moe_layers(self.model):
+            layer.decode_fast_path = self.fast_path
 
     def describe(self):
         routers = routers_of(self.model)
@@ -153,6 +158,9 @@ def make_variants(args):
                 variants.append(Variant(f"{name}_k{k}", model, task_args, k))
         else:
             variants.append(Variant(name, model, task_args))
+        if routers and args.general_path:  # the same model again, decoder steps on the general dispatch
+            variants += [Variant(f"{v.label}_general", model, task_args, v.eval_k, fast_path=False)
+                         for v in list(variants) if v.model is model]
     return variants
 
 
@@ -353,6 +361,9 @@ def build_parser():
                    help="after the timed rounds, one more pass per setting timing the FFN sub-layers "
                         "(forward hooks) and profiling the operators inside them")
     p.add_argument("--model-args", help="extra fairseq flags for every config, e.g. smaller dims for a smoke test")
+    p.add_argument("--general-path", action="store_true",
+                   help="also time every MoE model with its decoder steps on the general dispatch (label NAME_general): "
+                        "the decoder-step path of moe/decode.py against what it replaces, in the same rounds")
     return p
 
 
@@ -378,7 +389,7 @@ def main(argv=None):
     meta = {"data": args.data, "pair": args.pair, "split": args.split, "sentences": args.sentences,
             "batch_sizes": args.batch_sizes, "beams": args.beams, "fixed_len": args.fixed_len,
             "repeats": args.repeats, "threads": args.threads, "reference": args.reference,
-            "attribute": args.attribute,
+            "attribute": args.attribute, "general_path": args.general_path,
             "configs": args.configs, "checkpoints": args.checkpoints, "model_args": args.model_args,
             "models": [v.describe() for v in variants], "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),

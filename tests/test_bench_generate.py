@@ -105,3 +105,43 @@ def test_bad_options_are_one_line_errors(data, tmp_path):
     with pytest.raises(SystemExit, match="--batch-sizes must be a comma-separated list"):
         bench().main(common(data, tmp_path / "x.json") + ["--batch-sizes", "0"])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_decode_path_generates_what_the_general_path_generates(data, tmp_path, monkeypatch):
+    """Beam search through a MoE model: the decoder-step path (moe/decode.py) and the general
+    dispatch give the same hypotheses; --general-path times both in the same rounds."""
+    import argparse
+
+    import torch
+
+    import moe_fairseq.moe.decode as decode
+    from moe_fairseq.moe.collect import moe_layers
+
+    b = bench()
+    model, train_args = b.build_from_config("moe_top2", str(data), TINY.split(), "en-de,en-fr", 1)
+    task = b.direction_task(argparse.Namespace(task=train_args), str(data), "en-de", "test")
+    batches = b.sentence_batches(task.dataset("test"), SENTENCES, 2)
+    calls = []
+    real = decode.few_rows_ffn
+    monkeypatch.setattr(decode, "few_rows_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hyps = {}
+    for fast in (True, False):
+        for layer in moe_layers(model):
+            layer.decode_fast_path = fast
+        generator = task.build_generator([model], argparse.Namespace(beam=3, max_len_a=0, max_len_b=12))
+        with torch.no_grad():
+            hyps[fast] = [[(h["tokens"].tolist(), round(float(h["score"]), 4)) for h in sent]
+                          for batch in batches for sent in task.inference_step(generator, [model], batch)]
+        if fast:
+            assert calls, "the decode path never ran"
+            n_fast = len(calls)
+    assert len(calls) == n_fast  # switched off: never
+    assert hyps[True] == hyps[False]
+
+    out = tmp_path / "bench.json"
+    b.main(["--data", str(data), "--out", str(out), "--lang-pairs", "en-de,en-fr", "--sentences", "2",
+            "--batch-sizes", "1", "--beams", "1", "--repeats", "1", "--threads", "1", "--fixed-len", "3",
+            "--configs", "dense,moe_top2", "--model-args", TINY, "--general-path"])
+    saved = json.loads(out.read_text())
+    assert sorted(r["model"] for r in saved["results"]) == ["dense", "moe_top2", "moe_top2_general"]
+    assert saved["meta"]["general_path"] is True

@@ -5,6 +5,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from . import decode
 from .comm import LocalComm
 from .dispatch import combine, dispatch, plan_dispatch
 from .experts import FFNExperts, compute_dtype
@@ -64,6 +65,9 @@ class MoELayer(nn.Module):
         # criterion sets it for validation, see collect.aux_in_evaluation): generation needs
         # neither, and a decoder step routes a handful of rows, so they would be its main cost.
         self.eval_aux = False
+        # Decoder steps on CPU (a few rows, no autograd) take moe/decode.py's path; False sends
+        # every call through the general dispatch (benchmarks compare the two).
+        self.decode_fast_path = True
         self.aux = MoEAux()
 
     def set_num_updates(self, num_updates: int):
@@ -86,6 +90,9 @@ class MoELayer(nn.Module):
             rows, tokens = None, flat
         if self.gating_dropped():
             out = self._forward_gating_dropout(tokens)
+        elif decode.applies(self, tokens, self.wants_aux()):
+            with decode.one_intra_op_thread():
+                out = self._forward_decode_step(tokens)
         else:
             out = self._forward_routed(tokens)
         if rows is not None:
@@ -126,6 +133,14 @@ class MoELayer(nn.Module):
         stats = self.routing_stats(tokens, routing, plan, sent.element_size()) if collect else None
         self.aux = MoEAux(dict(routing.losses), stats)
         return out
+
+    def _forward_decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A decoder step (decode.applies): the router as always, then the experts of the few
+        rows directly (decode.few_rows_ffn); no losses or statistics are asked for."""
+        self.router.compute_aux = False
+        routing = self.router(tokens)
+        self.aux = MoEAux()
+        return decode.few_rows_ffn(self.experts, tokens, routing.expert_index, routing.gate)
 
     def routing_stats(self, tokens, routing, plan, elem_size: int) -> RoutingStats:
         elem = elem_size * tokens.shape[1]

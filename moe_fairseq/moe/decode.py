@@ -1,0 +1,100 @@
+"""The MoE layer's path for decoder steps on CPU: a handful of rows, no autograd.
+
+An incremental decoder step hands each MoE layer one row per hypothesis (1 at batch 1 greedy,
+5 with beam 5).  The general path (sort, bincount, split sizes, the grouped-GEMM Function,
+index_add) then costs far more than the expert GEMMs themselves, and so does every GEMM's
+parallel region: docs/benchmarks.md ("Decoding") measured a MoE decoder call at batch 1 at
+5x a dense FFN, with four one-row GEMMs at 0.1 ms each on 2 threads against 0.02 ms on one.
+
+So a call that `applies` gets two things:
+- one intra-op thread for the whole call (router and experts): a parallel region's fixed cost
+  (waking the other threads) exceeds the work of a GEMM of a few rows;
+- `few_rows_ffn`: the slots grouped by expert on the host (a few Python ints), one GEMM pair per
+  expert used, written in place, and the gate-weighted sum of each token's k outputs as one
+  batched product; no sort, no bincount, no scatter.
+
+Numerically it is the general path's computation (the same GEMMs per expert, the combine in
+fp32); tests/test_decode.py compares the two and a per-token brute force.
+"""
+import contextlib
+from typing import Optional
+
+import torch
+
+# A call of at most this many tokens is a decoder step.  Measured on the 2-core host
+# (docs/benchmarks.md, "Decoding"): one thread is faster for a MoE layer call up to 64-80
+# rows; 32 leaves room for hosts whose threads are cheaper to wake.
+DECODE_MAX_TOKENS = 32
+
+
+def applies(layer, tokens: torch.Tensor, want_aux: bool) -> bool:
+    """Whether a call of `layer` on `tokens` takes the decoder-step path: evaluation without
+    autograd, losses or statistics, on CPU, every expert local, a router that keeps every slot
+    (dropless evaluation), no autocast, and at most DECODE_MAX_TOKENS rows."""
+    experts = layer.experts
+    return (not layer.training and not want_aux and layer.collect_stats is not True
+            and layer.decode_fast_path
+            and 0 < tokens.shape[0] <= DECODE_MAX_TOKENS
+            and tokens.device.type == "cpu" and not torch.is_grad_enabled()
+            and layer.comm.world_size == 1
+            and layer.router.eval_keeps_all_slots and layer.router.current_capacity_factor() is None
+            and not torch.is_autocast_enabled("cpu")
+            and tokens.dtype == experts.w1.dtype)
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """torch's intra-op thread count set to 1 inside the block and restored after it."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: torch.Tensor,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """out[s] = sum_j gate[s, j] * FFN_{expert_index[s, j]}(x[s]) for the S rows of x, with every
+    expert of `experts` (an FFNExperts) local.  Inference only: no autograd, no dropout."""
+    n, k = expert_index.shape
+    ids = expert_index.reshape(-1).tolist()  # a handful of ints: the one host read
+    if n == 1:
+        # One token: its k experts are distinct (Routing), so every expert has one row: no grouping.
+        order = list(range(k))
+        rows = x.expand(k, x.shape[1])
+    else:
+        # Slots grouped by expert (stable: each expert's rows in token order).
+        order = sorted(range(n * k), key=ids.__getitem__)
+        rows = x.index_select(0, torch.tensor([i // k for i in order], device=x.device))
+    w1, b1, w2, b2 = experts.w1, experts.b1, experts.w2, experts.b2
+    h = x.new_empty(n * k, w1.shape[2])
+    y = x.new_empty(n * k, w2.shape[2])
+    runs = []
+    start = 0
+    while start < n * k:
+        e = ids[order[start]]
+        end = start + 1
+        while end < n * k and ids[order[end]] == e:
+            end += 1
+        runs.append((e, start, end))
+        torch.addmm(b1[e], rows[start:end], w1[e], out=h[start:end])
+        start = end
+    if experts.activation is torch.nn.functional.relu:
+        h.relu_()
+    else:
+        h = experts.activation(h)
+    for e, start, end in runs:
+        torch.addmm(b2[e], h[start:end], w2[e], out=y[start:end])
+    if order != list(range(n * k)):
+        inverse = [0] * (n * k)
+        for position, slot in enumerate(order):
+            inverse[slot] = position
+        y = y.index_select(0, torch.tensor(inverse, device=x.device))  # back to slot order
+    # The combine in fp32 at least (as dispatch.combine): one batched (1 x k) @ (k x M) per token.
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    out = torch.bmm(gate.to(dtype).view(n, 1, k), y.to(dtype).view(n, k, -1)).view(n, -1)
+    return out.to(out_dtype or x.dtype)
