@@ -60,7 +60,6 @@ exists:
    launcher notices: another machine) its peers wait that long inside a collective;
    --collective-timeout (task translation_multi_moe) sets the process group's timeout.
 """
-import argparse
 import contextlib
 import datetime
 import functools
@@ -70,6 +69,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .checkpoint.io import allow_checkpoint_types
 from .checkpoint.format import (PARAM_NAMES, POINTER, new_run_id, optimizer_param_names, point_to_shards, shard_meta,
                                 shard_path, tensor_shapes)
 from .checkpoint.sharded import (atomic_copy, atomic_save, remove_stale_temporaries, remove_unreferenced_shards,
@@ -112,9 +112,7 @@ def install():
     from fairseq.trainer import Trainer
     from fairseq import utils as fairseq_utils
 
-    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
-    if add_safe_globals is not None:  # torch < 2.4 has no weights_only default to satisfy
-        add_safe_globals(safe_checkpoint_globals())
+    allow_checkpoint_types()
     _original.update(infer_init_method=distributed_utils.infer_init_method,
                      all_reduce_grads=FairseqOptimizer.all_reduce_grads,
                      save_checkpoint=checkpoint_utils.save_checkpoint,
@@ -138,18 +136,6 @@ def install():
 
 
 # ------------------------------------------------------------------ 1. checkpoint type allowlist
-def safe_checkpoint_globals():
-    """Exactly what fairseq's checkpoints hold beyond tensors, containers and numbers: the
-    training args (argparse.Namespace) and numpy arrays/scalars in the saved metrics (e.g.
-    BLEU n-gram counts), as listed by torch.serialization.get_unsafe_globals_in_checkpoint."""
-    import numpy as np
-
-    multiarray = getattr(np, "_core", None) or np.core
-    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
-    return [argparse.Namespace, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar,
-            np.ndarray, np.dtype, *dtypes]
-
-
 # ------------------------------------------------------------------ 2. torchrun on CPU
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 

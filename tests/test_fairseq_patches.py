@@ -91,6 +91,20 @@ def test_fairseq_checkpoint_types_load_with_weights_only(tmp_path):
     assert state["args"].arch == "transformer_moe_tiny"
 
 
+def test_checkpoint_tools_read_fairseq_checkpoints_without_the_plugin(tmp_path):
+    """The checkpoint library (reshard, prune, average, consolidate read through
+    checkpoint.io.read_checkpoint) works in a process that never imported the plugin: it
+    allowlists fairseq's checkpoint types itself."""
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(arch="transformer_moe_tiny")},
+               tmp_path / "c.pt")
+    code = ("import sys; from moe_fairseq.checkpoint.io import read_checkpoint; "
+            "assert 'moe_fairseq.plugin' not in sys.modules; "
+            f"print(read_checkpoint({str(tmp_path / 'c.pt')!r})['args'].arch)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "transformer_moe_tiny"
+
+
 def test_torchrun_world_on_cpu_uses_gloo(monkeypatch):
     from moe_fairseq import fairseq_patches
 
