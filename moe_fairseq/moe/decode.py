@@ -15,6 +15,10 @@ So a call that `applies` gets two things:
 
 Numerically it is the general path's computation (the same GEMMs per expert, the combine in
 fp32); tests/test_decode.py compares the two and a per-token brute force.
+
+torch's intra-op thread count is per process: a program that runs several models in Python
+threads at once would see it drop to 1 while a MoE decoder step runs.  Such a program sets
+`MoELayer.decode_fast_path = False` (the general dispatch, on the caller's threads).
 """
 import contextlib
 from typing import Optional
