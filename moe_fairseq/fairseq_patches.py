@@ -136,6 +136,10 @@ def install():
 
 
 # ------------------------------------------------------------------ 1. checkpoint type allowlist
+# checkpoint/io.py's allow_checkpoint_types, called by install() and by the checkpoint tools
+# themselves (they read checkpoints without these patches too).
+
+
 # ------------------------------------------------------------------ 2. torchrun on CPU
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 

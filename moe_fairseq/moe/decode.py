@@ -4,7 +4,8 @@ An incremental decoder step hands each MoE layer one row per hypothesis (1 at ba
 5 with beam 5).  The general path (sort, bincount, split sizes, the grouped-GEMM Function,
 index_add) then costs far more than the expert GEMMs themselves, and so does every GEMM's
 parallel region: docs/benchmarks.md ("Decoding") measured a MoE decoder call at batch 1 at
-5x a dense FFN, with four one-row GEMMs at 0.1 ms each on 2 threads against 0.02 ms on one.
+5x a dense FFN, and one expert's pair of one-row GEMMs at 0.083 ms on 2 threads against 0.018
+ms on one.
 
 So a call that `applies` gets two things:
 - one intra-op thread for the whole call (router and experts): a parallel region's fixed cost
@@ -21,7 +22,6 @@ threads at once would see it drop to 1 while a MoE decoder step runs.  Such a pr
 `MoELayer.decode_fast_path = False` (the general dispatch, on the caller's threads).
 """
 import contextlib
-from typing import Optional
 
 import torch
 
@@ -60,8 +60,7 @@ def one_intra_op_thread():
         torch.set_num_threads(before)
 
 
-def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: torch.Tensor,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """out[s] = sum_j gate[s, j] * FFN_{expert_index[s, j]}(x[s]) for the S rows of x, with every
     expert of `experts` (an FFNExperts) local.  Inference only: no autograd, no dropout."""
     n, k = expert_index.shape
@@ -101,4 +100,4 @@ def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: tor
     # The combine in fp32 at least (as dispatch.combine): one batched (1 x k) @ (k x M) per token.
     dtype = torch.promote_types(y.dtype, torch.float32)
     out = torch.bmm(gate.to(dtype).view(n, 1, k), y.to(dtype).view(n, k, -1)).view(n, -1)
-    return out.to(out_dtype or x.dtype)
+    return out.to(x.dtype)
