@@ -342,20 +342,36 @@ def cmd_report(args):
         study["throughput"] = speed
     atomic_write_json(Path(args.json), study)
 
-    # pooled statistics per run (final checkpoint and, where evaluated, equal-time checkpoint)
-    stats, stats_eq = {}, {}
-    for c in configs:
-        stats[c], stats_eq[c] = [], []
-        for r in by_config[c]:
-            save = out / c / f"seed{r['seed']}"
-            stats[c].append(sentence_stats(save / "eval", raw))
-            et = r.get("equal_time")
-            eq_dir = save / f"eval_u{et['updates']}" if et and not et.get("capped") and et["updates"] != r["updates"] \
-                else save / "eval"
-            stats_eq[c].append(sentence_stats(eq_dir, raw) if et else None)
-    pooled = {c: [corpus_bleu(s.sum(0)) for s in stats[c]] for c in configs}
-    pooled_eq = {c: [corpus_bleu(s.sum(0)) for s in stats_eq[c]] if all(s is not None for s in stats_eq[c]) else None
-                 for c in configs}
+    # Sentence statistics of every reading of every run, each evaluation directory read once
+    # (a config at least as fast as the anchor is read at its final update for both readings).
+    cache = {}
+
+    def readings(eval_dir_of):
+        """{config: [stats of each seed's eval_dir_of(save, record), None where it has no such reading]}"""
+        table = {}
+        for c in configs:
+            table[c] = []
+            for r in by_config[c]:
+                d = eval_dir_of(out / c / f"seed{r['seed']}", r)
+                if d is not None and d not in cache:
+                    cache[d] = sentence_stats(d, raw)
+                table[c].append(cache.get(d) if d is not None else None)
+        return table
+
+    def pooled_of(table):
+        """Pooled corpus BLEU per seed, or None for a config with a seed lacking the reading."""
+        return {c: [corpus_bleu(s.sum(0)) for s in ss] if all(s is not None for s in ss) else None
+                for c, ss in table.items()}
+
+    def equal_time_dir(save, r):
+        et = r.get("equal_time")
+        if not et:
+            return None
+        return save / f"eval_u{et['updates']}" if not et.get("capped") and et["updates"] != r["updates"] else save / "eval"
+
+    stats = readings(lambda save, r: save / "eval")
+    stats_eq = readings(equal_time_dir)
+    pooled, pooled_eq = pooled_of(stats), pooled_of(stats_eq)
 
     # the same two readings with the last N interval checkpoints averaged (the `average`
     # command), reported only when every run has them with one N: a comparison mixing averaged
@@ -367,16 +383,14 @@ def cmd_report(args):
               f"run `study_report.py average {out} --last N` to report them")
     stats_avg, stats_avg_eq, pooled_avg, pooled_avg_eq = {}, {}, {}, {}
     if avg_last:
-        for c in configs:
-            stats_avg[c], stats_avg_eq[c] = [], []
-            for r in by_config[c]:
-                save, avg = out / c / f"seed{r['seed']}", r["averaged"]
-                stats_avg[c].append(sentence_stats(save / f"eval_avg{avg_last}_u{avg['final']['updates']}", raw))
-                eq = avg.get("equal_time")
-                stats_avg_eq[c].append(sentence_stats(save / f"eval_avg{avg_last}_u{eq['updates']}", raw) if eq else None)
-            pooled_avg[c] = [corpus_bleu(s.sum(0)) for s in stats_avg[c]]
-            pooled_avg_eq[c] = ([corpus_bleu(s.sum(0)) for s in stats_avg_eq[c]]
-                                if all(s is not None for s in stats_avg_eq[c]) else None)
+        def averaged_dir(kind):
+            def eval_dir(save, r):
+                point = r["averaged"].get(kind)
+                return save / f"eval_avg{avg_last}_u{point['updates']}" if point else None
+            return eval_dir
+
+        stats_avg, stats_avg_eq = readings(averaged_dir("final")), readings(averaged_dir("equal_time"))
+        pooled_avg, pooled_avg_eq = pooled_of(stats_avg), pooled_of(stats_avg_eq)
         study["averaged_last"] = avg_last
 
     lines = [f"Test set `test_2016_flickr` (1,000 sentences per direction), beam {args.beam}, sacrebleu `{signature}`.",
