@@ -22,6 +22,7 @@ threads at once would see it drop to 1 while a MoE decoder step runs.  Such a pr
 `MoELayer.decode_fast_path = False` (the general dispatch, on the caller's threads).
 """
 import contextlib
+import itertools
 
 import torch
 
@@ -76,13 +77,10 @@ def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: tor
     w1, b1, w2, b2 = experts.w1, experts.b1, experts.w2, experts.b2
     h = x.new_empty(n * k, w1.shape[2])
     y = x.new_empty(n * k, w2.shape[2])
-    runs = []
+    runs = []  # (expert, first, last + 1) position of each expert's rows
     start = 0
-    while start < n * k:
-        e = ids[order[start]]
-        end = start + 1
-        while end < n * k and ids[order[end]] == e:
-            end += 1
+    for e, group in itertools.groupby(ids[i] for i in order):
+        end = start + sum(1 for _ in group)
         runs.append((e, start, end))
         torch.addmm(b1[e], rows[start:end], w1[e], out=h[start:end])
         start = end
