@@ -74,10 +74,11 @@ def test_decode_step_equals_the_general_path_and_a_brute_force(kind, rows, calls
     torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_decode_step_with_gelu_experts_and_in_bfloat16(calls):
+@pytest.mark.parametrize("rows", [1, 5])  # one row takes few_rows_ffn's scalar-gate branch
+def test_decode_step_with_gelu_experts_and_in_bfloat16(calls, rows):
     for dtype, activation, tol in ((torch.float32, "gelu", 1e-5), (torch.bfloat16, "relu", 2e-2)):
         layer = make_layer("top2", dtype=dtype, activation=activation)
-        x = torch.randn(5, M, dtype=dtype)
+        x = torch.randn(rows, M, dtype=dtype)
         with torch.no_grad():
             fast = layer(x)
             layer.decode_fast_path = False
@@ -85,6 +86,30 @@ def test_decode_step_with_gelu_experts_and_in_bfloat16(calls):
         assert fast.dtype == dtype
         torch.testing.assert_close(fast.float(), general.float(), rtol=tol, atol=tol)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kind", ["top1", "top2", "noisy_topk", "random@1", "random@3", "random@8"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_decode_route_is_the_routers_evaluation_forward(kind, ties):
+    """Each router's decode_route gives exactly forward's expert ids and gates in evaluation,
+    also when every logit ties (a zero router weight: the choice between equals must agree)."""
+    layer = make_layer(kind)
+    router = layer.router
+    if ties:
+        with torch.no_grad():
+            for name in ("wg", "w_gate", "weight"):
+                if isinstance(getattr(router, name, None), (torch.nn.Linear, torch.Tensor)):
+                    target = getattr(router, name)
+                    (target.weight if isinstance(target, torch.nn.Linear) else target).zero_()
+    router.compute_aux = False
+    x = torch.randn(9, M)
+    with torch.no_grad():
+        routing = router(x)
+        expert_index, gate = router.decode_route(x)
+    assert torch.equal(expert_index, routing.expert_index)
+    assert torch.equal(gate, routing.gate)
+    if ties:
+        assert torch.equal(gate, torch.full_like(gate, gate[0, 0].item()))  # the ties were real
 
 
 def test_decode_step_runs_on_one_thread_and_restores_the_callers(calls):

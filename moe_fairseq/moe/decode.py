@@ -10,9 +10,10 @@ ms on one.
 So a call that `applies` gets two things:
 - one intra-op thread for the whole call (router and experts): a parallel region's fixed cost
   (waking the other threads) exceeds the work of a GEMM of a few rows;
+- the router's `decode_route`: the expert ids and gates alone, without the rest of a Routing;
 - `few_rows_ffn`: the slots grouped by expert on the host (a few Python ints), one GEMM pair per
   expert used, written in place, and the gate-weighted sum of each token's k outputs as one
-  batched product; no sort, no bincount, no scatter.
+  batched product (for a single row, k scaled adds); no sort, no bincount, no scatter.
 
 Numerically it is the general path's computation (the same GEMMs per expert, the combine in
 fp32); tests/test_decode.py compares the two and a per-token brute force.
@@ -66,15 +67,21 @@ def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: tor
     expert of `experts` (an FFNExperts) local.  Inference only: no autograd, no dropout."""
     n, k = expert_index.shape
     ids = expert_index.reshape(-1).tolist()  # a handful of ints: the one host read
-    if n == 1:
-        # One token: its k experts are distinct (Routing), so every expert has one row: no grouping.
-        order = list(range(k))
-        rows = x.expand(k, x.shape[1])
-    else:
-        # Slots grouped by expert (stable: each expert's rows in token order).
-        order = sorted(range(n * k), key=ids.__getitem__)
-        rows = x.index_select(0, torch.tensor([i // k for i in order], device=x.device))
     w1, b1, w2, b2 = experts.w1, experts.b1, experts.w2, experts.b2
+    relu = experts.activation is torch.nn.functional.relu
+    if n == 1:
+        # One token (greedy search at batch 1): its k experts are distinct (Routing), each runs
+        # on the row, and the outputs are summed with the gates read as host scalars, in fp32
+        # as dispatch.combine: the fewest kernels a MoE call can launch.
+        out = None
+        for e, g in zip(ids, gate.reshape(-1).tolist()):
+            h = torch.addmm(b1[e], x, w1[e])
+            y = torch.addmm(b2[e], h.relu_() if relu else experts.activation(h), w2[e]).float()
+            out = y.mul_(g) if out is None else out.add_(y, alpha=g)
+        return out.to(x.dtype)
+    # Slots grouped by expert (stable: each expert's rows in token order).
+    order = sorted(range(n * k), key=ids.__getitem__)
+    rows = x.index_select(0, torch.tensor([i // k for i in order], device=x.device))
     h = x.new_empty(n * k, w1.shape[2])
     y = x.new_empty(n * k, w2.shape[2])
     runs = []  # (expert, first, last + 1) position of each expert's rows
@@ -84,7 +91,7 @@ def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: tor
         runs.append((e, start, end))
         torch.addmm(b1[e], rows[start:end], w1[e], out=h[start:end])
         start = end
-    if experts.activation is torch.nn.functional.relu:
+    if relu:
         h.relu_()
     else:
         h = experts.activation(h)

@@ -135,12 +135,13 @@ class MoELayer(nn.Module):
         return out
 
     def _forward_decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A decoder step (decode.applies): the router as always, then the experts of the few
-        rows directly (decode.few_rows_ffn); no losses or statistics are asked for."""
+        """A decoder step (decode.applies): the router's ids and gates alone (decode_route), then
+        the experts of the few rows directly (decode.few_rows_ffn); no losses or statistics are
+        asked for."""
         self.router.compute_aux = False
-        routing = self.router(tokens)
+        expert_index, gate = self.router.decode_route(tokens)
         self.aux = MoEAux()
-        return decode.few_rows_ffn(self.experts, tokens, routing.expert_index, routing.gate)
+        return decode.few_rows_ffn(self.experts, tokens, expert_index, gate)
 
     def routing_stats(self, tokens, routing, plan, elem_size: int) -> RoutingStats:
         elem = elem_size * tokens.shape[1]

@@ -97,6 +97,15 @@ class Router(nn.Module):
             return self.training_k()
         return self.eval_k if self.eval_k is not None else self.k
 
+    def decode_route(self, x: torch.Tensor):
+        """(expert_index, gate) of an evaluation call that wants no losses, statistics or
+        capacity (decode.applies): what `forward` would return for them.  A decoder step routes
+        a handful of rows, so building the rest of a Routing (keep, probs, capacity, losses) is
+        most of the router's cost there; a router overrides this with just the ops its
+        evaluation needs, and tests/test_decode.py holds every override equal to `forward`."""
+        routing = self(x)
+        return routing.expert_index, routing.gate
+
     def current_capacity_factor(self) -> Optional[float]:
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
@@ -131,5 +140,9 @@ def fp32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     and a near tie between two experts rounded in bf16 (8 bits) flips the routing.  Autocast is
     switched off here, since it would run this linear map in half precision again; everything
     downstream of the logits (softmax, top-k, gates, aux losses) then stays fp32 by itself."""
+    if not torch.is_autocast_enabled(x.device.type):
+        # No autocast to switch off: entering and leaving the context costs more than this
+        # linear map on the few rows of a decoder step.
+        return torch.nn.functional.linear(x.float(), weight.float())
     with torch.autocast(x.device.type, enabled=False):
         return torch.nn.functional.linear(x.float(), weight.float())

@@ -80,3 +80,9 @@ class NoisyTopKRouter(Router):
         prob_in = normal.cdf((clean - threshold_in) / sigma)
         prob_out = normal.cdf((clean - threshold_out) / sigma)
         return torch.where(is_in, prob_in, prob_out).sum(0)
+
+    def decode_route(self, x: torch.Tensor):
+        # forward in evaluation: the clean logits, the same top-(k+1) call, no losses.
+        k = self.current_k()
+        top_values, top_index = fp32_logits(x, self.w_gate).topk(min(k + 1, self.num_experts), dim=1)
+        return top_index[:, :k], torch.softmax(top_values[:, :k], dim=1)

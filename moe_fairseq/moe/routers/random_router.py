@@ -51,3 +51,7 @@ class RandomRouter(Router):
         keep, dropped = self.limit_capacity(expert_index, all_kept, k)
         probs = torch.softmax(logits, dim=-1) if self.compute_aux else None  # statistics only
         return Routing(expert_index, gates if keep is all_kept else gates * keep, keep, probs, {}, dropped)
+
+    def decode_route(self, x: torch.Tensor):
+        top_values, expert_index = fp32_logits(x, self.weight).topk(self.current_k(), dim=1)
+        return expert_index, torch.softmax(top_values, dim=1)

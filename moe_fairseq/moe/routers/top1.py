@@ -31,3 +31,7 @@ class Top1Router(SoftmaxRouter):
         keep, dropped = self.limit_capacity(expert_index, all_kept, 1)
         gate = gate.unsqueeze(1) if keep is all_kept else gate.unsqueeze(1) * keep
         return Routing(expert_index, gate, keep, probs, self.aux_losses(logits, probs, top1), dropped)
+
+    def decode_route(self, x: torch.Tensor):
+        gate, top1 = self.logits_and_probs(x)[1].max(dim=-1)
+        return top1.unsqueeze(1), gate.unsqueeze(1)

@@ -65,3 +65,12 @@ class Top2Router(SoftmaxRouter):
         if not self.normalize_before_dropping:
             gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
         return Routing(expert_index, gates, keep, probs, self.aux_losses(logits, probs, top1), dropped)
+
+    def decode_route(self, x: torch.Tensor):
+        # forward's evaluation branch: no noise, every slot kept, the gates normalised once.
+        logits, probs = self.logits_and_probs(x)
+        top1 = probs.argmax(dim=-1, keepdim=True)
+        top2 = logits.scatter(1, top1, float("-inf")).argmax(dim=-1, keepdim=True)
+        expert_index = torch.cat([top1, top2], dim=1)
+        gates = probs.gather(1, expert_index)
+        return expert_index, gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
