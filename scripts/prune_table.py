@@ -368,6 +368,9 @@ def plot(table: dict, slimmable: Optional[dict], out) -> Path:
         axes[2].set_title("SMoE-Dropout: BLEU")
         axes[2].set_xlabel("experts per token at evaluation (k)")
         axes[2].set_ylabel("BLEU")
+        # One BLEU scale for the two BLEU panels, so the two knobs' costs read alike.
+        axes[2].set_ylim(0, max(axes[0].get_ylim()[1], axes[2].get_ylim()[1]))
+        axes[0].set_ylim(axes[2].get_ylim())
     for ax in axes:
         xs = ks if (slimmable and ax is axes[-1]) else keeps
         ax.set_xscale("log", base=2)
