@@ -77,6 +77,11 @@ def run(rank, world_size, port, jobs, backend="gloo", local_rank=None):
                 SCENARIOS[name](rank, world_size, **kwargs)
             except Exception as exc:
                 raise AssertionError(f"rank {rank}, scenario {name} {kwargs}: {exc}") from exc
+        # Every rank finishes before any tears down: rank 0 hosts the TCP store, and a rank still
+        # talking to it when rank 0's process exits can abort.  Once in a fresh-clone CI run
+        # (2026-11-28) rank 1 died with "terminate called without an active exception"
+        # (SIGABRT); this race is the likeliest cause, and the barrier rules it out.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -366,6 +371,11 @@ def _torchrun_main(backend, quick):
                 SCENARIOS[name](rank, world, **kwargs)
             except Exception as exc:
                 raise AssertionError(f"rank {rank}, scenario {name} {kwargs}: {exc}") from exc
+        # Every rank finishes before any tears down: rank 0 hosts the TCP store, and a rank still
+        # talking to it when rank 0's process exits can abort.  Once in a fresh-clone CI run
+        # (2026-11-28) rank 1 died with "terminate called without an active exception"
+        # (SIGABRT); this race is the likeliest cause, and the barrier rules it out.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank == 0:
