@@ -430,9 +430,12 @@ def cmd_report(args):
             if c not in table_stats or b not in table_stats or any(s is None for s in table_stats[c] + table_stats[b]):
                 continue
             d, lo, hi, p = hierarchical_bootstrap(table_stats[c], table_stats[b], samples=args.samples)
+            # The table and the README summary (written from study.json) print the same stored
+            # values: formatting the unrounded ones here gave e.g. +6.78 beside the README's +6.79.
+            d, lo, hi, p = round(d, 3), round(lo, 3), round(hi, 3), round(p, 4)
             rows.append(f"| {c} − {b} | {d:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p:.3f} | {what} |")
-            study.setdefault("comparisons", []).append({"kind": kind, "config": c, "baseline": b, "delta": round(d, 3),
-                                                        "ci95": [round(lo, 3), round(hi, 3)], "p": round(p, 4)})
+            study.setdefault("comparisons", []).append({"kind": kind, "config": c, "baseline": b, "delta": d,
+                                                        "ci95": [lo, hi], "p": p})
         return rows
 
     lines += ["**Differences**, seed-mean pooled BLEU, two-level bootstrap over seeds and test sentences "
