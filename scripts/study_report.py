@@ -355,7 +355,7 @@ def cmd_report(args):
                 d = eval_dir_of(out / c / f"seed{r['seed']}", r)
                 if d is not None and d not in cache:
                     cache[d] = sentence_stats(d, raw)
-                table[c].append(cache.get(d) if d is not None else None)
+                table[c].append(cache.get(d))  # None: no such reading
         return table
 
     def pooled_of(table):

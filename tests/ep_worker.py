@@ -71,6 +71,11 @@ def run(rank, world_size, port, jobs, backend="gloo", local_rank=None):
     torch.set_num_threads(1)
     setup_device(backend, rank if local_rank is None else local_rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    run_jobs(rank, world_size, jobs)
+
+
+def run_jobs(rank, world_size, jobs):
+    """Run [(scenario, kwargs), ...] in order in an initialised process group, then tear it down."""
     try:
         for name, kwargs in jobs:
             try:
@@ -365,21 +370,10 @@ def _torchrun_main(backend, quick):
     torch.set_num_threads(1)
     setup_device(backend, local_rank)
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
-    try:
-        for name, kwargs in suite(world, quick):
-            try:
-                SCENARIOS[name](rank, world, **kwargs)
-            except Exception as exc:
-                raise AssertionError(f"rank {rank}, scenario {name} {kwargs}: {exc}") from exc
-        # Every rank finishes before any tears down: rank 0 hosts the TCP store, and a rank still
-        # talking to it when rank 0's process exits can abort.  Once in a fresh-clone CI run
-        # (2026-11-28) rank 1 died with "terminate called without an active exception"
-        # (SIGABRT); this race is the likeliest cause, and the barrier rules it out.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    jobs = suite(world, quick)
+    run_jobs(rank, world, jobs)
     if rank == 0:
-        print(f"expert parallelism on {backend}: {len(suite(world, quick))} scenarios passed on {world} ranks "
+        print(f"expert parallelism on {backend}: {len(jobs)} scenarios passed on {world} ranks "
               f"({DEVICE.type})", flush=True)
 
 
