@@ -85,6 +85,15 @@ train_and_evaluate() {  # CONFIG SEED
       --out "$save/eval" "$DATA" > "$save/eval.log" 2>&1
   fi
   python scripts/study_report.py record "$save" --config "$run" --seed "$seed" > /dev/null
+  # its other readings now, in its own slot, so each run lands complete (steps 3 and 3b below
+  # then only catch runs recorded before a throughput measurement or with another AVERAGE)
+  if [ -f "$OUT/throughput.json" ]; then
+    python scripts/study_report.py equal-time "$OUT" --run "$run/seed$seed" --data "$DATA" --beam "$BEAM" --threads "$THREADS"
+  fi
+  if [ "$AVERAGE" -ge 2 ]; then
+    python scripts/study_report.py average "$OUT" --run "$run/seed$seed" --data "$DATA" --last "$AVERAGE" \
+      --beam "$BEAM" --threads "$THREADS"
+  fi
 }
 
 failed=0

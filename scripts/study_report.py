@@ -140,6 +140,17 @@ def cmd_record(args):
     return rec
 
 
+def record_paths(out: Path, run=None) -> list:
+    """Every finished run's record.json under OUT, or only RUN's (CONFIG/seedS) when given, so the
+    driver can read a run again the moment it lands instead of after the whole rotation."""
+    if run is None:
+        return sorted(out.glob("*/seed*/record.json"))
+    path = out / run / "record.json"
+    if not path.is_file():
+        raise MoEUsageError(f"--run {run}: no {path} (give a finished run as CONFIG/seedS under {out})")
+    return [path]
+
+
 def load_records(out: Path):
     recs = [json.loads(p.read_text()) for p in sorted(out.glob("*/seed*/record.json"))]
     if not recs:
@@ -159,7 +170,7 @@ def cmd_equal_time(args):
     out = Path(args.out)
     speed = json.loads((out / "throughput.json").read_text())
     ratios = {c: v["ratio"] for c, v in speed["configs"].items()}
-    for rec_path in sorted(out.glob("*/seed*/record.json")):
+    for rec_path in record_paths(out, args.run):
         rec = json.loads(rec_path.read_text())
         ratio = ratios.get(rec["config"])
         # a record read at another ratio (throughput.json measured again) is read again; the
@@ -216,7 +227,7 @@ def cmd_average(args):
     if args.last < 2:
         raise MoEUsageError(f"--last must be >= 2 (got {args.last}; 1 is the unaveraged reading)")
     out = Path(args.out)
-    for rec_path in sorted(out.glob("*/seed*/record.json")):
+    for rec_path in record_paths(out, args.run):
         rec, save = json.loads(rec_path.read_text()), rec_path.parent
         points = {"final": rec["updates"]}
         if "equal_time" in rec:
@@ -550,12 +561,14 @@ def main(argv=None):
     e.add_argument("--data", required=True)
     e.add_argument("--beam", type=int, default=5)
     e.add_argument("--threads", type=int, default=2, help="threads of the evaluation")
+    e.add_argument("--run", help="only this finished run, CONFIG/seedS (default: every run)")
     a = sub.add_parser("average")
     a.add_argument("out")
     a.add_argument("--data", required=True)
     a.add_argument("--last", type=int, default=5, help="interval checkpoints to average (default 5)")
     a.add_argument("--beam", type=int, default=5)
     a.add_argument("--threads", type=int, default=2, help="threads of the evaluation")
+    a.add_argument("--run", help="only this finished run, CONFIG/seedS (default: every run)")
     q = sub.add_parser("report")
     q.add_argument("out")
     q.add_argument("--anchor", default="fairseq_dense")

@@ -230,7 +230,9 @@ def test_average_reads_every_run_again_with_its_last_checkpoints_averaged(tmp_pa
         "anchor": "fairseq_dense", "rounds": 1, "threads": 2,
         "configs": {"fairseq_dense": {"ups": 0.5, "wps": 1700, "ratio": 1.0},
                     "moe_top2": {"ups": 0.6, "wps": 2000, "ratio": 1.2}}}))
-    report.main(["equal-time", str(out), "--data", "unused"])  # both read at their final update
+    report.main(["equal-time", str(out), "--data", "unused", "--run", "moe_top2/seed1"])
+    assert [(r["config"], r["seed"]) for r in report.load_records(out) if "equal_time" in r] == [("moe_top2", 1)]
+    report.main(["equal-time", str(out), "--data", "unused"])  # all read at their final update
     calls = []
 
     def fake_run(cmd, check, stdout, env=None):
@@ -255,9 +257,17 @@ def test_average_reads_every_run_again_with_its_last_checkpoints_averaged(tmp_pa
             raise AssertionError(cmd)
 
     monkeypatch.setattr(report.subprocess, "run", fake_run)
+    # --run: one run read the moment it lands, the others untouched
+    report.main(["average", str(out), "--data", "unused", "--last", "2", "--run", "moe_top2/seed2"])
+    assert [c[0] for c in calls] == ["moe-average", "moe-evaluate"]
+    assert calls[1][calls[1].index("--out") + 1] == str(out / "moe_top2" / "seed2" / "eval_avg2_u100")
+    assert [(r["config"], r["seed"]) for r in report.load_records(out) if "averaged" in r] == [("moe_top2", 2)]
+    with pytest.raises(report.MoEUsageError, match="--run moe_top2/seed9: no .*record.json"):
+        report.main(["average", str(out), "--data", "unused", "--last", "2", "--run", "moe_top2/seed9"])
+    calls.clear()
     report.main(["average", str(out), "--data", "unused", "--last", "2"])
-    # one average and one evaluation per run: final and equal-time updates coincide here
-    assert sorted(c[0] for c in calls) == ["moe-average"] * 4 + ["moe-evaluate"] * 4
+    # one average and one evaluation per remaining run: final and equal-time updates coincide here
+    assert sorted(c[0] for c in calls) == ["moe-average"] * 3 + ["moe-evaluate"] * 3
     for config in ("fairseq_dense", "moe_top2"):
         save = out / config / "seed1"
         rec = json.loads((save / "record.json").read_text())
