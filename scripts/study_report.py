@@ -152,7 +152,7 @@ def record_paths(out: Path, run=None) -> list:
 
 
 def load_records(out: Path):
-    recs = [json.loads(p.read_text()) for p in sorted(out.glob("*/seed*/record.json"))]
+    recs = [json.loads(p.read_text()) for p in record_paths(out)]
     if not recs:
         raise MoEUsageError(f"{out}: no */seed*/record.json (run scripts/run_study.sh first)")
     return recs
