@@ -339,3 +339,144 @@ def test_run_study_refuses_missing_data_and_unknown_configs(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "DATA": str(data), "OUT": str(tmp_path / "o"), "AVERAGE": "1"})
     assert proc.returncode == 2 and "AVERAGE must be 0" in proc.stderr
+
+
+def make_screen(out, name, spec, refs, rate, loss, updates=50):
+    """A finished scripts/screen_recipe.sh run: overrides.txt, train.log, eval/ and its record."""
+    save = out / name / "seed1"
+    hyps = make_eval(save / "eval", refs, rate, f"screen-{name}")
+    (save / "overrides.txt").write_text(spec + "\n")
+    (save / "train.log").write_text(train_log([updates], [loss]))
+    report.main(["record", str(save), "--config", name, "--seed", "1"])
+    return hyps
+
+
+def make_eval(eval_dir, refs, rate, salt):
+    import sacrebleu
+
+    rng = random.Random(salt)
+    hyps = {pair: [corrupt(rng, r, rate) for r in refs[pair]] for pair in DIRECTIONS}
+    write_generate(eval_dir, hyps)
+    rows = [{"direction": pair, "bleu": round(sacrebleu.corpus_bleu(hyps[pair], [refs[pair]]).score, 2),
+             "signature": "s"} for pair in DIRECTIONS]
+    (eval_dir / "results.json").write_text(json.dumps(rows))
+    return hyps
+
+
+def pooled_bleu(hyps, refs):
+    """Brute force: sacrebleu's corpus BLEU over the three test sets concatenated."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu([h for p in DIRECTIONS for h in hyps[p]], [[r for p in DIRECTIONS for r in refs[p]]]).score
+
+
+def test_sweep_reads_each_candidate_beside_its_base_config_at_the_same_update(tmp_path, refs, raw_dir, monkeypatch):
+    """`sweep` evaluates the study's seed-1 run of each base config at the screening update once
+    (eval_uU, kept), and reports every candidate's difference to it in pooled BLEU and loss."""
+    study, screen = tmp_path / "study", tmp_path / "screen"
+    make_run(study, "moe_top2", 1, refs, 0.35, [5.8, 4.8])  # validated at 50 and 100
+    (study / "moe_top2" / "seed1" / "checkpoint_1_50.pt").write_text("")
+    make_run(study, "moe_top2", 2, refs, 0.35, [5.9, 4.9])  # other seeds are not references
+    better = make_screen(screen, "top2_lr", "moe_top2 --lr 0.003", refs, 0.1, 5.5)
+    worse = make_screen(screen, "top2_freq2", "moe_top2 --moe-freq 2", refs, 0.5, 6.1)
+    make_screen(screen, "switch", "moe_top1", refs, 0.2, 5.7)  # no study run of moe_top1: no reference
+    calls = []
+
+    def fake_run(cmd, check, stdout, env=None):
+        calls.append(cmd)
+        assert cmd[0] == "moe-evaluate" and cmd[cmd.index("--path") + 1].endswith("moe_top2/seed1/checkpoint_1_50.pt")
+        calls.append(make_eval(Path(cmd[cmd.index("--out") + 1]), refs, 0.3, "reference"))
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    results = tmp_path / "results.md"
+    results.write_text(f"# prose\n{report.SWEEP_BEGIN}\nold\n{report.SWEEP_END}\nmore prose\n")
+    argv = ["sweep", str(screen), "--study", str(study), "--data", "unused", "--raw-dir", str(raw_dir),
+            "--results-md", str(results)]
+    table = report.main(argv)
+    assert calls[0][calls[0].index("--out") + 1] == str(study / "moe_top2" / "seed1" / "eval_u50")
+    ref = calls[1]
+    sweep = json.loads((screen / "sweep.json").read_text())
+    assert sweep["updates"] == 50
+    by_name = {r["name"]: r for r in sweep["runs"]}
+    assert by_name["moe_top2 (study, seed 1)"]["valid_loss"] == 5.8  # the study run's loss at update 50
+    for name, hyps in (("top2_lr", better), ("top2_freq2", worse)):
+        assert by_name[name]["pooled"] == pytest.approx(pooled_bleu(hyps, refs), abs=0.01)
+        delta = round(by_name[name]["pooled"], 2) - round(pooled_bleu(ref, refs), 2)
+        assert f"{delta:+.2f} BLEU" in table
+    assert by_name["top2_lr"]["pooled"] > by_name["moe_top2 (study, seed 1)"]["pooled"] > by_name["top2_freq2"]["pooled"]
+    assert "| top2_lr | `moe_top2` | `--lr 0.003` | 5.500 |" in table and "-0.300 loss" in table
+    switch = next(line for line in table.splitlines() if line.startswith("| switch |"))
+    assert switch.startswith("| switch | `moe_top1` | `-` | 5.700 |") and switch.endswith("|  |")  # no reference
+    text = results.read_text()
+    assert text.startswith("# prose\n") and text.endswith("more prose\n") and "old" not in text and "top2_lr" in text
+    calls.clear()
+    report.main(argv)
+    assert calls == []  # the reference evaluation is kept
+    make_screen(screen, "short", "moe_top2 --dropout 0.1", refs, 0.3, 6.0, updates=100)
+    with pytest.raises(report.MoEUsageError, match=r"different updates \[50, 100\]"):
+        report.main(argv)
+    (screen / "short" / "seed1" / "overrides.txt").unlink()
+    with pytest.raises(report.MoEUsageError, match="no overrides.txt"):
+        report.main(argv)
+
+
+def test_screen_recipe_trains_the_config_with_its_overrides_then_evaluates(tmp_path):
+    """scripts/screen_recipe.sh with stand-ins for fairseq-train and moe-evaluate: the overriding
+    flags come after the config's, the budget and seed after them; finished steps are skipped;
+    a NAME reused with other flags and bad arguments are refused in one line."""
+    import sys
+
+    data, out, bin_dir = tmp_path / "bin", tmp_path / "screen", tmp_path / "fake"
+    data.mkdir()
+    (data / "train.en-de.en.idx").write_text("")
+    bin_dir.mkdir()
+    (bin_dir / "fairseq-train").write_text(
+        "#!/bin/bash\n"
+        'echo "$*" >> "$(dirname "$0")/train.calls"\n'
+        'echo "2026-11-28 06:00:00 | INFO | train_inner | {\\"num_updates\\": \\"50\\", \\"loss\\": \\"6\\", '
+        '\\"wps\\": \\"1000\\", \\"wpb\\": \\"3000\\", \\"wall\\": \\"60\\"}"\n'
+        'echo "2026-11-28 06:00:01 | INFO | valid | {\\"valid_loss\\": \\"5.5\\", \\"valid_num_updates\\": \\"50\\"}"\n')
+    (bin_dir / "moe-evaluate").write_text(
+        "#!/bin/bash\n"
+        'echo "$*" >> "$(dirname "$0")/eval.calls"\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done\n'
+        'mkdir -p "$out"\n'
+        "echo '[{\"direction\": \"en-de\", \"bleu\": 20.0, \"signature\": \"s\"}]' > \"$out/results.json\"\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "DATA": str(data), "OUT": str(out),
+           "SCREEN_UPDATES": "50", "THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def screen(*args, **extra):
+        return subprocess.run(["bash", str(SCRIPTS / "screen_recipe.sh"), *args], capture_output=True, text=True,
+                              env={**env, **extra})
+
+    proc = screen("top2_lr", "moe_top2", "--lr", "0.003")
+    assert proc.returncode == 0, proc.stderr
+    call = (bin_dir / "train.calls").read_text().split()
+    config = [line for line in (REPO / "configs/multi30k/moe_top2.args").read_text().split("\n")
+              if line and not line.startswith("#")]
+    assert call[:3] == [str(data), "--user-dir", str(REPO / "moe_fairseq")]
+    assert call[3:3 + len(" ".join(config).split())] == " ".join(config).split()
+    rest = call[3 + len(" ".join(config).split()):]
+    assert rest[:6] == ["--lr", "0.003", "--max-update", "50", "--seed", "1"]
+    save = out / "top2_lr" / "seed1"
+    rec = json.loads((save / "record.json").read_text())
+    assert rec["config"] == "top2_lr" and rec["updates"] == 50 and rec["bleu"] == {"en-de": 20.0}
+    assert (save / "overrides.txt").read_text() == "moe_top2 --lr 0.003\n"
+    assert (bin_dir / "eval.calls").read_text().split()[:2] == ["--path", str(save / "checkpoint_last.pt")]
+    assert screen("top2_lr", "moe_top2", "--lr", "0.003").returncode == 0  # a rerun trains nothing
+    assert len((bin_dir / "train.calls").read_text().splitlines()) == 1
+    assert len((bin_dir / "eval.calls").read_text().splitlines()) == 1
+    # the anchor is plain fairseq: no --user-dir
+    assert screen("dense_do", "fairseq_dense", "--dropout", "0.1").returncode == 0
+    assert (bin_dir / "train.calls").read_text().splitlines()[-1].split()[1] == "--task"
+    for args, extra, message in (
+            (("top2_lr", "moe_top2", "--lr", "0.001"), {}, "was screened as 'moe_top2 --lr 0.003'"),
+            (("top2_lr",), {}, "usage: screen_recipe.sh NAME CONFIG"),
+            (("a/b", "moe_top2"), {}, "NAME must be letters"),
+            (("x", "nope"), {}, "no configs/multi30k/nope.args"),
+            (("x", "moe_top2"), {"SCREEN_UPDATES": "0"}, "SCREEN_UPDATES must be a positive number"),
+            (("x", "moe_top2"), {"DATA": str(tmp_path / "none")}, "no Multi30k data-bin")):
+        proc = screen(*args, **extra)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
