@@ -389,7 +389,8 @@ def test_sweep_reads_each_candidate_beside_its_base_config_at_the_same_update(tm
 
     monkeypatch.setattr(report.subprocess, "run", fake_run)
     results = tmp_path / "results.md"
-    results.write_text(f"# prose\n{report.SWEEP_BEGIN}\nold\n{report.SWEEP_END}\nmore prose\n")
+    begin, end = report.sweep_markers(50)
+    results.write_text(f"# prose\n{begin}\nold\n{end}\nmore prose\n")
     argv = ["sweep", str(screen), "--study", str(study), "--data", "unused", "--raw-dir", str(raw_dir),
             "--results-md", str(results)]
     table = report.main(argv)
