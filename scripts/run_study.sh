@@ -51,6 +51,7 @@ for run in $RUNS; do
 done
 command -v fairseq-train > /dev/null || { echo "run_study: fairseq-train not found (bash scripts/setup_env.sh)" >&2; exit 2; }
 mkdir -p "$OUT"
+. scripts/study_lib.sh  # study_train, study_evaluate: the same commands as scripts/screen_recipe.sh
 
 # 1. throughput side by side (nothing else may run meanwhile: it is the only timed step)
 if [ -z "${SKIP_THROUGHPUT:-}" ] && [ ! -f "$OUT/throughput.json" ]; then
@@ -62,28 +63,8 @@ fi
 # 2. training and BLEU, rotated by seed, PARALLEL runs at a time
 train_and_evaluate() {  # CONFIG SEED
   local run=$1 seed=$2 save=$OUT/$1/seed$2
-  mkdir -p "$save"
-  if [ ! -f "$save/.trained" ]; then
-    local user_dir=(--user-dir "$REPO/moe_fairseq") unpickle=()
-    if [ "$run" = "$ANCHOR" ]; then
-      # The anchor is plain fairseq: no plugin at all.  Without the plugin's allowlist fairseq
-      # cannot resume from its own checkpoint_last.pt under torch >= 2.6 (weights_only refuses
-      # argparse.Namespace), so an interrupted anchor run would fail; the checkpoint is this
-      # run's own file, so torch's documented switch back to full unpickling is safe here.
-      user_dir=() unpickle=(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1)
-    fi
-    local cfg
-    set -f; cfg=($(grep -v '^#' "configs/multi30k/$run.args")); set +f
-    echo "== $(date '+%F %T') threads=$THREADS parallel=$PARALLEL" >> "$save/train.log"
-    env "${unpickle[@]}" OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS fairseq-train "$DATA" "${user_dir[@]}" "${cfg[@]}" \
-      --save-dir "$save" --cpu --num-workers 0 --seed "$seed" >> "$save/train.log" 2>&1
-    touch "$save/.trained"
-  fi
-  if [ ! -f "$save/eval/results.json" ]; then
-    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS moe-evaluate --path "$save/checkpoint_last.pt" \
-      --lang-pairs en-de,en-fr,en-cs --raw-dir "$DATA/raw" --split test --beam "$BEAM" --batch-size 100 --cpu \
-      --out "$save/eval" "$DATA" > "$save/eval.log" 2>&1
-  fi
+  study_train "$save" "$run" "$PARALLEL" --seed "$seed"
+  study_evaluate "$save"
   python scripts/study_report.py record "$save" --config "$run" --seed "$seed" > /dev/null
   # its other readings now, in its own slot, so each run lands complete (steps 3 and 3b below
   # then only catch runs recorded before a throughput measurement or with another AVERAGE)

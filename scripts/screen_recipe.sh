@@ -41,20 +41,7 @@ if [ -f "$save/overrides.txt" ] && [ "$(cat "$save/overrides.txt")" != "$overrid
 fi
 printf '%s\n' "$overrides" > "$save/overrides.txt"
 
-if [ ! -f "$save/.trained" ]; then
-  user_dir=(--user-dir "$REPO/moe_fairseq") unpickle=()
-  # the anchor is plain fairseq (see run_study.sh for why it resumes with full unpickling)
-  [ "$config" = "$ANCHOR" ] && { user_dir=(); unpickle=(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1); }
-  set -f; cfg=($(grep -v '^#' "configs/multi30k/$config.args")); set +f
-  echo "== $(date '+%F %T') threads=$THREADS parallel=1" >> "$save/train.log"
-  env "${unpickle[@]}" OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS fairseq-train "$DATA" "${user_dir[@]}" \
-    "${cfg[@]}" "$@" --max-update "$SCREEN_UPDATES" --seed 1 \
-    --save-dir "$save" --cpu --num-workers 0 >> "$save/train.log" 2>&1
-  touch "$save/.trained"
-fi
-if [ ! -f "$save/eval/results.json" ]; then
-  OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS moe-evaluate --path "$save/checkpoint_last.pt" \
-    --lang-pairs en-de,en-fr,en-cs --raw-dir "$DATA/raw" --split test --beam "$BEAM" --batch-size 100 --cpu \
-    --out "$save/eval" "$DATA" > "$save/eval.log" 2>&1
-fi
+. scripts/study_lib.sh  # study_train, study_evaluate: the same commands as scripts/run_study.sh
+study_train "$save" "$config" 1 "$@" --max-update "$SCREEN_UPDATES" --seed 1
+study_evaluate "$save"
 python scripts/study_report.py record "$save" --config "$name" --seed 1

@@ -481,3 +481,74 @@ def test_screen_recipe_trains_the_config_with_its_overrides_then_evaluates(tmp_p
             (("x", "moe_top2"), {"DATA": str(tmp_path / "none")}, "no Multi30k data-bin")):
         proc = screen(*args, **extra)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def stand_in_tools(bin_dir):
+    """fairseq-train and moe-evaluate stand-ins that log their arguments: the train one writes a
+    fairseq json log, the evaluate one copies the raw references as its hypotheses."""
+    bin_dir.mkdir()
+    (bin_dir / "fairseq-train").write_text(
+        "#!/bin/bash\n"
+        'echo "$*" >> "$(dirname "$0")/train.calls"\n'
+        'echo "2026-11-28 06:00:00 | INFO | train_inner | {\\"num_updates\\": \\"50\\", \\"loss\\": \\"6\\", '
+        '\\"wps\\": \\"1000\\", \\"wpb\\": \\"3000\\", \\"wall\\": \\"60\\"}"\n'
+        'echo "2026-11-28 06:00:01 | INFO | valid | {\\"valid_loss\\": \\"5.5\\", \\"valid_num_updates\\": \\"50\\"}"\n')
+    (bin_dir / "moe-evaluate").write_text(
+        "#!/bin/bash\n"
+        'echo "$*" >> "$(dirname "$0")/eval.calls"\n'
+        'while [ $# -gt 0 ]; do case $1 in --out) out=$2;; --raw-dir) raw=$2;; esac; shift; done\n'
+        'mkdir -p "$out"\n'
+        "for pair in en-de en-fr en-cs; do\n"
+        '  awk \'{printf "S-%d\\tsrc\\nH-%d\\t-0.5\\t%s\\nD-%d\\t-0.5\\t%s\\n", NR-1, NR-1, $0, NR-1, $0}\' '
+        '"$raw/test.${pair#*-}" > "$out/generate.test.$pair.txt"\n'
+        "done\n"
+        "echo '[{\"direction\": \"en-de\", \"bleu\": 100.0, \"signature\": \"s\"}, "
+        "{\"direction\": \"en-fr\", \"bleu\": 100.0, \"signature\": \"s\"}, "
+        "{\"direction\": \"en-cs\", \"bleu\": 100.0, \"signature\": \"s\"}]' > \"$out/results.json\"\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+
+
+def test_run_study_trains_in_rotation_the_anchor_without_the_plugin_and_skips_finished_runs(tmp_path, raw_dir):
+    """scripts/run_study.sh with stand-ins for fairseq-train and moe-evaluate: seed 1 of every
+    config before seed 2, each run its config's flags then its seed, the anchor without
+    --user-dir, every run evaluated and recorded into study.json; a rerun trains nothing."""
+    import sys
+
+    data, out, bin_dir = tmp_path / "bin", tmp_path / "study", tmp_path / "fake"
+    data.mkdir()
+    (data / "train.en-de.en.idx").write_text("")
+    (data / "raw").symlink_to(raw_dir)
+    stand_in_tools(bin_dir)
+    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "DATA": str(data), "OUT": str(out),
+           "RUNS": "fairseq_dense moe_top2", "SEEDS": "1 2", "PARALLEL": "1", "THREADS": "1",
+           "SKIP_THROUGHPUT": "1", "AVERAGE": "0", "PYTHONPATH": str(REPO)}
+
+    def study():
+        return subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True, env=env)
+
+    proc = study()
+    assert proc.returncode == 0, proc.stderr
+    calls = [c.split() for c in (bin_dir / "train.calls").read_text().splitlines()]
+    saves = [c[c.index("--save-dir") + 1] for c in calls]
+    assert saves == [str(out / c / f"seed{s}") for s in (1, 2) for c in ("fairseq_dense", "moe_top2")]
+    for call, (config, seed) in zip(calls, [(c, s) for s in (1, 2) for c in ("fairseq_dense", "moe_top2")]):
+        flags = " ".join(line for line in (REPO / f"configs/multi30k/{config}.args").read_text().split("\n")
+                         if line and not line.startswith("#")).split()
+        plugin = [] if config == "fairseq_dense" else ["--user-dir", str(REPO / "moe_fairseq")]
+        assert call[:1 + len(plugin) + len(flags)] == [str(data), *plugin, *flags]
+        assert call[call.index("--seed", len(plugin) + len(flags)) + 1] == str(seed)
+        assert call[-5:] == ["--save-dir", str(out / config / f"seed{seed}"), "--cpu", "--num-workers", "0"]
+    assert len((bin_dir / "eval.calls").read_text().splitlines()) == 4
+    study_json = json.loads((out / "study.json").read_text())
+    assert sorted((r["config"], r["seed"]) for r in study_json["runs"]) == [
+        ("fairseq_dense", 1), ("fairseq_dense", 2), ("moe_top2", 1), ("moe_top2", 2)]
+    assert all(r["bleu"] == {d: 100.0 for d in DIRECTIONS} and r["updates"] == 50 for r in study_json["runs"])
+    # an interrupted run (trained, not recorded) is only evaluated and recorded on a rerun
+    (out / "moe_top2" / "seed2" / "record.json").unlink()
+    (out / "moe_top2" / "seed2" / "eval" / "results.json").unlink()
+    proc = study()
+    assert proc.returncode == 0, proc.stderr
+    assert len((bin_dir / "train.calls").read_text().splitlines()) == 4
+    assert len((bin_dir / "eval.calls").read_text().splitlines()) == 5
+    assert (out / "moe_top2" / "seed2" / "record.json").is_file()
