@@ -24,6 +24,9 @@ study_train() {
   set -f; cfg=($(grep -v '^#' "$REPO/configs/multi30k/$config.args")); set +f
   mkdir -p "$save"
   echo "== $(date '+%F %T') threads=$THREADS parallel=$parallel" >> "$save/train.log"
+  # the flags this run was trained with, one per line: the configs change between studies, and
+  # study_report.py record copies these into the run's record (study.json)
+  printf '%s\n' "${cfg[@]}" "$@" > "$save/flags.txt"
   env "${unpickle[@]}" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" fairseq-train "$DATA" "${user_dir[@]}" \
     "${cfg[@]}" "$@" --save-dir "$save" --cpu --num-workers 0 >> "$save/train.log" 2>&1
   touch "$save/.trained"

@@ -134,6 +134,9 @@ def cmd_record(args):
     rec = {"config": args.config, "seed": args.seed, **train_summary(save / "train.log")}
     rec["bleu"], rec["signature"] = read_bleu(save / "eval")
     rec["evaluated"] = "checkpoint_last.pt"
+    flags = save / "flags.txt"  # written by scripts/study_lib.sh; absent for runs made before it
+    if flags.is_file():
+        rec["flags"] = flags.read_text().split()
     old = save / "record.json"
     if old.is_file():  # keep what later steps added (equal_time)
         rec = {**json.loads(old.read_text()), **rec}
@@ -430,6 +433,7 @@ def cmd_report(args):
                          "wps": r["wps"], "bleu": {d: r["bleu"][d] for d in DIRECTIONS},
                          "threads": r.get("threads"), "parallel": r.get("parallel"),
                          "final_valid_loss": r["valid"][-1]["loss"] if r["valid"] else None,
+                         **({"flags": r["flags"]} if "flags" in r else {}),
                          **({"equal_time": r["equal_time"]} if "equal_time" in r else {}),
                          **({"averaged": r["averaged"]} if "averaged" in r else {})})
     study = {"signature": signature, "test_set": "test_2016_flickr", "anchor": args.anchor,

@@ -544,6 +544,9 @@ def test_run_study_trains_in_rotation_the_anchor_without_the_plugin_and_skips_fi
     assert sorted((r["config"], r["seed"]) for r in study_json["runs"]) == [
         ("fairseq_dense", 1), ("fairseq_dense", 2), ("moe_top2", 1), ("moe_top2", 2)]
     assert all(r["bleu"] == {d: 100.0 for d in DIRECTIONS} and r["updates"] == 50 for r in study_json["runs"])
+    # each run's record carries the flags it was trained with (the configs change between studies)
+    for r, call in zip(sorted(study_json["runs"], key=lambda r: (r["seed"], r["config"])), calls):
+        assert r["flags"] == call[1 + (r["config"] != "fairseq_dense") * 2:call.index("--save-dir")]
     # an interrupted run (trained, not recorded) is only evaluated and recorded on a rerun
     (out / "moe_top2" / "seed2" / "record.json").unlink()
     (out / "moe_top2" / "seed2" / "eval" / "results.json").unlink()
