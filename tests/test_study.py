@@ -421,32 +421,13 @@ def test_sweep_reads_each_candidate_beside_its_base_config_at_the_same_update(tm
         report.main(argv)
 
 
-def test_screen_recipe_trains_the_config_with_its_overrides_then_evaluates(tmp_path):
+def test_screen_recipe_trains_the_config_with_its_overrides_then_evaluates(tmp_path, raw_dir):
     """scripts/screen_recipe.sh with stand-ins for fairseq-train and moe-evaluate: the overriding
     flags come after the config's, the budget and seed after them; finished steps are skipped;
     a NAME reused with other flags and bad arguments are refused in one line."""
-    import sys
-
-    data, out, bin_dir = tmp_path / "bin", tmp_path / "screen", tmp_path / "fake"
-    data.mkdir()
-    (data / "train.en-de.en.idx").write_text("")
-    bin_dir.mkdir()
-    (bin_dir / "fairseq-train").write_text(
-        "#!/bin/bash\n"
-        'echo "$*" >> "$(dirname "$0")/train.calls"\n'
-        'echo "2026-11-28 06:00:00 | INFO | train_inner | {\\"num_updates\\": \\"50\\", \\"loss\\": \\"6\\", '
-        '\\"wps\\": \\"1000\\", \\"wpb\\": \\"3000\\", \\"wall\\": \\"60\\"}"\n'
-        'echo "2026-11-28 06:00:01 | INFO | valid | {\\"valid_loss\\": \\"5.5\\", \\"valid_num_updates\\": \\"50\\"}"\n')
-    (bin_dir / "moe-evaluate").write_text(
-        "#!/bin/bash\n"
-        'echo "$*" >> "$(dirname "$0")/eval.calls"\n'
-        'while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done\n'
-        'mkdir -p "$out"\n'
-        "echo '[{\"direction\": \"en-de\", \"bleu\": 20.0, \"signature\": \"s\"}]' > \"$out/results.json\"\n")
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "DATA": str(data), "OUT": str(out),
-           "SCREEN_UPDATES": "50", "THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "screen"
+    data, bin_dir, env = stand_in_study(tmp_path, raw_dir)
+    env.update({"OUT": str(out), "SCREEN_UPDATES": "50"})
 
     def screen(*args, **extra):
         return subprocess.run(["bash", str(SCRIPTS / "screen_recipe.sh"), *args], capture_output=True, text=True,
@@ -463,7 +444,8 @@ def test_screen_recipe_trains_the_config_with_its_overrides_then_evaluates(tmp_p
     assert rest[:6] == ["--lr", "0.003", "--max-update", "50", "--seed", "1"]
     save = out / "top2_lr" / "seed1"
     rec = json.loads((save / "record.json").read_text())
-    assert rec["config"] == "top2_lr" and rec["updates"] == 50 and rec["bleu"] == {"en-de": 20.0}
+    assert rec["config"] == "top2_lr" and rec["updates"] == 50 and rec["bleu"] == {d: 100.0 for d in DIRECTIONS}
+    assert rec["flags"] == call[3:call.index("--save-dir")]
     assert (save / "overrides.txt").read_text() == "moe_top2 --lr 0.003\n"
     assert (bin_dir / "eval.calls").read_text().split()[:2] == ["--path", str(save / "checkpoint_last.pt")]
     assert screen("top2_lr", "moe_top2", "--lr", "0.003").returncode == 0  # a rerun trains nothing
@@ -483,9 +465,16 @@ def test_screen_recipe_trains_the_config_with_its_overrides_then_evaluates(tmp_p
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def stand_in_tools(bin_dir):
-    """fairseq-train and moe-evaluate stand-ins that log their arguments: the train one writes a
-    fairseq json log, the evaluate one copies the raw references as its hypotheses."""
+def stand_in_study(tmp_path, raw_dir):
+    """A data-bin (with raw/ references) and stand-ins for fairseq-train and moe-evaluate that log
+    their arguments to BIN/train.calls and BIN/eval.calls: the train one writes a fairseq json log,
+    the evaluate one copies the references as its hypotheses.  Returns (data, bin dir, env)."""
+    import sys
+
+    data, bin_dir = tmp_path / "bin", tmp_path / "fake"
+    data.mkdir()
+    (data / "train.en-de.en.idx").write_text("")
+    (data / "raw").symlink_to(raw_dir)
     bin_dir.mkdir()
     (bin_dir / "fairseq-train").write_text(
         "#!/bin/bash\n"
@@ -507,22 +496,19 @@ def stand_in_tools(bin_dir):
         "{\"direction\": \"en-cs\", \"bleu\": 100.0, \"signature\": \"s\"}]' > \"$out/results.json\"\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "DATA": str(data), "THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    return data, bin_dir, env
 
 
 def test_run_study_trains_in_rotation_the_anchor_without_the_plugin_and_skips_finished_runs(tmp_path, raw_dir):
     """scripts/run_study.sh with stand-ins for fairseq-train and moe-evaluate: seed 1 of every
     config before seed 2, each run its config's flags then its seed, the anchor without
     --user-dir, every run evaluated and recorded into study.json; a rerun trains nothing."""
-    import sys
-
-    data, out, bin_dir = tmp_path / "bin", tmp_path / "study", tmp_path / "fake"
-    data.mkdir()
-    (data / "train.en-de.en.idx").write_text("")
-    (data / "raw").symlink_to(raw_dir)
-    stand_in_tools(bin_dir)
-    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "DATA": str(data), "OUT": str(out),
-           "RUNS": "fairseq_dense moe_top2", "SEEDS": "1 2", "PARALLEL": "1", "THREADS": "1",
-           "SKIP_THROUGHPUT": "1", "AVERAGE": "0", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "study"
+    data, bin_dir, env = stand_in_study(tmp_path, raw_dir)
+    env.update({"OUT": str(out), "RUNS": "fairseq_dense moe_top2", "SEEDS": "1 2", "PARALLEL": "1",
+                "SKIP_THROUGHPUT": "1", "AVERAGE": "0"})
 
     def study():
         return subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True, env=env)
