@@ -433,9 +433,7 @@ def cmd_report(args):
                          "wps": r["wps"], "bleu": {d: r["bleu"][d] for d in DIRECTIONS},
                          "threads": r.get("threads"), "parallel": r.get("parallel"),
                          "final_valid_loss": r["valid"][-1]["loss"] if r["valid"] else None,
-                         **({"flags": r["flags"]} if "flags" in r else {}),
-                         **({"equal_time": r["equal_time"]} if "equal_time" in r else {}),
-                         **({"averaged": r["averaged"]} if "averaged" in r else {})})
+                         **{k: r[k] for k in ("flags", "equal_time", "averaged") if k in r}})
     study = {"signature": signature, "test_set": "test_2016_flickr", "anchor": args.anchor,
              "budget_updates": max(r["updates"] for r in recs), "runs": runs}
     if speed:
