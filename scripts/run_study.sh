@@ -21,11 +21,17 @@
 # SAVE/.trained exists (an interrupted run resumes from its checkpoint_last.pt), evaluated when
 # SAVE/eval/results.json exists; each run's record is SAVE/record.json.
 #
+# ARCHIVE (e.g. docs/study_runs): each run, once it has all its readings, is also copied there
+# without its checkpoints (`study_report.py archive`, about 0.1 MB a run), to be committed as it
+# lands; a run archived there is done even when OUT is gone (a new machine), and the report is
+# made from ARCHIVE, which then holds every run.
+#
 # Environment: DATA, OUT, RUNS, SEEDS (default "1 2 3"), PARALLEL (2), THREADS (nproc / PARALLEL), BEAM (5),
 # SKIP_THROUGHPUT=1 (no speed benchmark), STUDY_JSON (default $OUT/study.json; docs/study.json for
 # the committed study), RESULTS_MD (a Markdown file whose generated section the report rewrites),
 # README_MD (a README whose study summary section the report rewrites), AVERAGE (5: every run is
-# also read with its last AVERAGE interval checkpoints averaged, as MT practice decodes; 0 skips it).
+# also read with its last AVERAGE interval checkpoints averaged, as MT practice decodes; 0 skips it),
+# ARCHIVE (above).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -75,12 +81,15 @@ train_and_evaluate() {  # CONFIG SEED
     python scripts/study_report.py average "$OUT" --run "$run/seed$seed" --data "$DATA" --last "$AVERAGE" \
       --beam "$BEAM" --threads "$THREADS"
   fi
+  if [ -n "${ARCHIVE:-}" ]; then
+    python scripts/study_report.py archive "$OUT" --run "$run/seed$seed" --raw-dir "$DATA/raw" --to "$ARCHIVE"
+  fi
 }
 
 failed=0
 for seed in $SEEDS; do
   for run in $RUNS; do
-    if [ -f "$OUT/$run/seed$seed/record.json" ]; then
+    if [ -f "$OUT/$run/seed$seed/record.json" ] || [ -f "${ARCHIVE:-$OUT}/$run/seed$seed/record.json" ]; then
       echo "== $run seed $seed: done, skipping"; continue
     fi
     while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n || failed=1; done
@@ -101,15 +110,21 @@ if [ "$AVERAGE" -ge 2 ]; then
   python scripts/study_report.py average "$OUT" --data "$DATA" --last "$AVERAGE" --beam "$BEAM" --threads "$(nproc)"
 fi
 
-# 4. SMoE-Dropout's BLEU against the evaluation k (seed 1)
+# steps 3 and 3b may have added readings to runs in OUT: archive them again
+if [ -n "${ARCHIVE:-}" ]; then
+  python scripts/study_report.py archive "$OUT" --raw-dir "$DATA/raw" --to "$ARCHIVE"
+fi
+
+# 4. SMoE-Dropout's BLEU against the evaluation k (seed 1; needs its checkpoint, so not from ARCHIVE)
 first_seed=${SEEDS%% *}
-if [[ " $RUNS " == *" smoe_dropout "* ]] && [ ! -f "$OUT/smoe_slimmable/slimmable.json" ]; then
-  python scripts/slimmable_eval.py "$OUT/smoe_dropout/seed$first_seed/checkpoint_last.pt" --data "$DATA" \
+smoe_last=$OUT/smoe_dropout/seed$first_seed/checkpoint_last.pt
+if [[ " $RUNS " == *" smoe_dropout "* ]] && [ ! -f "$OUT/smoe_slimmable/slimmable.json" ] && [ -f "$smoe_last" ]; then
+  python scripts/slimmable_eval.py "$smoe_last" --data "$DATA" \
     --raw-dir "$DATA/raw" --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 100 --cpu
 fi
 
 # 5. the report: study.json, tables, significance over seeds and test sentences, plots
 # (the PNGs go beside RESULTS_MD, which links them by name)
-python scripts/study_report.py report "$OUT" --anchor "$ANCHOR" --raw-dir "$DATA/raw" --json "$STUDY_JSON" \
+python scripts/study_report.py report "${ARCHIVE:-$OUT}" --anchor "$ANCHOR" --raw-dir "$DATA/raw" --json "$STUDY_JSON" \
   --beam "$BEAM" ${RESULTS_MD:+--results-md "$RESULTS_MD" --figures "$(dirname "$RESULTS_MD")"} \
   ${README_MD:+--readme "$README_MD"}

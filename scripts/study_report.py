@@ -14,6 +14,11 @@
   study_report.py sweep SCREEN_OUT --study OUT --data DATA_BIN --raw-dir RAW [--results-md docs/results.md]
       The screening runs of scripts/screen_recipe.sh beside the study's seed-1 runs of their base
       configs read at the same update (SCREEN_OUT/sweep.json and a table).
+  study_report.py archive OUT --raw-dir RAW --to ARCHIVE [--run CONFIG/seedS]
+      What `report` reads of each finished run, small enough to commit (record.json, flags.txt,
+      each evaluation's results.json and hypotheses, gzipped; no checkpoints, no logs), into
+      ARCHIVE/CONFIG/seedS, with OUT/throughput.json: a study outlives the machine it ran on,
+      and `report ARCHIVE` gives what `report OUT` gives.
   study_report.py report OUT --anchor fairseq_dense --raw-dir RAW --json docs/study.json \
       [--results-md docs/results.md] [--figures docs/]
       study.json, the tables (OUT/report.md, and the generated section of --results-md between
@@ -41,7 +46,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq import plots  # noqa: E402
-from moe_fairseq.atomic_files import atomic_write_json, atomic_write_text, rewrite_section  # noqa: E402
+from moe_fairseq.atomic_files import atomic_open, atomic_write_json, atomic_write_text, rewrite_section  # noqa: E402
 from moe_fairseq.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
@@ -342,7 +347,62 @@ def cmd_sweep(args):
     return table
 
 
+# ------------------------------------------------------------------ archiving a study
+
+def cmd_archive(args):
+    """Copy what `report` reads of every finished run (or --run's) into ARCHIVE/CONFIG/seedS:
+    record.json, flags.txt and, of every evaluation directory (eval, eval_uU, eval_avgN_uU),
+    results.json and the hypotheses as hyp.test.PAIR.txt.gz, one line per test sentence.  The
+    checkpoints and fairseq's logs stay behind (the record holds the log's numbers): a run
+    archives to about 0.1 MB, so each one can be committed the moment it lands.  Files are
+    written atomically and a rerun rewrites them; gzip's timestamp is zeroed so that the
+    same hypotheses give the same bytes."""
+    import gzip
+
+    out, dest, raw = Path(args.out), Path(args.to), Path(args.raw_dir)
+    n_refs = {pair: len(read_lines(find_references(raw, "test", *pair.split("-")))) for pair in DIRECTIONS}
+    speed = out / "throughput.json"
+    if speed.is_file():  # the equal-time readings and the speed table depend on it
+        old = dest / "throughput.json"
+        if old.is_file() and json.loads(old.read_text()) != json.loads(speed.read_text()):
+            raise MoEUsageError(f"--to {dest}: its throughput.json differs from {speed}; runs timed against "
+                                "another throughput measurement belong in another archive")
+        with atomic_open(old, "wb") as f:
+            f.write(speed.read_bytes())
+    for rec_path in record_paths(out, args.run):
+        save = rec_path.parent
+        target = dest / save.relative_to(out)
+        for name in ("record.json", "flags.txt"):
+            if (save / name).is_file():
+                with atomic_open(target / name, "wb") as f:
+                    f.write((save / name).read_bytes())
+        evals = [d for d in sorted(save.glob("eval*")) if (d / "results.json").is_file()]
+        for eval_dir in evals:
+            with atomic_open(target / eval_dir.name / "results.json", "wb") as f:
+                f.write((eval_dir / "results.json").read_bytes())
+            for pair in DIRECTIONS:
+                text = "".join(h + "\n" for h in hypotheses(eval_dir, pair, n_refs[pair]))
+                with atomic_open(target / eval_dir.name / f"hyp.test.{pair}.txt.gz", "wb") as f:
+                    f.write(gzip.compress(text.encode("utf-8"), mtime=0))
+        print(f"{save.relative_to(out)}: archived to {target} ({len(evals)} evaluations)")
+
+
 # ------------------------------------------------------------------ statistics
+
+def hypotheses(eval_dir: Path, pair: str, n_refs: int) -> list:
+    """The detokenized hypotheses of one direction in sentence order: from moe-evaluate's
+    generate.test.PAIR.txt, or from an archived run's hyp.test.PAIR.txt.gz (`archive`)."""
+    gen = eval_dir / f"generate.test.{pair}.txt"
+    if gen.is_file():
+        return align(parse_generate_output(gen.read_text(encoding="utf-8")), n_refs, False, str(gen))
+    archived = eval_dir / f"hyp.test.{pair}.txt.gz"
+    if not archived.is_file():
+        raise MoEUsageError(f"{eval_dir}: no {gen.name} or {archived.name} (an evaluation directory of the study)")
+    hyps = read_lines(archived)
+    if len(hyps) != n_refs:
+        raise MoEUsageError(f"{archived}: {len(hyps)} hypotheses for {n_refs} references: wrong --raw-dir?")
+    return hyps
+
 
 def sentence_stats(eval_dir: Path, raw_dir: Path):
     """(N x 10) sacrebleu BLEU sufficient statistics of the pooled test sets, in DIRECTIONS order."""
@@ -353,9 +413,7 @@ def sentence_stats(eval_dir: Path, raw_dir: Path):
     for pair in DIRECTIONS:
         src, tgt = pair.split("-")
         refs = read_lines(find_references(raw_dir, "test", src, tgt))
-        gen = eval_dir / f"generate.test.{pair}.txt"
-        hyps = align(parse_generate_output(gen.read_text(encoding="utf-8")), len(refs), False, str(gen))
-        rows += BLEU()._extract_corpus_statistics(hyps, [refs])
+        rows += BLEU()._extract_corpus_statistics(hypotheses(eval_dir, pair, len(refs)), [refs])
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -664,6 +722,11 @@ def main(argv=None):
     w.add_argument("--beam", type=int, default=5)
     w.add_argument("--threads", type=int, default=2, help="threads of the reference evaluations")
     w.add_argument("--results-md", help="Markdown file whose sweep section is rewritten")
+    v = sub.add_parser("archive")
+    v.add_argument("out", help="the study's OUT (scripts/run_study.sh)")
+    v.add_argument("--raw-dir", required=True, help="the raw test sets: every archived reading is checked against them")
+    v.add_argument("--to", required=True, help="the archive, e.g. docs/study_runs (committed)")
+    v.add_argument("--run", help="only this finished run, CONFIG/seedS (default: every run)")
     q = sub.add_parser("report")
     q.add_argument("out")
     q.add_argument("--anchor", default="fairseq_dense")
@@ -676,7 +739,7 @@ def main(argv=None):
     q.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
     args = p.parse_args(argv)
     return {"record": cmd_record, "equal-time": cmd_equal_time, "average": cmd_average,
-            "sweep": cmd_sweep, "report": cmd_report}[args.cmd](args)
+            "sweep": cmd_sweep, "archive": cmd_archive, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -541,3 +541,84 @@ def test_run_study_trains_in_rotation_the_anchor_without_the_plugin_and_skips_fi
     assert len((bin_dir / "train.calls").read_text().splitlines()) == 4
     assert len((bin_dir / "eval.calls").read_text().splitlines()) == 5
     assert (out / "moe_top2" / "seed2" / "record.json").is_file()
+
+
+def test_archive_keeps_what_the_report_reads_and_the_report_from_it_is_the_same(tmp_path, refs, raw_dir):
+    """`archive` copies records, flags and every evaluation's hypotheses (gzipped, in sentence
+    order) but no checkpoint or log; `report` on the archive writes the same study.json and
+    tables as on the study itself; a rerun gives the same bytes; a reading that does not match
+    the references and a second throughput measurement are refused."""
+    import gzip
+
+    out, archive = tmp_path / "study", tmp_path / "archive"
+    hyps = {}
+    for seed in (1, 2):
+        for config, rate in (("fairseq_dense", 0.35), ("moe_top2", 0.2)):
+            hyps[config, seed] = make_run(out, config, seed, refs, rate, [6.0, 5.0 + 0.01 * seed])
+            save = out / config / f"seed{seed}"
+            (save / "checkpoint_1_50.pt").write_text("weights")
+            (save / "flags.txt").write_text("--arch\ntransformer\n")
+        # a second reading of the same run (the equal-time or an averaged one)
+        make_eval(out / "moe_top2" / f"seed{seed}" / "eval_u50", refs, 0.3, f"u50-{seed}")
+    (out / "throughput.json").write_text(json.dumps({"anchor": "fairseq_dense", "rounds": 1, "threads": 2,
+                                                     "configs": {"fairseq_dense": {"ups": 0.5, "wps": 1700, "ratio": 1.0},
+                                                                 "moe_top2": {"ups": 0.45, "wps": 1600, "ratio": 0.9}}}))
+    report.main(["equal-time", str(out), "--data", "unused"])  # moe_top2 at 0.9x: read at update 50 (eval_u50)
+    report.main(["archive", str(out), "--raw-dir", str(raw_dir), "--to", str(archive)])
+
+    files = sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pt", ".log")) or "generate" in f]
+    assert "throughput.json" in files and "moe_top2/seed2/flags.txt" in files
+    for pair in DIRECTIONS:
+        with gzip.open(archive / "fairseq_dense" / "seed1" / "eval" / f"hyp.test.{pair}.txt.gz", "rt") as f:
+            assert f.read().split("\n")[:-1] == hyps["fairseq_dense", 1][pair]
+        assert (archive / "moe_top2" / "seed2" / "eval_u50" / f"hyp.test.{pair}.txt.gz").is_file()
+
+    texts = {}
+    for name, source in (("study", out), ("archive", archive)):
+        results = tmp_path / f"{name}.md"
+        results.write_text(f"{report.BEGIN}\n{report.END}\n")
+        report.main(["report", str(source), "--raw-dir", str(raw_dir), "--json", str(tmp_path / f"{name}.json"),
+                     "--results-md", str(results), "--figures", str(tmp_path / name), "--samples", "100"])
+        texts[name] = (json.loads((tmp_path / f"{name}.json").read_text()), results.read_text())
+    assert texts["study"] == texts["archive"]
+    assert [c["kind"] for c in texts["archive"][0]["comparisons"]] == ["equal_updates", "equal_time"]
+
+    before = {f: (archive / f).read_bytes() for f in files}
+    report.main(["archive", str(out), "--raw-dir", str(raw_dir), "--to", str(archive), "--run", "moe_top2/seed1"])
+    assert {f: (archive / f).read_bytes() for f in files} == before
+
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    with gzip.open(archive / "moe_top2" / "seed1" / "eval" / "hyp.test.en-fr.txt.gz", "wt") as f:
+        f.write("one line\n")
+    with pytest.raises(MoEUsageError, match="1 hypotheses for 60 references"):
+        report.sentence_stats(archive / "moe_top2" / "seed1" / "eval", raw_dir)
+    speed = json.loads((out / "throughput.json").read_text())
+    speed["rounds"] = 4
+    (out / "throughput.json").write_text(json.dumps(speed))
+    with pytest.raises(MoEUsageError, match="throughput.json differs"):
+        report.main(["archive", str(out), "--raw-dir", str(raw_dir), "--to", str(archive)])
+
+
+def test_run_study_archives_each_run_and_a_run_archived_is_done_on_a_new_machine(tmp_path, raw_dir):
+    """ARCHIVE: every run lands in the archive as it finishes; with OUT gone (a new machine) an
+    archived run is not trained again, the missing one is, and the report is made from the
+    archive with every run in it."""
+    data, bin_dir, env = stand_in_study(tmp_path, raw_dir)
+    archive = tmp_path / "archive"
+    env.update({"OUT": str(tmp_path / "study"), "RUNS": "moe_top2", "SEEDS": "1", "PARALLEL": "1",
+                "SKIP_THROUGHPUT": "1", "AVERAGE": "0", "ARCHIVE": str(archive)})
+    run = ["bash", str(SCRIPTS / "run_study.sh")]
+    proc = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.parent.relative_to(archive).as_posix() for p in archive.rglob("record.json")] == ["moe_top2/seed1"]
+    assert not list(archive.rglob("*.pt")) and not list(archive.rglob("generate.*"))
+
+    env.update({"OUT": str(tmp_path / "new_machine"), "SEEDS": "1 2"})
+    proc = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    saves = [c.split()[c.split().index("--save-dir") + 1] for c in (bin_dir / "train.calls").read_text().splitlines()]
+    assert saves == [str(tmp_path / "study" / "moe_top2" / "seed1"), str(tmp_path / "new_machine" / "moe_top2" / "seed2")]
+    study_json = json.loads((tmp_path / "new_machine" / "study.json").read_text())
+    assert sorted((r["config"], r["seed"]) for r in study_json["runs"]) == [("moe_top2", 1), ("moe_top2", 2)]
