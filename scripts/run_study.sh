@@ -22,7 +22,7 @@
 # SAVE/eval/results.json exists; each run's record is SAVE/record.json.
 #
 # ARCHIVE (e.g. docs/study_runs): each run, once it has all its readings, is also copied there
-# without its checkpoints (`study_report.py archive`, about 0.1 MB a run), to be committed as it
+# without its checkpoints (`study_report.py archive`, 0.1 to 0.2 MB a run), to be committed as it
 # lands; a run archived there is done even when OUT is gone (a new machine), and the report is
 # made from ARCHIVE, which then holds every run.
 #

@@ -354,7 +354,7 @@ def cmd_archive(args):
     record.json, flags.txt and, of every evaluation directory (eval, eval_uU, eval_avgN_uU),
     results.json and the hypotheses as hyp.test.PAIR.txt.gz, one line per test sentence.  The
     checkpoints and fairseq's logs stay behind (the record holds the log's numbers): a run
-    archives to about 0.1 MB, so each one can be committed the moment it lands.  Files are
+    archives to 0.1 to 0.2 MB, so each one can be committed the moment it lands.  Files are
     written atomically and a rerun rewrites them; gzip's timestamp is zeroed so that the
     same hypotheses give the same bytes."""
     import gzip
