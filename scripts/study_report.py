@@ -83,7 +83,12 @@ COMPARISONS = (
 # ------------------------------------------------------------------ reading a run
 
 def train_summary(log: Path) -> dict:
-    """Updates, training minutes, words/s and the validation curve of a fairseq json log."""
+    """Updates, training minutes, words/s and the validation curve of a fairseq json log.
+
+    A run stopped and resumed from its checkpoint_last appends a second segment to the same log:
+    its `wall` starts again from 0 and its first lines replay the updates made after that
+    checkpoint. Minutes are the sum of every segment's training time (replays included: they were
+    spent), and words/s counts each update once (the replayed lines are skipped)."""
     parsed = plots.parse_log(log)
     inner = parsed.get("train_inner", [])
     if not inner:
@@ -91,17 +96,28 @@ def train_summary(log: Path) -> dict:
     words = seconds = 0.0
     last = 0
     for rec in inner:  # each line's wps/wpb are averages over the updates since the previous line
-        n = rec["num_updates"] - last if rec["num_updates"] > last else rec["num_updates"]
+        if rec["num_updates"] <= last:
+            continue  # replayed after a resume: these updates were counted in the first segment
+        n = rec["num_updates"] - last
         last = rec["num_updates"]
         if rec.get("wps", 0) > 0:
             words += rec["wpb"] * n
             seconds += rec["wpb"] * n / rec["wps"]
-    ends = parsed.get("train", []) + inner
+    ends = sorted(parsed.get("train", []) + inner, key=lambda r: r["_line"])
+    minutes = segment_end = 0.0
+    for r in ends:
+        wall = r.get("wall", 0.0)
+        if wall < segment_end:  # wall started again from 0: a resumed segment
+            minutes += segment_end
+        segment_end = wall
+    minutes += segment_end
     threads = re.findall(r"threads=(\d+) parallel=(\d+)", log.read_text(encoding="utf-8", errors="replace"))
-    curve = [{"updates": int(p["num_updates"]), "loss": p["loss"], "nll_loss": p.get("nll_loss")}
-             for p in plots.validation_curve(log) if "num_updates" in p and "loss" in p]
+    # by update: a validation made after the checkpoint a run resumed from is made again
+    curve = list({int(p["num_updates"]): {"updates": int(p["num_updates"]), "loss": p["loss"],
+                                          "nll_loss": p.get("nll_loss")}
+                  for p in plots.validation_curve(log) if "num_updates" in p and "loss" in p}.values())
     return {"updates": int(max(r["num_updates"] for r in ends)),
-            "minutes": round(max(r.get("wall", 0.0) for r in ends) / 60, 2),
+            "minutes": round(minutes / 60, 2),
             "wps": round(words / seconds, 1) if seconds else None,
             "threads": int(threads[-1][0]) if threads else None,
             "parallel": int(threads[-1][1]) if threads else None,
