@@ -24,7 +24,7 @@
 # ARCHIVE (e.g. docs/study_runs): each run, once it has all its readings, is also copied there
 # without its checkpoints (`study_report.py archive`, 0.1 to 0.2 MB a run), to be committed as it
 # lands; a run archived there is done even when OUT is gone (a new machine), and the report is
-# made from ARCHIVE, which then holds every run.
+# made from ARCHIVE, which then holds every run (and SMoE-Dropout's k curve, step 4).
 #
 # Environment: DATA, OUT, RUNS, SEEDS (default "1 2 3"), PARALLEL (2), THREADS (nproc / PARALLEL), BEAM (5),
 # SKIP_THROUGHPUT=1 (no speed benchmark), STUDY_JSON (default $OUT/study.json; docs/study.json for
@@ -115,12 +115,22 @@ if [ -n "${ARCHIVE:-}" ]; then
   python scripts/study_report.py archive "$OUT" --raw-dir "$DATA/raw" --to "$ARCHIVE"
 fi
 
-# 4. SMoE-Dropout's BLEU against the evaluation k (seed 1; needs its checkpoint, so not from ARCHIVE)
+# 4. SMoE-Dropout's BLEU against the evaluation k (seed 1). It needs that run's checkpoint, so it
+# is made on the machine that trained it; with ARCHIVE its tables are kept in ARCHIVE/smoe_slimmable,
+# which then counts as done.
 first_seed=${SEEDS%% *}
 smoe_last=$OUT/smoe_dropout/seed$first_seed/checkpoint_last.pt
-if [[ " $RUNS " == *" smoe_dropout "* ]] && [ ! -f "$OUT/smoe_slimmable/slimmable.json" ] && [ -f "$smoe_last" ]; then
+slim=$OUT/smoe_slimmable
+if [[ " $RUNS " == *" smoe_dropout "* ]] && [ ! -f "$slim/slimmable.json" ] \
+   && [ ! -f "${ARCHIVE:-$OUT}/smoe_slimmable/slimmable.json" ] && [ -f "$smoe_last" ]; then
   python scripts/slimmable_eval.py "$smoe_last" --data "$DATA" \
-    --raw-dir "$DATA/raw" --out "$OUT/smoe_slimmable" --beam "$BEAM" --batch-size 100 --cpu
+    --raw-dir "$DATA/raw" --out "$slim" --beam "$BEAM" --batch-size 100 --cpu
+fi
+if [ -n "${ARCHIVE:-}" ] && [ -f "$slim/slimmable.json" ]; then
+  mkdir -p "$ARCHIVE/smoe_slimmable"
+  for f in slimmable.json slimmable.md slimmable_bleu.png; do  # copy, then rename: never half a file
+    if [ -f "$slim/$f" ]; then cp "$slim/$f" "$ARCHIVE/smoe_slimmable/.$f.tmp" && mv "$ARCHIVE/smoe_slimmable/.$f.tmp" "$ARCHIVE/smoe_slimmable/$f"; fi
+  done
 fi
 
 # 5. the report: study.json, tables, significance over seeds and test sentences, plots

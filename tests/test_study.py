@@ -644,3 +644,35 @@ def test_run_study_archives_each_run_and_a_run_archived_is_done_on_a_new_machine
     assert saves == [str(tmp_path / "study" / "moe_top2" / "seed1"), str(tmp_path / "new_machine" / "moe_top2" / "seed2")]
     study_json = json.loads((tmp_path / "new_machine" / "study.json").read_text())
     assert sorted((r["config"], r["seed"]) for r in study_json["runs"]) == [("moe_top2", 1), ("moe_top2", 2)]
+
+
+def test_run_study_archives_the_slimmable_curve_and_does_not_make_it_again(tmp_path, raw_dir):
+    """Step 4 with ARCHIVE: the k curve made on this machine is copied to ARCHIVE/smoe_slimmable;
+    on a machine that has seed 1's checkpoint but not the curve, the archived curve counts as
+    done (the checkpoint here is not loadable, so evaluating it again would fail the study)."""
+    data, bin_dir, env = stand_in_study(tmp_path, raw_dir)
+    out, archive = tmp_path / "study", tmp_path / "archive"
+    env.update({"OUT": str(out), "RUNS": "smoe_dropout", "SEEDS": "1", "PARALLEL": "1",
+                "SKIP_THROUGHPUT": "1", "AVERAGE": "0", "ARCHIVE": str(archive)})
+    (out / "smoe_slimmable").mkdir(parents=True)
+    curve = {"ks": [1, 2], "bleu": {"1": {"en-de": 20.0}, "2": {"en-de": 25.0}}}
+    (out / "smoe_slimmable" / "slimmable.json").write_text(json.dumps(curve))
+    (out / "smoe_slimmable" / "slimmable.md").write_text("| k | en-de |\n")
+    run = ["bash", str(SCRIPTS / "run_study.sh")]
+    proc = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((archive / "smoe_slimmable" / "slimmable.json").read_text()) == curve
+    assert (archive / "smoe_slimmable" / "slimmable.md").is_file()
+    assert not list((archive / "smoe_slimmable").glob(".*"))  # no temporary file left
+
+    new = tmp_path / "new_machine"
+    (new / "smoe_dropout" / "seed1").mkdir(parents=True)
+    (new / "smoe_dropout" / "seed1" / "checkpoint_last.pt").write_text("not a checkpoint")
+    env["OUT"] = str(new)
+    proc = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not (new / "smoe_slimmable").exists()
+    # without the archived curve, the same machine does evaluate that checkpoint (and fails on it)
+    (archive / "smoe_slimmable" / "slimmable.json").unlink()
+    proc = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "slimmable_eval.py" in proc.stderr, proc.stderr
