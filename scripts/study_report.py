@@ -85,10 +85,13 @@ COMPARISONS = (
 def train_summary(log: Path) -> dict:
     """Updates, training minutes, words/s and the validation curve of a fairseq json log.
 
-    A run stopped and resumed from its checkpoint_last appends a second segment to the same log:
-    its `wall` starts again from 0 and its first lines replay the updates made after that
-    checkpoint. Minutes are the sum of every segment's training time (replays included: they were
-    spent), and words/s counts each update once (the replayed lines are skipped)."""
+    A run stopped and resumed from its checkpoint_last appends a second segment to the same log.
+    Its first lines replay the updates made after that checkpoint, and fairseq 0.12's `wall` is no
+    clock there: resumed within an epoch, it restores its wall stopwatch stopped, so `wall` stays at
+    the checkpoint's value (0) for the whole segment; resumed at an epoch start it counts from 0
+    again. Minutes are the first segment's `wall` plus each later segment's time from its lines'
+    timestamps (first to last line, plus the first interval's `train_wall`); replays count, as they
+    were spent. Words/s counts each update once: the replayed lines are skipped."""
     parsed = plots.parse_log(log)
     inner = parsed.get("train_inner", [])
     if not inner:
@@ -104,13 +107,19 @@ def train_summary(log: Path) -> dict:
             words += rec["wpb"] * n
             seconds += rec["wpb"] * n / rec["wps"]
     ends = sorted(parsed.get("train", []) + inner, key=lambda r: r["_line"])
-    minutes = segment_end = 0.0
-    for r in ends:
-        wall = r.get("wall", 0.0)
-        if wall < segment_end:  # wall started again from 0: a resumed segment
-            minutes += segment_end
-        segment_end = wall
-    minutes += segment_end
+    segments = [[ends[0]]]
+    for prev, r in zip(ends, ends[1:]):
+        # a resume: `wall` fell back (to 0 or to the checkpoint's frozen value), or updates repeat
+        resumed = r.get("wall", 0.0) < prev.get("wall", 0.0) or r["num_updates"] < prev["num_updates"]
+        if resumed:
+            segments.append([])
+        segments[-1].append(r)
+    minutes = max(r.get("wall", 0.0) for r in segments[0])
+    for seg in segments[1:]:
+        if all("_time" in r for r in seg):
+            minutes += seg[-1]["_time"] - seg[0]["_time"] + seg[0].get("train_wall", 0.0)
+        else:  # a log without timestamps: `wall` is all there is
+            minutes += max(r.get("wall", 0.0) for r in seg)
     threads = re.findall(r"threads=(\d+) parallel=(\d+)", log.read_text(encoding="utf-8", errors="replace"))
     # by update: a validation made after the checkpoint a run resumed from is made again
     curve = list({int(p["num_updates"]): {"updates": int(p["num_updates"]), "loss": p["loss"],

@@ -116,24 +116,27 @@ def test_words_per_second_weights_each_interval_by_its_time(tmp_path):
 
 
 def test_a_resumed_log_counts_each_update_once_and_every_segment_s_minutes(tmp_path):
-    """Stopped after update 75 (checkpoint at 50), resumed: the second segment's wall starts at 0
-    and replays update 75 (at another speed); the validation at 50 is in both segments."""
-    def line(tag, **kv):
-        return f"x | INFO | {tag} | " + json.dumps({k: str(v) for k, v in kv.items()}) + "\n"
+    """Stopped after update 75 (checkpoint at 50), resumed: the second segment replays update 75
+    (at another speed), its `wall` stays at 0 as fairseq 0.12's does after a resume within an
+    epoch, so its time comes from the timestamps; the validation at 50 is in both segments."""
+    def line(clock, tag, **kv):
+        return f"2026-12-03 {clock} | INFO | {tag} | " + json.dumps({k: str(v) for k, v in kv.items()}) + "\n"
     log = tmp_path / "train.log"
-    log.write_text(line("train_inner", wps=1000, wpb=3000, num_updates=25, wall=75)
-                   + line("train_inner", wps=1000, wpb=3000, num_updates=50, wall=150)
-                   + line("valid", loss=6.0, num_updates=50)
-                   + line("train_inner", wps=1000, wpb=3000, num_updates=75, wall=225)
-                   + "x | INFO | fairseq.trainer | Loaded checkpoint x/checkpoint_last.pt (epoch 1 @ 50 updates)\n"
-                   + line("train_inner", wps=500, wpb=3000, num_updates=75, wall=150)
-                   + line("train_inner", wps=3000, wpb=3000, num_updates=100, wall=175)
-                   + line("valid", loss=5.0, num_updates=100)
-                   + line("valid", loss=6.0, num_updates=50))
+    log.write_text(line("10:01:15", "train_inner", wps=1000, wpb=3000, num_updates=25, wall=75)
+                   + line("10:02:30", "train_inner", wps=1000, wpb=3000, num_updates=50, wall=150)
+                   + line("10:02:40", "valid", loss=6.0, num_updates=50)
+                   + line("10:03:55", "train_inner", wps=1000, wpb=3000, num_updates=75, wall=225)
+                   + "2026-12-03 11:00:00 | INFO | fairseq.trainer | Loaded checkpoint x/checkpoint_last.pt "
+                     "(epoch 1 @ 50 updates)\n"
+                   + line("11:02:30", "train_inner", wps=500, wpb=3000, num_updates=75, wall=0, train_wall=150)
+                   + line("11:02:40", "valid", loss=6.0, num_updates=50)
+                   + line("11:03:05", "train_inner", wps=3000, wpb=3000, num_updates=100, wall=0, train_wall=25)
+                   + line("11:03:15", "valid", loss=5.0, num_updates=100))
     summary = report.train_summary(log)
     # 300k words: 225 s in updates 1-75 of the first segment, 25 s in 76-100 of the second
     assert summary["wps"] == 1200.0
-    assert summary["minutes"] == round((225 + 175) / 60, 2) and summary["updates"] == 100
+    # 225 s, then 150 s before the segment's first line and 35 s from it to its last
+    assert summary["minutes"] == round((225 + 150 + 35) / 60, 2) and summary["updates"] == 100
     assert [(p["updates"], p["loss"]) for p in summary["valid"]] == [(50, 6.0), (100, 5.0)]
 
 
