@@ -14,6 +14,7 @@ RAW holds the untokenized references as {split}.{src}-{tgt}.{tgt} or {split}.{tg
 import argparse
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -92,7 +93,14 @@ def read_checkpoint_args(path):
 
     fairseq_patches.install()
 
-    state = torch.load(path, map_location="cpu")
+    try:
+        state = torch.load(path, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        # torch's message runs to a dozen lines; its first says what failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoEUsageError(f"{path} is not a readable torch checkpoint: {first}") from e
+    if not isinstance(state, dict):
+        raise MoEUsageError(f"{path} holds a {type(state).__name__}, not a fairseq checkpoint")
     cfg = state.get("cfg")
     if cfg is not None and _get(cfg, "model") is not None:
         return _get(cfg, "model"), _get(cfg, "task")

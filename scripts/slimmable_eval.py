@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 
 from moe_fairseq.atomic_files import atomic_write_json, atomic_write_text  # noqa: E402
 from moe_fairseq.evaluate import _as_list as as_list, _get, read_checkpoint_args  # noqa: E402
+from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
 SLIMMABLE_ROUTERS = ("random", "noisy_topk")
 
@@ -80,7 +81,10 @@ def main(argv=None):
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         p.error(f"no such checkpoint: {ckpt}")
-    model_args, task_args = read_checkpoint_args(ckpt)
+    try:
+        model_args, task_args = read_checkpoint_args(ckpt)
+    except MoEUsageError as e:
+        raise SystemExit(f"slimmable_eval: error: {e}")
     num_experts = int(_get(model_args, "moe_expert_count", 0) or 0)
     router = "top1" if _get(model_args, "moe_top1_expert") else _get(model_args, "moe_router")
     if num_experts < 1:

@@ -1,7 +1,8 @@
 """moe-evaluate's alignment of fairseq-generate output to the references (no fairseq run)."""
 import pytest
 
-from moe_fairseq.evaluate import align, find_references, markdown_table, parse_generate_output, score
+from moe_fairseq.evaluate import (align, find_references, markdown_table, parse_generate_output,
+                                  read_checkpoint_args, score)
 from moe_fairseq.moe.errors import MoEUsageError
 
 GENERATE_OUTPUT = """S-2\t__en__ a b
@@ -49,3 +50,23 @@ def test_reference_lookup(tmp_path):
     assert find_references(tmp_path, "test", "en", "de") == tmp_path / "test.de"
     with pytest.raises(MoEUsageError, match="no references for en-cs"):
         find_references(tmp_path, "test", "en", "cs")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path):
+    """A truncated or foreign file at --path: one line naming it, not torch's dozen-line trace."""
+    import torch
+
+    text = tmp_path / "checkpoint_last.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(MoEUsageError, match=r"checkpoint_last\.pt is not a readable torch checkpoint: ") as e:
+        read_checkpoint_args(text)
+    assert "\n" not in str(e.value)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"cfg": {"model": {"arch": "x"}}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    with pytest.raises(MoEUsageError, match=r"truncated\.pt is not a readable torch checkpoint"):
+        read_checkpoint_args(truncated)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(2), tensor)
+    with pytest.raises(MoEUsageError, match=r"tensor\.pt holds a Tensor, not a fairseq checkpoint"):
+        read_checkpoint_args(tensor)
