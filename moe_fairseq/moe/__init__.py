@@ -1,11 +1,30 @@
-"""The MoE layer library: plain PyTorch, no fairseq needed."""
-from .config import MoEConfig
-from .experts import FFNExperts
-from .gating_dropout import gating_dropout_fires
-from .k_schedule import KSchedule
-from .layer import MoEAux, MoELayer, build_moe_layer
-from .routers import ROUTERS, NoisyTopKRouter, RandomRouter, Router, Routing, Top1Router, Top2Router
+"""The MoE layer library: plain PyTorch, no fairseq needed.
 
-__all__ = ["MoEConfig", "FFNExperts", "gating_dropout_fires", "KSchedule", "MoEAux", "MoELayer",
-           "build_moe_layer", "ROUTERS", "NoisyTopKRouter", "RandomRouter", "Router", "Routing",
-           "Top1Router", "Top2Router"]
+The names below load on first use (PEP 562), so `moe_fairseq.moe.errors`, which the scripts that
+only read logs and hypotheses import for MoEUsageError, does not pull in torch with the layers.
+"""
+import importlib
+
+_SOURCES = {
+    "MoEConfig": "config",
+    "FFNExperts": "experts",
+    "gating_dropout_fires": "gating_dropout",
+    "KSchedule": "k_schedule",
+    "MoEAux": "layer", "MoELayer": "layer", "build_moe_layer": "layer",
+    "ROUTERS": "routers", "NoisyTopKRouter": "routers", "RandomRouter": "routers", "Router": "routers",
+    "Routing": "routers", "Top1Router": "routers", "Top2Router": "routers",
+}
+
+__all__ = list(_SOURCES)
+
+
+def __getattr__(name):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SOURCES))
