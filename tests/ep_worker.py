@@ -213,8 +213,9 @@ def exchange_layout(rank, world, num_experts, seed=3):
     # Row = (source rank, global expert, position): identifies itself after the exchange.
     x = torch.stack([torch.full((n,), float(rank)), expert.float(), torch.arange(n).float()], 1).to(DEVICE)
     counts = counts.to(DEVICE)
-    local, local_counts, handle = comm.exchange(x, counts, counts.tolist())
+    local, local_counts, local_counts_t, handle = comm.exchange(x, counts, comm.read_counts(counts))
     assert sum(local_counts) == local.shape[0]
+    assert local_counts_t.tolist() == local_counts
     ids = comm.local_expert_ids()
     start = 0
     for l, c in enumerate(local_counts):

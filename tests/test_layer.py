@@ -452,7 +452,7 @@ def test_dropless_evaluation_plans_without_host_counts(kind, monkeypatch):
     want = layer(x)
     plans = []
     real = layer_mod.plan_dispatch
-    monkeypatch.setattr(layer_mod, "plan_dispatch", lambda *a: plans.append(real(*a)) or plans[-1])
+    monkeypatch.setattr(layer_mod, "plan_dispatch", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
     layer.experts.gemm = "grouped"
     torch.testing.assert_close(layer(x), want)
     assert plans[-1].counts_list is None

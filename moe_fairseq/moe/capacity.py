@@ -10,6 +10,7 @@ formulation.
 import math
 
 import torch
+from .counting import histogram
 from .errors import MoEUsageError
 
 
@@ -33,7 +34,7 @@ def apply_capacity(expert_index: torch.Tensor, keep: torch.Tensor, num_experts: 
     # index in the sorted order minus the index where that expert's run starts.
     key = torch.where(flat_keep, flat_e, torch.full_like(flat_e, num_experts))
     sorted_key, order = torch.sort(key, stable=True)
-    counts = torch.bincount(sorted_key, minlength=num_experts + 1)
+    counts = histogram(sorted_key, num_experts + 1)
     run_start = torch.cumsum(counts, dim=0) - counts
     position_sorted = torch.arange(key.numel(), device=key.device) - run_start[sorted_key]
     kept_sorted = (position_sorted < capacity) & (sorted_key < num_experts)

@@ -5,9 +5,12 @@ dispatch: gather the token rows in that order (one contiguous block per expert);
 combine:  gate-weighted scatter-add of the expert outputs back to their tokens.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
+
+from .comm import HostCounts, host_counts
+from .counting import histogram
 
 
 @dataclass
@@ -17,26 +20,29 @@ class DispatchPlan:
     counts: torch.Tensor  # (E,) slots per expert, on the device
     counts_list: Optional[List[int]]  # the same on the host (split sizes for the GEMMs and the
     # all-to-all), or None when the caller said every slot is kept and needs no host copy
+    host: Optional[HostCounts] = None  # everything read on the host with counts_list (one transfer)
 
 
 def plan_dispatch(expert_index: torch.Tensor, keep: torch.Tensor, gate: torch.Tensor,
-                  num_experts: int, num_kept: Optional[int] = None) -> DispatchPlan:
+                  num_experts: int, num_kept: Optional[int] = None,
+                  read_counts: Callable[[torch.Tensor], HostCounts] = host_counts) -> DispatchPlan:
     """num_kept: the caller knows every slot is kept (num_kept = S * k): then nothing is read
-    on the host."""
+    on the host.  read_counts: how the counts reach the host (a communicator's read_counts,
+    which for expert parallelism exchanges them with the other ranks in the same transfer)."""
     k = expert_index.shape[1]
     if num_kept is not None:
         sorted_e, order = torch.sort(expert_index.reshape(-1), stable=True)
-        counts = torch.bincount(sorted_e, minlength=num_experts)
+        counts = histogram(sorted_e, num_experts)
         return DispatchPlan(order // k, gate.reshape(-1)[order], counts, None)
     # Dropped slots get the sentinel expert id E, which sorts after every real expert, so one
     # stable sort both groups the kept slots and pushes the dropped ones to the end.
     flat_e = torch.where(keep, expert_index, torch.full_like(expert_index, num_experts)).reshape(-1)
     sorted_e, order = torch.sort(flat_e, stable=True)
-    counts = torch.bincount(sorted_e, minlength=num_experts + 1)[:num_experts]
-    counts_list = counts.tolist()  # the one host sync: split sizes must be known on the host
-    n = sum(counts_list)
+    counts = histogram(sorted_e, num_experts + 1)[:num_experts]
+    host = read_counts(counts)  # the one host sync: split sizes must be known on the host
+    n = sum(host.sent)
     slot = order[:n]
-    return DispatchPlan(slot // k, gate.reshape(-1)[slot], counts, counts_list)
+    return DispatchPlan(slot // k, gate.reshape(-1)[slot], counts, host.sent, host)
 
 
 def dispatch(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

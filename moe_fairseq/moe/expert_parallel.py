@@ -15,8 +15,9 @@ Sharding of E experts over W ranks (fairseq's rule: E must be a multiple or a di
 hands it the dispatched rows sorted by global expert with the count per global expert, and
 gets back the rows its local experts must process, grouped by local expert.  One exchange is
 
-1. the counts: an int64 all-to-all of a (W, L) matrix (how many rows this rank sends to each
-   local expert of each rank), then one host sync to read the received (W, L) matrix;
+1. the counts (`read_counts`): an int64 all-to-all of a (W, L + 1) matrix (how many rows this
+   rank sends to each local expert of each rank, plus its `active` flag), then one host read of
+   this rank's own counts and the received matrix together: the layer's one host sync;
 2. the rows: one uneven all-to-all (no padding to a global maximum);
 3. a permutation from (source rank, local expert) order to local-expert-major order, computed
    from the received count matrix with index arithmetic (no loop over tokens); skipped when
@@ -26,9 +27,20 @@ gets back the rows its local experts must process, grouped by local expert.  One
 are differentiable (backward is the reverse exchange).  Gating-dropout steps never call the
 communicator, so they issue no collective at all (`all_to_all_calls` counts every call).
 
+The all-to-alls should run on a process group of their own (`all_to_all_group`), not on the
+default group that data parallelism all-reduces gradients on: on NCCL each group has its own
+communicator and stream, so the exchanges of one layer's backward do not queue behind (or
+pair up with) a gradient bucket's all-reduce that another rank happened to issue first.
+
+Generation with several ranks: each rank decodes its own batch, so ranks run different numbers
+of decoder steps, while every MoE decoder call is a collective.  A rank that has finished sets
+`active = False` and keeps serving the others' exchanges (`serve_until_all_done`) until every
+rank's flag, which travels with the counts, says it is done; all ranks read the same flags
+from the same exchange, so they leave in the same call.
+
 Set-up in a model (every rank of `group` builds the same layers in the same order):
 
-    comm = ExpertParallelComm(cfg.num_experts)          # after init_process_group; one per model
+    comm = ExpertParallelComm(cfg.num_experts, all_to_all_group())  # after init_process_group
     layer = build_moe_layer(cfg, M, F, comm=comm)       # holds comm.num_local_experts experts
     ...
     loss.backward()
@@ -42,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from .all_to_all import A2AStats, all_to_all, exchange_counts
+from .comm import HostCounts
 
 GRAD_DIVISORS = ("world_size", "replicas", "none")
 
@@ -80,9 +93,25 @@ class ExchangeHandle:
 
 
 _REPLICA_GROUPS = {}
+_A2A_GROUPS = {}
 
 
-def _replica_group(group, num_experts: int, replicas: int, rank: int):
+def _group_kwargs(timeout):
+    return {} if timeout is None else {"timeout": timeout}
+
+
+def all_to_all_group(timeout=None):
+    """A process group of every rank, for the expert all-to-alls only (see the module
+    docstring); created once per default group and shared by every layer.  Every rank must
+    call this, in the same order relative to its other new_group calls (model construction
+    does).  timeout: a datetime.timedelta (None: torch's default)."""
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _A2A_GROUPS:
+        _A2A_GROUPS[key] = dist.new_group(list(range(dist.get_world_size())), **_group_kwargs(timeout))
+    return _A2A_GROUPS[key]
+
+
+def _replica_group(group, num_experts: int, replicas: int, rank: int, timeout=None):
     """The process group of the ranks that hold the same expert as `rank` (cached: one set of
     groups per (process group, E), shared by every layer and communicator)."""
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
@@ -92,11 +121,12 @@ def _replica_group(group, num_experts: int, replicas: int, rank: int):
         mine = rank // replicas
         if len(ranks) == dist.get_world_size():
             # Every rank of the job is here: create all groups in the same order everywhere.
-            groups = [dist.new_group(s) for s in sets]
+            groups = [dist.new_group(s, **_group_kwargs(timeout)) for s in sets]
             _REPLICA_GROUPS[key] = groups[mine]
         else:
             # A sub-group (e.g. one expert-parallel group of several): only its members create it.
-            _REPLICA_GROUPS[key] = dist.new_group(sets[mine], use_local_synchronization=True)
+            _REPLICA_GROUPS[key] = dist.new_group(sets[mine], use_local_synchronization=True,
+                                                  **_group_kwargs(timeout))
     return _REPLICA_GROUPS[key]
 
 
@@ -110,7 +140,7 @@ class ExpertParallelComm:
     (the exchange state lives in the handle), in which case the counters add up over layers.
     """
 
-    def __init__(self, num_experts: int, group=None):
+    def __init__(self, num_experts: int, group=None, timeout=None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ExpertParallelComm needs torch.distributed to be initialised "
                                "(init_process_group) before the model is built")
@@ -125,9 +155,11 @@ class ExpertParallelComm:
         # are sorted by id and destinations are non-decreasing in it, so each destination's
         # rows are one contiguous block of the dispatched tensor.
         self.destination = [expert_destination(g, self.rank, num_experts, self.world_size) for g in range(num_experts)]
-        self._send_slot = {}  # device -> (E,) index into the flat (W * L) send-count matrix
+        self._send_slot = {}  # device -> (E,) index into the flat (W, L + 1) send-count matrix
         self.stats = A2AStats()
-        self._replica_group = _replica_group(group, num_experts, R, self.rank) if R > 1 else None
+        self._replica_group = _replica_group(group, num_experts, R, self.rank, timeout) if R > 1 else None
+        # False while this rank, done generating, only serves the other ranks' decoder steps.
+        self.active = True
 
     @property
     def all_to_all_calls(self) -> int:
@@ -146,25 +178,37 @@ class ExpertParallelComm:
         return counts.sum() - counts[lo:lo + self.num_local_experts].sum()
 
     def _slots(self, device) -> torch.Tensor:
-        if device not in self._send_slot:
+        if device not in self._send_slot:  # once per device (a host-to-device copy)
             L = self.num_local_experts
-            self._send_slot[device] = torch.tensor([d * L + g % L for g, d in enumerate(self.destination)],
+            self._send_slot[device] = torch.tensor([d * (L + 1) + g % L for g, d in enumerate(self.destination)],
                                                    dtype=torch.long, device=device)
         return self._send_slot[device]
 
-    def exchange(self, x: torch.Tensor, counts: torch.Tensor, counts_list: List[int]):
-        """x: (N, M) rows sorted by global expert, counts (E,) on the device, counts_list the
-        same on the host.  Returns (rows for the local experts grouped by local expert,
-        rows per local expert, handle for exchange_back)."""
+    def read_counts(self, counts: torch.Tensor) -> HostCounts:
+        """counts: (E,) rows this rank dispatches to each global expert, on the device.  Exchanges
+        the counts (with the `active` flag) and reads this rank's and the received ones on the
+        host in one transfer: the one host sync of a layer call."""
+        W, L, E = self.world_size, self.num_local_experts, counts.numel()
+        send = counts.new_zeros(W * (L + 1), dtype=torch.long).index_copy(0, self._slots(counts.device), counts.long())
+        send.view(W, L + 1)[:, L] = 1 if self.active else 0
+        recv = exchange_counts(send, self.group, self.stats).view(W, L + 1)  # [s, l]: rows from s for l
+        host = torch.cat([counts.long().to(recv.device), recv.reshape(-1)]).tolist()
+        received = [host[E + s * (L + 1):E + (s + 1) * (L + 1)] for s in range(W)]
+        return HostCounts(host[:E], [row[:L] for row in received], recv[:, :L],
+                          peers_active=any(row[L] for row in received))
+
+    def exchange(self, x: torch.Tensor, counts: torch.Tensor, host: HostCounts):
+        """x: (N, M) rows sorted by global expert, counts (E,) on the device, host what
+        read_counts made of them.  Returns (rows for the local experts grouped by local expert,
+        rows per local expert on the host, the same on the device, handle for exchange_back)."""
         W, L = self.world_size, self.num_local_experts
-        send = counts.new_zeros(W * L, dtype=torch.long).index_copy(0, self._slots(counts.device), counts.long())
         input_splits = [0] * W
-        for g, c in enumerate(counts_list):
+        for g, c in enumerate(host.sent):
             input_splits[self.destination[g]] += c
-        recv = exchange_counts(send, self.group, self.stats).view(W, L)  # [s, l]: rows from s for l
-        recv_list = recv.tolist()  # the host sync: the row all-to-all needs its split sizes
+        recv_list, recv = host.received, host.received_t.to(x.device)
         output_splits = [sum(row) for row in recv_list]
         local_counts = [sum(recv_list[s][l] for s in range(W)) for l in range(L)]
+        local_counts_t = recv.sum(0)
         rows = all_to_all(x, output_splits, input_splits, self.group, self.stats)
         order = inverse = None
         if L > 1 and W > 1:
@@ -177,7 +221,7 @@ class ExpertParallelComm:
             order = order.to(x.device)
             inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(n, device=order.device))
             rows = rows.index_select(0, order)
-        return rows, local_counts, ExchangeHandle(input_splits, output_splits, order, inverse, rows)
+        return rows, local_counts, local_counts_t, ExchangeHandle(input_splits, output_splits, order, inverse, rows)
 
     def exchange_back(self, y: torch.Tensor, handle: ExchangeHandle) -> torch.Tensor:
         """y: expert outputs in the order exchange() returned; back to this rank's dispatch order."""

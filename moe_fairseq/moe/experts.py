@@ -46,9 +46,9 @@ class _Groups:
              padding; the counts may stay on the device (no host sync).
     """
 
-    def __init__(self, counts, num_experts: int, n: int, device, mode: str):
+    def __init__(self, counts, num_experts: int, n: int, device, mode: str, counts_t=None):
         self.mode, self.num_experts, self.n, self.device = mode, num_experts, n, device
-        self._counts_t = None
+        self._counts_t = counts_t  # the counts on the device when the caller has them (no copy from the host)
         if isinstance(counts, torch.Tensor):
             if mode != "grouped":
                 counts = counts.tolist()
@@ -310,9 +310,11 @@ class FFNExperts(nn.Module):
                     w[local].copy_(torch.empty(w.shape[1:]).uniform_(-bound, bound, generator=gen))
                     b[local].copy_(torch.empty(b.shape[1:]).uniform_(-bound, bound, generator=gen))
 
-    def forward(self, x: torch.Tensor, counts) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts, counts_on_device: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, M) rows grouped by local expert, counts[e] rows for expert e (a list, or a
-        1-D tensor on x's device: then the grouped GEMM mode needs no host sync)."""
+        1-D tensor on x's device: then the grouped GEMM mode needs no host sync).  With a list,
+        counts_on_device may hold the same counts on x's device, so that the modes that need
+        them there (bmm, bias gradients) do not copy the list over."""
         on_device = isinstance(counts, torch.Tensor)
         if not on_device:
             counts = [int(c) for c in counts]
@@ -324,7 +326,10 @@ class FFNExperts(nn.Module):
             p = self.expert_dropout if self.training else 0.0
             dtype = compute_dtype(x)
             mode = self.gemm_mode(x.device, dtype, counts)
-            groups = _Groups(counts, self.num_local, x.shape[0], x.device, mode)
+            device_counts = None
+            if counts_on_device is not None and not on_device and len(counts_on_device) == len(counts):
+                device_counts = counts_on_device.to(device=x.device, dtype=torch.long)
+            groups = _Groups(counts, self.num_local, x.shape[0], x.device, mode, device_counts)
             w1, b1, w2, b2 = (t if t.dtype == dtype else t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
             with torch.autocast(x.device.type, enabled=False):
                 return _GroupedFFN.apply(x if x.dtype == dtype else x.to(dtype), w1, b1, w2, b2, groups,

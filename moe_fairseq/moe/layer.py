@@ -1,4 +1,5 @@
 """The MoE feed-forward layer: route -> plan -> dispatch -> (all-to-all) -> experts -> back -> combine."""
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -119,11 +120,11 @@ class MoELayer(nn.Module):
                 and self.router.current_capacity_factor() is None
                 and self.experts.takes_device_counts(tokens.device, dtype)):
             num_kept = routing.expert_index.numel()
-        plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, self.router.num_experts, num_kept)
+        plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, self.router.num_experts, num_kept,
+                             read_counts=self.comm.read_counts)
         sent = dispatch(tokens if tokens.dtype == dtype else tokens.to(dtype), plan)
-        counts = plan.counts if plan.counts_list is None else plan.counts_list
-        local_in, local_counts, handle = self.comm.exchange(sent, plan.counts, counts)
-        expert_out = self.comm.exchange_back(self.experts(local_in, local_counts), handle)
+        local_in, local_counts, local_counts_t, handle = self.comm.exchange(sent, plan.counts, plan.host)
+        expert_out = self.comm.exchange_back(self.experts(local_in, local_counts, local_counts_t), handle)
         # Output in the input's dtype: under autocast that is the fp32 residual stream, which
         # the fp32 combine feeds without another rounding.
         out = combine(expert_out, plan, tokens.shape[0])
@@ -144,14 +145,17 @@ class MoELayer(nn.Module):
         return decode.few_rows_ffn(self.experts, tokens, expert_index, gate)
 
     def routing_stats(self, tokens, routing, plan, elem_size: int) -> RoutingStats:
+        # Every field a device tensor made by a kernel (new_full, reductions): no copy from the
+        # host, so statistics cost no sync until the criterion reads all layers' at once.
         elem = elem_size * tokens.shape[1]
+        scalar = functools.partial(tokens.new_full, (), dtype=torch.float32)
         return RoutingStats(
-            num_tokens=torch.tensor(float(tokens.shape[0])),
-            requested_slots=torch.tensor(float(routing.expert_index.numel())),
+            num_tokens=scalar(float(tokens.shape[0])),
+            requested_slots=scalar(float(routing.expert_index.numel())),
             tokens_per_expert=plan.counts.detach(),
             dropped_by_capacity=routing.dropped_by_capacity.detach(),
-            gate_entropy_sum=entropy_sum(routing.probs),
-            gating_dropped=torch.tensor(0.0),
+            gate_entropy_sum=entropy_sum(routing.probs, tokens.device),
+            gating_dropped=scalar(0.0),
             a2a_bytes=self.comm.remote_rows(plan.counts) * (2 * elem),
         )
 
@@ -166,18 +170,22 @@ class MoELayer(nn.Module):
             assignment = torch.arange(n, device=tokens.device) % num_local
             order = torch.sort(assignment, stable=True).indices
             local_counts = [(n - e + num_local - 1) // num_local for e in range(num_local)]
-            expert_out = self.experts(tokens.index_select(0, order), local_counts).to(tokens.dtype)
+            # the same counts computed on the device (no copy of the host list)
+            local_counts_t = torch.div(n - torch.arange(num_local, device=tokens.device) + num_local - 1,
+                                       num_local, rounding_mode="floor")
+            expert_out = self.experts(tokens.index_select(0, order), local_counts, local_counts_t).to(tokens.dtype)
             out = tokens.new_zeros(tokens.shape).index_copy(0, order, expert_out)
         stats = None
         if self.collect_stats is not False:  # Gating Dropout fires in training only
             per_expert = torch.zeros(self.router.num_experts, dtype=torch.long, device=tokens.device)
-            local_ids = torch.tensor(self.comm.local_expert_ids(), device=tokens.device)
-            per_expert[local_ids] = torch.tensor(local_counts, device=tokens.device)
+            if self.gating_dropout_mode != "gate_expert_drop":
+                per_expert.narrow(0, self.comm.local_expert_ids()[0], num_local).copy_(local_counts_t)
+            scalar = functools.partial(tokens.new_full, (), dtype=torch.float32)
             stats = RoutingStats(
-                num_tokens=torch.tensor(float(n)), requested_slots=torch.tensor(float(n)),
-                tokens_per_expert=per_expert, dropped_by_capacity=torch.tensor(0.0),
-                gate_entropy_sum=torch.tensor(0.0), gating_dropped=torch.tensor(1.0),
-                a2a_bytes=torch.tensor(0.0))
+                num_tokens=scalar(float(n)), requested_slots=scalar(float(n)),
+                tokens_per_expert=per_expert, dropped_by_capacity=scalar(0.0),
+                gate_entropy_sum=scalar(0.0), gating_dropped=scalar(1.0),
+                a2a_bytes=scalar(0.0))
         self.aux = MoEAux({}, stats)  # no balance loss from a layer that did not route
         # The router took no part in this step; tie its parameters to the output with weight 0
         # so that data-parallel training (DDP without find_unused_parameters) sees every

@@ -1,6 +1,8 @@
 """Auxiliary losses of the routers, as pure functions of router outputs (unweighted)."""
 import torch
 
+from .counting import histogram
+
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast half / bfloat16 / integer inputs to fp32, but keep fp64 (tests, gradcheck) as is."""
@@ -23,7 +25,7 @@ def switch_balance_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor
     """E * sum_i f_i P_i: f_i fraction of tokens whose argmax is i, P_i mean probability of i."""
     num_experts = probs.shape[1]
     num_tokens = max(top1.numel(), 1)  # no tokens (all padding): loss 0, not 0/0 = nan
-    f = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / num_tokens
+    f = histogram(top1, num_experts).to(probs.dtype) / num_tokens
     p = probs.sum(dim=0) / num_tokens
     return num_experts * torch.sum(f * p)
 
@@ -32,7 +34,7 @@ def gshard_balance_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor
     """E^2 * mean_i(me_i * ce_i): me mean gate probability, ce fraction of first choices."""
     num_experts = probs.shape[1]
     num_tokens = max(top1.numel(), 1)
-    ce = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / num_tokens
+    ce = histogram(top1, num_experts).to(probs.dtype) / num_tokens
     me = probs.sum(dim=0) / num_tokens
     return num_experts * num_experts * torch.mean(me * ce)
 

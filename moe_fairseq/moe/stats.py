@@ -1,7 +1,8 @@
 """Routing statistics of one MoE layer in one forward pass.
 
 Everything here is a detached tensor computed with cheap reductions; nothing is copied to the
-host until a consumer (the criterion's logging) asks, so leaving statistics on costs no sync.
+host until a consumer (the criterion's logging) asks, so leaving statistics on costs no sync,
+and `summarize` reads every layer's in one transfer.
 """
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
@@ -20,35 +21,36 @@ class RoutingStats:
     a2a_bytes: torch.Tensor  # bytes this rank sends to other ranks (dispatch + return)
 
 
-def entropy_sum(probs: Optional[torch.Tensor]) -> torch.Tensor:
+def entropy_sum(probs: Optional[torch.Tensor], device=None) -> torch.Tensor:
     if probs is None:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     p = probs.detach().float()
     return -(p * torch.log(p.clamp_min(1e-20))).sum()
 
 
 def summarize(stats: Iterable[RoutingStats]) -> Dict[str, float]:
-    """Scalars for logging, aggregated over layers (host sync happens here, once)."""
+    """Scalars for logging, aggregated over layers.  Every layer's numbers are computed on the
+    device and read on the host in one transfer, whatever the number of layers."""
     stats = list(stats)
     if not stats:
         return {}
-    out = {"moe_layers": float(len(stats))}
-    cvs, maxmeans, dropped, requested, entropy, tokens, gd, a2a = [], [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    rows = []
     for s in stats:
         t = s.tokens_per_expert.float()
         mean = t.mean()
-        if mean > 0:
-            cvs.append((t.std(unbiased=False) / mean).item())
-            maxmeans.append((t.max() / mean).item())
-        dropped += float(s.dropped_by_capacity)
-        requested += float(s.requested_slots)
-        entropy += float(s.gate_entropy_sum)
-        tokens += float(s.num_tokens)
-        gd += float(s.gating_dropped)
-        a2a += float(s.a2a_bytes)
-    if cvs:
-        out["moe_load_cv"] = sum(cvs) / len(cvs)
-        out["moe_load_max_mean"] = sum(maxmeans) / len(maxmeans)
+        used = mean > 0  # a layer that routed nothing has no load balance to report
+        safe_mean = torch.where(used, mean, torch.ones_like(mean))
+        rows.append(torch.stack([
+            used.float(), t.std(unbiased=False) / safe_mean, t.max() / safe_mean,
+            *(v.float().to(t.device) for v in (s.dropped_by_capacity, s.requested_slots, s.gate_entropy_sum,
+                                               s.num_tokens, s.gating_dropped, s.a2a_bytes))]))
+    table = torch.stack(rows).tolist()  # the one host sync
+    out = {"moe_layers": float(len(stats))}
+    used = [row for row in table if row[0] > 0]
+    if used:
+        out["moe_load_cv"] = sum(row[1] for row in used) / len(used)
+        out["moe_load_max_mean"] = sum(row[2] for row in used) / len(used)
+    dropped, requested, entropy, tokens, gd, a2a = (sum(row[i] for row in table) for i in range(3, 9))
     out["moe_overflow"] = dropped / requested if requested else 0.0
     out["moe_gate_entropy"] = entropy / tokens if tokens else 0.0
     out["moe_gating_dropped"] = gd / len(stats)
