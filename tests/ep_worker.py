@@ -331,8 +331,61 @@ def checkpointing(rank, world, num_experts, dropout=0.0):
     assert not left.losses and left.stats is None  # the recomputation's aux was discarded
 
 
+def host_syncs(rank, world, num_experts, train_budget=2, decode_budget=1):
+    """An expert-parallel top-2 layer (capacity 1.0, padding present) syncs with the host at most
+    `train_budget` times per forward + backward and `decode_budget` times per decoder step
+    (moe_fairseq/moe/host_syncs.py counts what would sync on CUDA)."""
+    from moe_fairseq.moe.expert_parallel import all_to_all_group
+    from moe_fairseq.moe.host_syncs import HostSyncCounter
+
+    cfg = MoEConfig(num_experts=num_experts, router="top2", capacity_factor=1.0)
+    layer = build_moe_layer(cfg, M, F, comm=ExpertParallelComm(num_experts, all_to_all_group())).to(DEVICE)
+    x = torch.randn(9, 3, M, generator=torch.Generator().manual_seed(rank)).to(DEVICE).requires_grad_()
+    mask = torch.zeros(9, 3, dtype=torch.bool)
+    mask[-2 - rank:, 0] = True
+    mask = mask.to(DEVICE)
+    for counting in (False, True):  # the first call fills the communicator's per-device cache
+        counter = HostSyncCounter()
+        with counter if counting else torch.no_grad():
+            out = layer(x, mask)
+            if counting:
+                (out.pow(2).sum() + sum(layer.aux.losses.values())).backward()
+    assert counter.total <= train_budget, f"training: {counter.total} host syncs {dict(counter.counts)}"
+    layer.eval()
+    with torch.no_grad():
+        step = torch.randn(1, 5, M).to(DEVICE)
+        counter = HostSyncCounter()
+        with counter:
+            layer(step)
+    assert counter.total <= decode_budget, f"decoder step: {counter.total} host syncs {dict(counter.counts)}"
+
+
+def own_group(rank, world, num_experts):
+    """The all-to-alls run on a group of their own: a rank that issues a data-parallel
+    all-reduce (asynchronously, as DDP's gradient buckets do) before its MoE layer's exchanges,
+    while the other rank issues it after them, does not deadlock or pair the wrong collectives."""
+    from moe_fairseq.moe.expert_parallel import all_to_all_group
+
+    group = all_to_all_group()
+    assert group is not dist.group.WORLD and group is all_to_all_group(), "one dedicated group, cached"
+    cfg = MoEConfig(num_experts=num_experts, router="top2", capacity_factor=None)
+    layer = build_moe_layer(cfg, M, F, comm=ExpertParallelComm(num_experts, group)).to(DEVICE)
+    x = torch.randn(6, M, generator=torch.Generator().manual_seed(rank)).to(DEVICE)
+    bucket = torch.full((4,), float(rank + 1), device=DEVICE)
+    if rank == 0:
+        work = dist.all_reduce(bucket, async_op=True)
+        out = layer(x)
+        work.wait()
+    else:
+        out = layer(x)
+        dist.all_reduce(bucket)
+    assert torch.all(bucket == sum(range(1, world + 1))), "the all-reduce paired with another collective"
+    assert out.shape == x.shape
+
+
 SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
-             "bad_sharding": bad_sharding, "checkpointing": checkpointing}
+             "bad_sharding": bad_sharding, "checkpointing": checkpointing, "host_syncs": host_syncs,
+             "own_group": own_group}
 
 
 def suite(world: int, quick: bool = False) -> list:
@@ -346,7 +399,8 @@ def suite(world: int, quick: bool = False) -> list:
     jobs = [("exchange_layout", dict(num_experts=2 * world)),
             ("equivalence", dict(num_experts=2 * world, router="top2")),
             ("equivalence", dict(num_experts=2 * world, router="top1", capacity_factor=0.5, expect_drops=True)),
-            ("checkpointing", dict(num_experts=2 * world, dropout=0.1))]
+            ("checkpointing", dict(num_experts=2 * world, dropout=0.1)),
+            ("host_syncs", dict(num_experts=2 * world)), ("own_group", dict(num_experts=2 * world))]
     if quick:
         return jobs
     jobs += [("equivalence", dict(num_experts=2 * world, router="top2", dropless=True, tokens=uneven, seed=2)),

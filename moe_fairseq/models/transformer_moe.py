@@ -3,6 +3,7 @@
 With no MoE layers (--moe-expert-count 0 or --moe-freq 0) every module is fairseq's own, so a
 dense baseline runs the very same code path and has exactly the transformer's parameters.
 """
+import datetime
 import importlib.util
 import logging
 
@@ -34,26 +35,29 @@ def _moe_freqs(cfg):
     return enc, dec
 
 
-def build_comm(num_experts: int):
-    """Expert parallelism over all ranks when a process group is up; single-process otherwise."""
+def build_comm(num_experts: int, timeout_seconds=None):
+    """Expert parallelism over all ranks when a process group is up; single-process otherwise.
+    The all-to-alls get a process group of their own (moe/expert_parallel.py), which like the
+    replica groups waits timeout_seconds (--collective-timeout) for a peer."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from ..moe.expert_parallel import ExpertParallelComm
+        from ..moe.expert_parallel import ExpertParallelComm, all_to_all_group
 
-        return ExpertParallelComm(num_experts)
+        timeout = datetime.timedelta(seconds=timeout_seconds) if timeout_seconds else None
+        return ExpertParallelComm(num_experts, all_to_all_group(timeout), timeout)
     return None
 
 
-def _build_moe(cfg, moe_cfg: MoEConfig, model_dim: int, ffn_dim: int, layer_index: int):
+def _build_moe(cfg, moe_cfg: MoEConfig, model_dim: int, ffn_dim: int, layer_index: int, timeout_seconds=None):
     hidden = cfg.moe_expert_ffn_dim or ffn_dim
     return build_moe_layer(moe_cfg, model_dim, hidden, layer_index, cfg.activation_fn,
-                           comm=build_comm(moe_cfg.num_experts), split_hidden_dim=cfg.moe_split_ffn)
+                           comm=build_comm(moe_cfg.num_experts, timeout_seconds), split_hidden_dim=cfg.moe_split_ffn)
 
 
 class MoETransformerEncoder(TransformerEncoderBase):
-    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, return_fc=False):
+    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, return_fc=False, comm_timeout=None):
         # fairseq's constructor builds the layers (build_encoder_layer), one after the other
         # without passing the index: the MoE options and the layer count must be set first.
-        self.moe_cfg, self._moe_next_layer = moe_cfg, 0
+        self.moe_cfg, self._moe_next_layer, self._comm_timeout = moe_cfg, 0, comm_timeout
         super().__init__(cfg, dictionary, embed_tokens, return_fc)
 
     def build_encoder_layer(self, cfg):
@@ -61,14 +65,16 @@ class MoETransformerEncoder(TransformerEncoderBase):
         self._moe_next_layer = index + 1
         enc_freq, _ = _moe_freqs(cfg)
         if index in moe_layer_indices(enc_freq, cfg.encoder.layers, "--encoder-moe-freq"):
-            moe = _build_moe(cfg, self.moe_cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, index)
+            moe = _build_moe(cfg, self.moe_cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, index,
+                             self._comm_timeout)
             return MoETransformerEncoderLayer(cfg, moe, return_fc=self.return_fc)
         return super().build_encoder_layer(cfg)
 
 
 class MoETransformerDecoder(TransformerDecoderBase):
-    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, no_encoder_attn=False):
-        self.moe_cfg, self._moe_next_layer = moe_cfg, 0  # before fairseq builds the layers: see the encoder
+    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, no_encoder_attn=False, comm_timeout=None):
+        # before fairseq builds the layers: see the encoder
+        self.moe_cfg, self._moe_next_layer, self._comm_timeout = moe_cfg, 0, comm_timeout
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn)
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
@@ -79,7 +85,7 @@ class MoETransformerDecoder(TransformerDecoderBase):
             # Decoder layers follow the encoder's in the gating-dropout key, so no two MoE
             # layers of the model share a drop decision.
             moe = _build_moe(cfg, self.moe_cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim,
-                             cfg.encoder.layers + index)
+                             cfg.encoder.layers + index, self._comm_timeout)
             return MoETransformerDecoderLayer(cfg, moe, no_encoder_attn)
         return super().build_decoder_layer(cfg, no_encoder_attn)
 
@@ -118,13 +124,15 @@ class TransformerMoEModel(TransformerModel):
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
-        return MoETransformerEncoder(cfg, src_dict, embed_tokens, moe_config_from_args(cfg))
+        return MoETransformerEncoder(cfg, src_dict, embed_tokens, moe_config_from_args(cfg),
+                                     comm_timeout=getattr(args, "collective_timeout", None))
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
         return MoETransformerDecoder(cfg, tgt_dict, embed_tokens, moe_config_from_args(cfg),
-                                     no_encoder_attn=cfg.no_cross_attention)
+                                     no_encoder_attn=cfg.no_cross_attention,
+                                     comm_timeout=getattr(args, "collective_timeout", None))
 
 
 def validate_moe_args(args):

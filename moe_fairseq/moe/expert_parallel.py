@@ -190,7 +190,7 @@ class ExpertParallelComm:
         host in one transfer: the one host sync of a layer call."""
         W, L, E = self.world_size, self.num_local_experts, counts.numel()
         send = counts.new_zeros(W * (L + 1), dtype=torch.long).index_copy(0, self._slots(counts.device), counts.long())
-        send.view(W, L + 1)[:, L] = 1 if self.active else 0
+        send.view(W, L + 1)[:, L].fill_(1 if self.active else 0)
         recv = exchange_counts(send, self.group, self.stats).view(W, L + 1)  # [s, l]: rows from s for l
         host = torch.cat([counts.long().to(recv.device), recv.reshape(-1)]).tolist()
         received = [host[E + s * (L + 1):E + (s + 1) * (L + 1)] for s in range(W)]
