@@ -59,6 +59,21 @@ exists:
    torch's default timeout (30 min gloo, 10 min NCCL), so when a rank hangs (or dies where no
    launcher notices: another machine) its peers wait that long inside a collective;
    --collective-timeout (task translation_multi_moe) sets the process group's timeout.
+12. FP16Optimizer.build_optimizer.  Plain --fp16 flattens every parameter into one fp32 master
+   tensor, which carries no `expert` mark: the gradient norm then includes this rank's own
+   expert gradients, differs between ranks, and fairseq's check of the ranks' norms (run on
+   CUDA only) stops the first update with "gradients are inconsistent between workers"; the
+   overflow check of expert gradients (9) cannot see them either.  With expert parallelism the
+   master copy is kept per parameter (fairseq's own --fp16-no-flatten-grads), which keeps the
+   mark: the same arithmetic, one copy kernel per parameter instead of one.
+13. AMPOptimizer.step.  torch's loss scaler decides on each rank whether the gradients
+   overflowed; expert gradients differ between ranks, so one rank could skip a step (and halve
+   its scale) while the others step, and the shared weights would drift apart.  The overflow
+   flags are MAX-all-reduced before the step and the scale update, as Megatron and DeepSpeed do.
+14. fairseq.distributed.utils.call_main.  fairseq 0.12 turns every --bf16 into --tpu (its
+   options.py), so a GPU or CPU run died importing torch_xla.  Unless --tpu was given, --bf16
+   now trains in bfloat16 on the device at hand (fairseq's FP16Optimizer keeps an fp32 master
+   copy; bf16 needs no loss scaling).
 """
 import contextlib
 import datetime
@@ -108,7 +123,9 @@ def install():
     from fairseq import checkpoint_utils
     from fairseq.distributed import utils as distributed_utils
     from fairseq.models import distributed_fairseq_model
+    from fairseq.optim.amp_optimizer import AMPOptimizer
     from fairseq.optim.fairseq_optimizer import FairseqOptimizer
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
     from fairseq.trainer import Trainer
     from fairseq import utils as fairseq_utils
 
@@ -120,7 +137,9 @@ def install():
                      trainer_load_checkpoint=Trainer.load_checkpoint,
                      clip_grad_norm_=fairseq_utils.clip_grad_norm_,
                      torch_persistent_save=checkpoint_utils.torch_persistent_save,
-                     distributed_init=distributed_utils.distributed_init)
+                     distributed_init=distributed_utils.distributed_init,
+                     fp16_build_optimizer=FP16Optimizer.__dict__["build_optimizer"].__func__,
+                     amp_step=AMPOptimizer.step, call_main=distributed_utils.call_main)
     distributed_utils.infer_init_method = infer_init_method
     base_ddp = distributed_fairseq_model.DistributedDataParallel
     distributed_fairseq_model.DistributedDataParallel = _cpu_ddp_class(base_ddp)
@@ -132,6 +151,9 @@ def install():
     checkpoint_utils.torch_persistent_save = torch_persistent_save
     checkpoint_utils.PathManager = _AtomicCopyPathManager(checkpoint_utils.PathManager)
     distributed_utils.distributed_init = distributed_init
+    FP16Optimizer.build_optimizer = classmethod(fp16_build_optimizer)
+    AMPOptimizer.step = amp_step
+    distributed_utils.call_main = call_main
     _installed = True
 
 
@@ -355,3 +377,64 @@ def distributed_init(cfg):
             dist.init_process_group = init
     logger.info(f"collective timeout: {seconds:g} s (--collective-timeout)")
     return result
+
+
+# ------------------------------------------------------------------ 12-14. precision with several ranks
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def fp16_build_optimizer(cls, cfg, params, **kwargs):
+    params = list(params)
+    flat = not getattr(cfg.common, "fp16_no_flatten_grads", False) and not getattr(cfg.common, "bf16", False)
+    if flat and _several_ranks() and any(hasattr(p, "expert") for p in params):
+        from omegaconf import open_dict
+
+        logger.info("expert parallelism: --fp16 keeps its fp32 master copy per parameter "
+                    "(--fp16-no-flatten-grads), so that expert gradients stay out of the gradient norm "
+                    "the ranks compare")
+        with open_dict(cfg):
+            cfg.common.fp16_no_flatten_grads = True
+    return _original["fp16_build_optimizer"](cls, cfg, params, **kwargs)
+
+
+def agree_on_overflow(scaler, optimizer, group=None):
+    """Make every rank's loss-scaler overflow decision the same (MAX over ranks) before
+    scaler.step(optimizer) and scaler.update() read it; no host sync (the flags stay on the
+    device).  Unscales `optimizer` first where step would have (fairseq's AMPOptimizer steps its
+    wrapper, whose gradients scaler.step would otherwise unscale after this point)."""
+    if not scaler.is_enabled():
+        return
+    from torch.amp.grad_scaler import OptState
+
+    states = scaler._per_optimizer_states
+    if states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    flags = [f for state in states.values() for f in state["found_inf_per_device"].values()]
+    if not flags:
+        return
+    found = torch.stack([f.reshape(()).float() for f in flags]).amax()
+    dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+    for f in flags:
+        f.copy_(found.reshape(f.shape).to(f.dtype))
+
+
+def amp_step(self):
+    if _several_ranks() and any(hasattr(p, "expert") for p in self.fp32_optimizer.params):
+        agree_on_overflow(self.scaler, self.fp32_optimizer)
+    return _original["amp_step"](self)
+
+
+def call_main(cfg, main, **kwargs):
+    import sys
+
+    if getattr(cfg.common, "bf16", False) and getattr(cfg.common, "tpu", False) and "--tpu" not in sys.argv:
+        from omegaconf import open_dict
+
+        # fairseq's options.py set --tpu for --bf16; a run that did not ask for a TPU trains
+        # in bfloat16 where it is (check_precision_flags has refused it where that cannot work).
+        for section in (cfg.common, cfg.distributed_training, getattr(cfg, "optimizer", None)):
+            if section is not None and getattr(section, "tpu", False):
+                with open_dict(section):
+                    section.tpu = False
+    return _original["call_main"](cfg, main, **kwargs)

@@ -1,6 +1,6 @@
 """fairseq-train with --checkpoint-activations on a MoE arch (1 process, and 2 CPU processes
-under torchrun with expert parallelism), and the one-line refusals of the half-precision flags
-fairseq 0.12 cannot run without a GPU."""
+under torchrun with expert parallelism), and the one-line refusals of the fp16 flags fairseq 0.12
+cannot run without a GPU."""
 import argparse
 import re
 
@@ -42,17 +42,18 @@ def test_checkpoint_activations_two_processes_expert_parallel(data, tmp_path):
     assert "done training" in log
 
 
-def test_bf16_on_cpu_is_refused_in_one_line(data, tmp_path):
-    proc = run(train_cmd(data, tmp_path / "bf16", *MOE, "--bf16", max_update=1), check=False)
+def test_fp16_on_cpu_is_refused_in_one_line(data, tmp_path):
+    proc = run(train_cmd(data, tmp_path / "fp16", *MOE, "--fp16", max_update=1), check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "moe_fairseq: error: --bf16 needs a CUDA GPU with fairseq 0.12 (--cpu is set): train in fp32 on CPU")
+        "moe_fairseq: error: --fp16 needs a CUDA GPU with fairseq 0.12 (--cpu is set): train in fp32 or with "
+        "--bf16 on CPU")
 
 
 @pytest.mark.parametrize("attr,flag", HALF_PRECISION_FLAGS)
 def test_half_precision_flags_need_cuda(attr, flag):
-    args = argparse.Namespace(**{attr: True}, cpu=False, tpu=attr == "bf16")  # fairseq sets tpu for bf16
+    args = argparse.Namespace(**{attr: True}, cpu=False)
     with pytest.raises(MoEUsageError, match=f"^{flag} needs a CUDA GPU .*no CUDA GPU is available"):
         check_precision_flags(args, cuda_available=False)
     check_precision_flags(args, cuda_available=True)  # accepted on a GPU machine
@@ -60,3 +61,5 @@ def test_half_precision_flags_need_cuda(attr, flag):
     with pytest.raises(MoEUsageError, match=r"--cpu is set"):
         check_precision_flags(args, cuda_available=True)
     check_precision_flags(argparse.Namespace(cpu=True), cuda_available=False)  # fp32 on CPU is fine
+    for bf16 in ("bf16", "memory_efficient_bf16"):  # and so is bf16 (tests/test_precision_ranks.py trains it)
+        check_precision_flags(argparse.Namespace(cpu=True, **{bf16: True}), cuda_available=False)

@@ -4,7 +4,6 @@ With no MoE layers (--moe-expert-count 0 or --moe-freq 0) every module is fairse
 dense baseline runs the very same code path and has exactly the transformer's parameters.
 """
 import datetime
-import importlib.util
 import logging
 
 import torch
@@ -161,29 +160,27 @@ def validate_moe_args(args):
             raise MoEUsageError(str(e)) from None
 
 
-# fairseq 0.12 trains in half precision on CUDA only.  Without a GPU (or with --cpu) --bf16 is
-# taken for TPU training (AttributeError from torch_xla deep in fairseq), --fp16 moves tensors
+# fairseq 0.12 trains in fp16 on CUDA only: without a GPU (or with --cpu) --fp16 moves tensors
 # with .cuda() (and so does every fp16 overflow step, even --memory-efficient-fp16's), and
-# --amp's autocast is CUDA's, which leaves CPU tensors in fp32: a run that says it is mixed
-# precision and is not.  The MoE layer itself computes in all these modes on CPU too
-# (tests/test_precision.py); it is fairseq's trainer that cannot.  Most specific flag first.
-HALF_PRECISION_FLAGS = (("memory_efficient_fp16", "--memory-efficient-fp16"),
-                        ("memory_efficient_bf16", "--memory-efficient-bf16"), ("amp", "--amp"),
-                        ("fp16", "--fp16"), ("bf16", "--bf16"))
+# --amp's autocast and loss scaler are CUDA's, which leave CPU tensors in fp32: a run that says
+# it is mixed precision and is not.  The MoE layer itself computes in all these modes on CPU too
+# (tests/test_precision.py); it is fairseq's trainer that cannot.  bf16 (--bf16,
+# --memory-efficient-bf16) needs neither a loss scaler nor CUDA, and trains on any device once
+# fairseq no longer mistakes it for TPU training (fairseq_patches.call_main).  Most specific
+# flag first.
+HALF_PRECISION_FLAGS = (("memory_efficient_fp16", "--memory-efficient-fp16"), ("amp", "--amp"), ("fp16", "--fp16"))
 
 
 def check_precision_flags(args, cuda_available=None):
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
-    # fairseq turns --tpu on for every --bf16 run, so --tpu alone does not mean a TPU is there.
-    if getattr(args, "tpu", False) and importlib.util.find_spec("torch_xla") is not None:
-        return
     if cuda_available and not getattr(args, "cpu", False):
         return
     for attr, flag in HALF_PRECISION_FLAGS:
         if getattr(args, attr, False):
             where = "--cpu is set" if getattr(args, "cpu", False) else "no CUDA GPU is available"
-            raise MoEUsageError(f"{flag} needs a CUDA GPU with fairseq 0.12 ({where}): train in fp32 on CPU")
+            raise MoEUsageError(f"{flag} needs a CUDA GPU with fairseq 0.12 ({where}): train in fp32 or "
+                                f"with --bf16 on CPU")
 
 
 def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):
