@@ -12,7 +12,7 @@ setup(
     # torch is installed first and explicitly (see README): a bare requirement with no torch
     # present would download a multi-GB CUDA build.
     install_requires=[
-        "torch>=1.13",
+        "torch>=2.4",  # moe_fairseq/moe/torch_version.py
         "fairseq==0.12.2; python_version < '3.11'",
         # fairseq 0.12.2 does not import on Python 3.11+ (dataclass mutable default); this is a
         # drop-in build of the same code that imports as `fairseq`.

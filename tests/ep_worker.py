@@ -383,7 +383,39 @@ def own_group(rank, world, num_experts):
     assert out.shape == x.shape
 
 
-SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
+def generation_in_step(rank, world, num_experts, steps=(5, 2)):
+    """Ranks decoding different numbers of steps through two expert-parallel MoE layers stay in
+    step (moe/generation_in_step.py), and each rank's outputs equal the single-process layers'."""
+    from moe_fairseq.moe.expert_parallel import all_to_all_group
+    from moe_fairseq.moe.generation_in_step import generate_in_step
+
+    group = all_to_all_group()
+    pairs = [build_pair(MoEConfig(num_experts=num_experts, router="top2", seed=s), ExpertParallelComm(num_experts, group))
+             for s in (1, 2)]
+    for ref, ep in pairs:
+        ref.eval()
+        ep.eval()
+    g = torch.Generator().manual_seed(rank)
+    inputs = [torch.randn(3, M, generator=g).to(DEVICE) for _ in range(steps[rank % len(steps)])]
+
+    def decode():
+        outs = []
+        for x in inputs:  # one decoder step: every MoE layer once, in order
+            for _, ep in pairs:
+                x = ep(x)
+            outs.append(x)
+        return outs
+
+    with torch.no_grad():
+        outs = generate_in_step(decode, [ep for _, ep in pairs])
+        for x, out in zip(inputs, outs):
+            for ref, _ in pairs:
+                x = ref(x)
+            close(out, x, "a decoder step's output")
+    assert all(ep.comm.active for _, ep in pairs), "the flag is set back after generation"
+
+
+SCENARIOS = {"generation_in_step": generation_in_step, "equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
              "bad_sharding": bad_sharding, "checkpointing": checkpointing, "host_syncs": host_syncs,
              "own_group": own_group}
 
@@ -400,7 +432,8 @@ def suite(world: int, quick: bool = False) -> list:
             ("equivalence", dict(num_experts=2 * world, router="top2")),
             ("equivalence", dict(num_experts=2 * world, router="top1", capacity_factor=0.5, expect_drops=True)),
             ("checkpointing", dict(num_experts=2 * world, dropout=0.1)),
-            ("host_syncs", dict(num_experts=2 * world)), ("own_group", dict(num_experts=2 * world))]
+            ("host_syncs", dict(num_experts=2 * world)), ("own_group", dict(num_experts=2 * world)),
+            ("generation_in_step", dict(num_experts=2 * world, steps=tuple(range(world, 0, -1))))]
     if quick:
         return jobs
     jobs += [("equivalence", dict(num_experts=2 * world, router="top2", dropless=True, tokens=uneven, seed=2)),

@@ -145,3 +145,10 @@ def test_ep_worker_without_gpus_refuses_nccl_in_one_line():
     assert proc.stderr.strip() == ("ep_worker: error: --backend nccl: local rank 1 needs a GPU of its own, but torch "
                                    f"sees {torch.cuda.device_count() if torch.cuda.is_available() else 0} "
                                    "(one process per GPU)")
+
+
+def test_w2_all_to_alls_on_their_own_group_and_generation_in_step():
+    """A data-parallel all-reduce issued before the MoE exchanges on one rank and after them on
+    the other does not pair with them; ranks decoding 5 and 2 steps stay in step.  Either one
+    hangs without its fix (a shared group; no generate_in_step)."""
+    spawn(2, ("own_group", dict(num_experts=4)), ("generation_in_step", dict(num_experts=4)))

@@ -170,3 +170,17 @@ def test_expert_count_the_world_cannot_hold_is_refused(data, tmp_path):
     proc = run(torchrun_cmd(train_cmd(data, tmp_path, "--moe-expert-count", "3", max_update=1)), check=False)
     assert proc.returncode != 0
     assert "--moe-expert-count=3 cannot be sharded over a world size of 2" in proc.stderr + proc.stdout
+
+
+def test_validation_bleu_with_expert_parallelism_keeps_ranks_in_step(data, tmp_path):
+    """--eval-bleu on 2 ranks: each rank decodes its own validation batches (small batches, so
+    the ranks' batches differ, and so do their numbers of decoder steps, each an all-to-all in
+    every MoE decoder layer).  Without the ranks kept in step the collectives pair up wrongly
+    and the job hangs (here: fails at the 60 s collective timeout)."""
+    cmd = train_cmd(data, tmp_path / "bleu", *MOE, "--eval-bleu", "--eval-bleu-remove-bpe", "none",
+                    "--eval-bleu-args", '{"beam": 2, "max_len_a": 1, "max_len_b": 2}', "--batch-size-valid", "4",
+                    "--validate-interval-updates", "2", "--collective-timeout", "60", "--no-save", max_update=4)
+    proc = run(torchrun_cmd(cmd), timeout=300)
+    log = proc.stdout + proc.stderr
+    assert len(re.findall(r"valid on 'valid' subset", log)) == 2, log[-3000:]
+    assert "done training" in log

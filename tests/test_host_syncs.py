@@ -57,7 +57,6 @@ def test_measure_cli_writes_json(tmp_path):
     assert rows["top2_train_fwd_bwd"]["proxy"] == sum(rows["top2_train_fwd_bwd"]["by_op"].values())
 
 
-def test_expert_parallel_budget_and_own_group_on_two_gloo_ranks():
-    mp.start_processes(ep_worker.run, args=(2, free_port(), [("host_syncs", dict(num_experts=4)),
-                                                             ("own_group", dict(num_experts=4))]),
+def test_expert_parallel_budget_on_two_gloo_ranks():
+    mp.start_processes(ep_worker.run, args=(2, free_port(), [("host_syncs", dict(num_experts=4))]),
                        nprocs=2, join=True, start_method="fork")

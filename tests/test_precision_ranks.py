@@ -147,3 +147,17 @@ def test_bf16_trains_without_a_tpu(data, tmp_path, flag):
     assert len(losses) == 3 and all(0 < v < 20 for v in losses)
     state = torch.load(tmp_path / "bf16" / "checkpoint_last.pt", weights_only=False)
     assert state["cfg"]["common"]["bf16"] and not state["cfg"]["common"]["tpu"]
+
+
+@pytest.mark.parametrize("version,ok", [("2.4.0", True), ("2.13.0+cpu", True), ("2.10.1", True),
+                                        ("2.3.1+cu121", False), ("2.1.0", False), ("1.13.1", False),
+                                        ("2.6.0a0+git1234", True)])
+def test_torch_floor_is_a_one_line_error(version, ok):
+    from moe_fairseq.moe.errors import MoEUsageError
+    from moe_fairseq.moe.torch_version import check_torch_version
+
+    if ok:
+        check_torch_version(version)
+    else:
+        with pytest.raises(MoEUsageError, match=rf"^moe_fairseq needs torch >= 2\.4 \(found {re.escape(version)}\)"):
+            check_torch_version(version)

@@ -158,8 +158,10 @@ class ExpertParallelComm:
         self._send_slot = {}  # device -> (E,) index into the flat (W, L + 1) send-count matrix
         self.stats = A2AStats()
         self._replica_group = _replica_group(group, num_experts, R, self.rank, timeout) if R > 1 else None
-        # False while this rank, done generating, only serves the other ranks' decoder steps.
+        # False while this rank, done generating, only serves the other ranks' decoder steps;
+        # peers_active: whether any rank's flag was set in the last count exchange.
         self.active = True
+        self.peers_active = True
 
     @property
     def all_to_all_calls(self) -> int:
@@ -194,8 +196,8 @@ class ExpertParallelComm:
         recv = exchange_counts(send, self.group, self.stats).view(W, L + 1)  # [s, l]: rows from s for l
         host = torch.cat([counts.long().to(recv.device), recv.reshape(-1)]).tolist()
         received = [host[E + s * (L + 1):E + (s + 1) * (L + 1)] for s in range(W)]
-        return HostCounts(host[:E], [row[:L] for row in received], recv[:, :L],
-                          peers_active=any(row[L] for row in received))
+        self.peers_active = any(row[L] for row in received)
+        return HostCounts(host[:E], [row[:L] for row in received], recv[:, :L], peers_active=self.peers_active)
 
     def exchange(self, x: torch.Tensor, counts: torch.Tensor, host: HostCounts):
         """x: (N, M) rows sorted by global expert, counts (E,) on the device, host what

@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .errors import MoEUsageError
+from .torch_version import check_torch_version
+
+check_torch_version()  # the autocast API below needs torch >= 2.4
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 

@@ -21,6 +21,8 @@ from ..models.moe_args import add_flags
 from ..models.transformer_moe import apply_eval_overrides
 from ..moe.collect import moe_layers
 from ..moe.errors import MoEUsageError
+from ..moe.generation_in_step import generate_in_step
+from ..moe.layer import MoELayer
 
 logger = logging.getLogger(__name__)
 EVAL_BLEU_ORDER = 4
@@ -86,7 +88,10 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
         # the first generated token so each sentence is decoded into its own language.
         prefix = sample["target"][:, :1] if self.args.decoder_langtok else None
         with torch.no_grad():
-            hyps_out = generator.generate([model], sample, prefix_tokens=prefix)
+            # With expert parallelism ranks decode different numbers of steps, each a collective
+            # in every MoE decoder layer: keep them in step (moe/generation_in_step.py).
+            hyps_out = generate_in_step(lambda: generator.generate([model], sample, prefix_tokens=prefix),
+                                        decoder_moe_layers(model))
         strip = self._langtok_ids()
         hyps, refs = [], []
         for i, out in enumerate(hyps_out):
@@ -133,6 +138,13 @@ class TranslationMultiMoETask(TranslationMultiSimpleEpochTask):
                 return round(bleu.score, 2)
 
             metrics.log_derived("bleu", compute_bleu)
+
+
+def decoder_moe_layers(model):
+    """The MoE layers of the model's decoder, in the order a decoder step calls them (module
+    order; the model may be wrapped for data parallelism)."""
+    return [m for name, m in model.named_modules() if isinstance(m, MoELayer)
+            and (name.startswith("decoder.") or ".decoder." in name)]
 
 
 def check_data_dir(args):
