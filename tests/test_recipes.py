@@ -8,12 +8,14 @@ expert-usage plot and slimmable_eval (three fairseq-generate runs, one per k).
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import REPO, USER_DIR, make_tiny_corpus, run, train_cmd
 
@@ -180,7 +182,7 @@ def test_wmt10_config_parses_with_fairseqs_parser(name):
     assert sorted(pairs) == sorted([f"en-{x}" for x in WMT10_LANGS] + [f"{x}-en" for x in WMT10_LANGS])
     assert args.encoder_langtok == "src" and args.decoder_langtok
     assert args.sampling_method == "temperature" and args.sampling_temperature == 5
-    assert args.fp16 and args.ddp_backend == "legacy_ddp"
+    assert args.fp16 and args.fp16_no_flatten_grads and args.ddp_backend == "legacy_ddp"
     assert args.encoder_embed_dim == 512 and args.encoder_layers == 6
     validate_moe_args(args)  # the MoE flags are consistent (k <= E, split FFN divisible, ...)
     assert args.moe_expert_count == (0 if name == "dense" else 8)
@@ -440,3 +442,41 @@ def argparse_ns(**kw):
     import argparse
 
     return argparse.Namespace(**kw)
+
+
+# ---------------------------------------------------------------- wmt10 on 2 ranks
+
+@slow
+def test_wmt10_config_trains_expert_parallel_resumes_and_consolidates(corpus, tmp_path):
+    """configs/wmt10/moe_top2.args as the CLI reads it, its precision lines dropped (fp32 on CPU),
+    two directions of the tiny corpus and tiny sizes: 2 gloo ranks with expert parallelism
+    (8 experts, 4 per rank) and the config's legacy_ddp train to a sharded checkpoint, resume
+    from it, and moe-consolidate merges the final one into a file fairseq loads in one process."""
+    from cli_helpers import cli, torchrun_cmd
+
+    path = config_path("wmt10", "moe_top2")
+    args = [a for a in config_args(path) if a not in ("--fp16", "--fp16-no-flatten-grads")]
+    tiny = ["--lang-pairs", "en-de,en-fr", "--cpu", "--num-workers", "0", "--max-tokens", "600", "--update-freq", "1",
+            "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+            "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+            "--decoder-attention-heads", "2", "--warmup-updates", "2", "--save-interval-updates", "2",
+            "--validate-interval-updates", "2", "--log-format", "simple", "--log-interval", "1",
+            "--save-dir", str(tmp_path / "ckpt")]
+
+    def train(max_update):
+        cmd = [cli("fairseq-train"), corpus, "--user-dir", USER_DIR, *args, *tiny, "--max-update", str(max_update)]
+        proc = run(torchrun_cmd(cmd), timeout=600)
+        return proc.stdout + proc.stderr
+
+    first = train(2)
+    assert "'ddp_backend': 'legacy_ddp'" in first and "'distributed_world_size': 2" in first
+    assert "num. expert model params" in first
+    second = train(4)
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last.pt \(epoch 1 @ 2 updates\)", second), second[-3000:]
+    assert re.search(r"num_updates=4\b", second), second[-3000:]
+    out = tmp_path / "consolidated.pt"
+    run([cli("moe-consolidate"), tmp_path / "ckpt" / "checkpoint_last.pt", out])
+    state = torch.load(out, weights_only=False)
+    w1 = [v for k, v in state["model"].items() if k.endswith("moe.experts.w1")]
+    assert w1 and all(v.shape[0] == 8 for v in w1), "every expert in one file"
+    assert state["optimizer_history"][-1]["num_updates"] == 4
