@@ -34,7 +34,7 @@ pair up with) a gradient bucket's all-reduce that another rank happened to issue
 
 Generation with several ranks: each rank decodes its own batch, so ranks run different numbers
 of decoder steps, while every MoE decoder call is a collective.  A rank that has finished sets
-`active = False` and keeps serving the others' exchanges (`serve_until_all_done`) until every
+`active = False` and keeps serving the others' exchanges (generation_in_step.py) until every
 rank's flag, which travels with the counts, says it is done; all ranks read the same flags
 from the same exchange, so they leave in the same call.
 
