@@ -31,7 +31,8 @@ def _pool(paths):
 
 
 def balanced_sample(files_by_lang, out_paths, sample_size, temperature, seed=1):
-    """Writes round(sample_size * p_l) sentences of each language l to out_paths[l].
+    """Writes round(S * p_l) sentences of each language l to out_paths[l], where
+    S = min(sample_size, all sentences): a small corpus is not blown up to sample_size.
 
     files_by_lang: {lang: [cleaned train files holding that language]}. A language with fewer
     sentences than its quota is repeated (every sentence q times, plus a random remainder), so
@@ -39,6 +40,7 @@ def balanced_sample(files_by_lang, out_paths, sample_size, temperature, seed=1):
     """
     sizes = {lang: sum(count_lines(p) for p in paths) for lang, paths in files_by_lang.items()}
     shares = temperature_shares(sizes, temperature)
+    sample_size = min(sample_size, sum(sizes.values()))
     rng = random.Random(seed)
     report = {}
     for lang in sorted(files_by_lang):

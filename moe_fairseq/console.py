@@ -14,3 +14,36 @@ def quiet_third_party_warnings():
     warnings.filterwarnings(
         "ignore", category=FutureWarning, module=r"fairscale\.",
         message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)\(args\.\.\.\)` is deprecated")
+
+
+def _run(module):
+    """The console script's body: the filter first, then the module (which may import fairseq)."""
+    import importlib
+
+    quiet_third_party_warnings()
+    return importlib.import_module(module).cli_main()
+
+
+# the console scripts of setup.py
+def consolidate():
+    return _run("moe_fairseq.checkpoint.consolidate")
+
+
+def reshard():
+    return _run("moe_fairseq.checkpoint.reshard")
+
+
+def prune():
+    return _run("moe_fairseq.checkpoint.prune")
+
+
+def average():
+    return _run("moe_fairseq.checkpoint.average")
+
+
+def evaluate():
+    return _run("moe_fairseq.evaluate")
+
+
+def prepare():
+    return _run("data_prep.prepare")
