@@ -482,6 +482,7 @@ def test_wmt10_and_opus100_configs_train_on_prepared_data_and_evaluate_on_flores
     hyps = [line.split("\t")[2] for line in (out / f"generate.devtest.en-de.txt").read_text().splitlines()
             if line.startswith("D-")]
     assert len(hyps) == len(devtest)
+    assert not any("\u2581" in h for h in hyps)  # sentencepiece post-processing (the default)
     ids = [int(line.split("\t")[0][2:]) for line in (out / "generate.devtest.en-de.txt").read_text().splitlines()
            if line.startswith("D-")]
     ordered = [h for _, h in sorted(zip(ids, hyps))]
