@@ -12,10 +12,11 @@ Expected --raw-dir layout (you assemble it; plain text or .gz, one sentence a li
 
 train = all WMT training corpora of that year's task concatenated; valid/test = the news sets in
 WMT_10 below, as plain text (e.g. `sacrebleu -t wmt18 -l cs-en --echo src > test.cs-en.cs` and
-`--echo ref > test.cs-en.en`). `--download` prints the public URLs per language; the corpora come
-in many formats (tgz of plain text, tsv, tmx, sgm), so turning them into this layout is left to you.
+`--echo ref > test.cs-en.en`). `--download` prints the public URLs per language.
 
-Each xx-en pair is binarized once and serves both xx->en and en->xx (see data_prep/pipeline.py).
+This layout is the old interface, kept working: it is handed to moe-prepare (data_prep/prepare.py)
+as --pairs. `moe-prepare --wmt10` fetches the corpora itself (fetch_wmt10, with mtdata) and reads
+every format they come in. Each xx-en pair is binarized once and serves both xx->en and en->xx.
 """
 
 import argparse
@@ -178,8 +179,23 @@ def build_arg_parser():
     p.add_argument("--languages", default=",".join(LANGS),
                    help="comma-separated subset of " + ",".join(LANGS) + " (default: all)")
     p.add_argument("--destdir", default="data-bin/wmt10", help="output (data-bin/wmt10)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --destdir")
     pipeline.add_common_args(p, default_vocab_size=64000, default_spm_sentences=2_000_000)
     return p
+
+
+def moe_prepare_argv(args, langs):
+    """This script's flags as moe-prepare's (train pairs are always deduplicated there)."""
+    specs = [f"{split}:{p.src}-{p.tgt}:{p.src_path},{p.tgt_path}"
+             for split, pairs in raw_pairs(args.raw_dir, langs).items() for p in pairs]
+    argv = ["--pairs", *specs, "--out", args.destdir, "--spm-vocab-size", str(args.vocab_size),
+            "--spm-sample-size", str(args.spm_input_sentence_size), "--max-len", str(args.max_len),
+            "--max-ratio", str(args.max_ratio), "--workers", str(args.workers)]
+    if args.max_train_sentences is not None:
+        argv += ["--max-train-sentences", str(args.max_train_sentences)]
+    if args.fairseq_preprocess:
+        argv += ["--fairseq-preprocess", args.fairseq_preprocess]
+    return argv + (["--force"] if args.force else [])
 
 
 def main(argv=None):
@@ -196,7 +212,9 @@ def main(argv=None):
         if not args.raw_dir:
             raise DataPrepError("--raw-dir is required (see --help for the layout, --download "
                                 "for where to get the data)")
-        pipeline.run_from_args("wmt10", raw_pairs(args.raw_dir, langs), args)
+        from data_prep.prepare import prepare  # moe-prepare imports this module
+
+        prepare(moe_prepare_argv(args, langs))
     except DataPrepError as e:
         sys.exit(f"prepare_wmt10: error: {e}")
 

@@ -492,3 +492,26 @@ def test_wmt10_and_opus100_configs_train_on_prepared_data_and_evaluate_on_flores
     assert rows[0]["signature"].startswith("nrefs:1|case:mixed") and rows[0]["chrf_signature"].startswith("nrefs:1")
     saved = json.loads((out / "results.json").read_text())
     assert saved == rows and "chrF signature" in (out / "results.md").read_text()
+
+
+def test_prepare_wmt10_sh_old_layout_goes_through_moe_prepare(tmp_path, stub):
+    """data_prep/prepare_wmt10.sh's hand-assembled {split}.{xx}-en.{lang} directory still works:
+    it becomes moe-prepare --pairs (all 20 directions when all languages are there)."""
+    raw = tmp_path / "raw"
+    rows = sentences(60, seed=17)
+    for i, xx in enumerate(("ro", "gu")):
+        for split, part in (("train", rows[20:]), ("valid", rows[:10]), ("test", rows[10:20])):
+            write(raw / (f"{split}.{xx}-en.{xx}" + (".gz" if split == "train" else "")),
+                  [r[("xa", "xb")[i]] for r in part])
+            write(raw / f"{split}.{xx}-en.en", [r["en"] for r in part])
+    out = tmp_path / "wmt10"
+    proc = subprocess.run(["bash", str(REPO / "data_prep" / "prepare_wmt10.sh"), "--raw-dir", str(raw),
+                           "--languages", "ro,gu", "--destdir", str(out), "--vocab-size", "80",
+                           "--fairseq-preprocess", stub], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["directions"] == ["ro-en", "en-ro", "gu-en", "en-gu"]
+    assert manifest["counts"]["gu-en"]["train"]["kept"] == 40
+    assert manifest["command"].startswith("moe-prepare --pairs train:ro-en:")
+    assert {"train.ro-en.ro.bin", "test.gu-en.en.idx", "spm.model"} <= set(os.listdir(out))
