@@ -164,7 +164,7 @@ def _check_no_foreign_pairs(destdir, pairs):
 def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_000,
         max_train_sentences=None, max_len=250, max_ratio=3.0, dedup=False, workers=2,
         fairseq_preprocess=None, seed=1, spm_model_type="unigram", remove_overlap=False,
-        temperature=None, character_coverage=1.0, report=None):
+        temperature=None, character_coverage=1.0, report=None, announce=True):
     """Prepares one multilingual data-bin directory.
 
     raw_pairs: {split: [Pair, ...]} for split in train/valid/test (train required); each Pair
@@ -174,6 +174,8 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
     temperature: train sentencepiece on a temperature-balanced sample of spm_input_sentence_size
     sentences (data_prep/sampling.py) instead of sentencepiece's uniform sample of one file per
     language. report: a dict, filled with the counts of each step and the sentencepiece settings.
+    announce: end with the directory and the flags to train on it (a caller that moves the
+    directory afterwards says that itself).
     """
     log = _Log(name)
     report = {} if report is None else report
@@ -262,8 +264,9 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
         f.write("".join(lang + "\n" for lang in langs))
     os.replace(tmp, os.path.join(destdir, "langs.txt"))
     both = [f"{a}-{b}" for s, t in pairs for a, b in ((s, t), (t, s))]
-    log(f"done: {destdir}  (translation_multi_simple_epoch: --langs {','.join(langs)} "
-        f"--lang-pairs {','.join(both)}); {work} can be deleted")
+    if announce:
+        log(f"done: {destdir}  (translation_multi_simple_epoch: --langs {','.join(langs)} "
+            f"--lang-pairs {','.join(both)}); {work} can be deleted")
     return destdir
 
 

@@ -243,7 +243,8 @@ def prepare(argv=None):
                      fairseq_preprocess=args.fairseq_preprocess, seed=args.seed,
                      spm_model_type=args.spm_model_type, remove_overlap=True,
                      temperature=args.temperature,
-                     character_coverage=args.spm_character_coverage, report=report)
+                     character_coverage=args.spm_character_coverage, report=report,
+                     announce=False)
         pairs = pipeline.unique_pairs([(p.src, p.tgt) for p in raw_pairs["train"]])
         manifest = build_manifest(args, argv, raw_pairs, report, lang_pairs(pairs, args.directions))
         if not args.keep_work:

@@ -515,3 +515,13 @@ def test_prepare_wmt10_sh_old_layout_goes_through_moe_prepare(tmp_path, stub):
     assert manifest["counts"]["gu-en"]["train"]["kept"] == 40
     assert manifest["command"].startswith("moe-prepare --pairs train:ro-en:")
     assert {"train.ro-en.ro.bin", "test.gu-en.en.idx", "spm.model"} <= set(os.listdir(out))
+
+
+@pytest.mark.parametrize("name", ["moe_top2", "dense"])
+def test_opus100_configs_are_wmt10s_recipe_on_other_directions(name):
+    from test_recipes import config_flags
+
+    opus, wmt = (config_flags(REPO / "configs" / setup / f"{name}.args") for setup in ("opus100", "wmt10"))
+    assert opus.pop("--lang-pairs") == "en-de,en-fr,en-ru,en-zh"
+    wmt.pop("--lang-pairs")
+    assert opus == wmt
