@@ -16,34 +16,23 @@ def quiet_third_party_warnings():
         message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)\(args\.\.\.\)` is deprecated")
 
 
-def _run(module):
-    """The console script's body: the filter first, then the module (which may import fairseq)."""
-    import importlib
+def _entry(module):
+    """A console script's body: the filter first, then the module (which may import fairseq)
+    and its cli_main."""
+    def main():
+        import importlib
 
-    quiet_third_party_warnings()
-    return importlib.import_module(module).cli_main()
+        quiet_third_party_warnings()
+        return importlib.import_module(module).cli_main()
+
+    main.__name__ = module.rsplit(".", 1)[-1]
+    return main
 
 
 # the console scripts of setup.py
-def consolidate():
-    return _run("moe_fairseq.checkpoint.consolidate")
-
-
-def reshard():
-    return _run("moe_fairseq.checkpoint.reshard")
-
-
-def prune():
-    return _run("moe_fairseq.checkpoint.prune")
-
-
-def average():
-    return _run("moe_fairseq.checkpoint.average")
-
-
-def evaluate():
-    return _run("moe_fairseq.evaluate")
-
-
-def prepare():
-    return _run("data_prep.prepare")
+consolidate = _entry("moe_fairseq.checkpoint.consolidate")
+reshard = _entry("moe_fairseq.checkpoint.reshard")
+prune = _entry("moe_fairseq.checkpoint.prune")
+average = _entry("moe_fairseq.checkpoint.average")
+evaluate = _entry("moe_fairseq.evaluate")
+prepare = _entry("data_prep.prepare")
