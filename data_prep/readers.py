@@ -105,17 +105,19 @@ def _seg_text(seg):
 def read_tmx(path, src, tgt):
     """(src, tgt) of each <tu> that has a <tuv> in both languages (matched on xml:lang).
 
-    iterparse keeps memory flat on multi-GB memories: each <tu> is dropped once read.
+    iterparse reads it as a stream, and each <tu> is dropped once read.
     """
     opener = gzip.open if str(path).lower().endswith(".gz") else open
     n_units = n_pairs = 0
     try:
         with opener(path, "rb") as f:
-            root = None
+            parents = []  # the open elements: a finished <tu> is removed from its parent
             for event, elem in ET.iterparse(f, events=("start", "end")):
-                if root is None:
-                    root = elem
-                if event != "end" or elem.tag != "tu":
+                if event == "start":
+                    parents.append(elem)
+                    continue
+                parents.pop()
+                if elem.tag != "tu":
                     continue
                 n_units += 1
                 sides = {}
@@ -125,10 +127,11 @@ def read_tmx(path, src, tgt):
                     for lang in (src, tgt):
                         if seg is not None and lang not in sides and _lang_matches(code, lang):
                             sides[lang] = _seg_text(seg)
+                if parents:
+                    parents[-1].remove(elem)  # memory stays flat on multi-GB files
                 if len(sides) == 2:
                     n_pairs += 1
                     yield sides[src], sides[tgt]
-                root.clear()  # drop the parsed <tu>s: memory stays flat
     except ET.ParseError as e:
         line, col = e.position
         raise DataPrepError(f"{path}: malformed or truncated TMX at line {line}, column {col} "
