@@ -525,3 +525,42 @@ def test_opus100_configs_are_wmt10s_recipe_on_other_directions(name):
     assert opus.pop("--lang-pairs") == "en-de,en-fr,en-ru,en-zh"
     wmt.pop("--lang-pairs")
     assert opus == wmt
+
+
+FAKE_MTDATA = r"""
+import json, os, sys
+a = sys.argv[1:]
+out, langs = a[a.index("-o") + 1], a[a.index("-l") + 1]
+code = langs.split("-")[0]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(os.path.dirname(out), "calls.jsonl"), "a") as f:
+    f.write(json.dumps(a) + "\n")
+rows = json.loads(os.environ["FAKE_ROWS"])
+for stem, part in (("train", rows[10:]), ("dev", rows[:5]), ("test1", rows[5:10])):
+    for lang, key in ((code, "xb"), ("eng", "en")):
+        with open(os.path.join(out, f"{stem}.{lang}"), "w") as f:
+            f.write("".join(r[key] + " " + code * (lang != "eng") + "\n" for r in part))
+"""
+
+
+def test_wmt10_fetches_with_mtdata_then_prepares(tmp_path, stub, monkeypatch):
+    """--wmt10 with a stand-in for mtdata's command line: the dataset ids of WMT10_MTDATA are
+    asked for, one `mtdata get` per language, and a language already fetched is not fetched again."""
+    fake = tmp_path / "fake_mtdata.py"
+    fake.write_text(FAKE_MTDATA)
+    monkeypatch.setattr(prepare_wmt10, "MTDATA_CMD", [sys.executable, str(fake)])
+    monkeypatch.setenv("FAKE_ROWS", json.dumps(sentences(30, seed=19)))
+    dl = tmp_path / "dl"
+    argv = ["--wmt10", "--langs", "gu,ro", "--download-dir", str(dl), "--spm-vocab-size", "80",
+            "--fairseq-preprocess", stub]
+    manifest = prepare(argv + ["--out", str(tmp_path / "a")])
+    calls = [json.loads(line) for line in (dl / "calls.jsonl").read_text().splitlines()]
+    assert [c[c.index("-l") + 1] for c in calls] == ["guj-eng", "ron-eng"]
+    gu = calls[0]
+    assert gu[gu.index("-tr") + 1:gu.index("-dv")] == prepare_wmt10.WMT10_MTDATA["gu"][1]
+    assert gu[gu.index("-dv") + 1] == "Statmt-newsdev_guen-2019-guj-eng"
+    assert gu[gu.index("-ts") + 1] == "Statmt-newstest_guen-2019-guj-eng" and "--merge" in gu
+    assert manifest["directions"] == ["gu-en", "en-gu", "ro-en", "en-ro"]
+    assert manifest["counts"]["gu-en"]["train"]["kept"] == 20
+    prepare(argv + ["--out", str(tmp_path / "b")])  # fetched already: mtdata is not run again
+    assert len((dl / "calls.jsonl").read_text().splitlines()) == 2
