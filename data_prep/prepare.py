@@ -93,15 +93,17 @@ def build_parser():
 
 
 def check_args(args):
-    for flag, value, ok in (("--spm-vocab-size", args.spm_vocab_size, args.spm_vocab_size >= 10),
-                            ("--spm-character-coverage", args.spm_character_coverage,
-                             0 < args.spm_character_coverage <= 1),
-                            ("--spm-sample-size", args.spm_sample_size, args.spm_sample_size >= 1),
-                            ("--temperature", args.temperature, args.temperature > 0),
-                            ("--max-len", args.max_len, args.max_len >= 1),
-                            ("--max-ratio", args.max_ratio, args.max_ratio >= 1)):
+    for flag, value, ok, allowed in (
+            ("--spm-vocab-size", args.spm_vocab_size, args.spm_vocab_size >= 10, ">= 10"),
+            ("--spm-character-coverage", args.spm_character_coverage,
+             0 < args.spm_character_coverage <= 1, "in (0, 1], e.g. 1.0 or 0.9995"),
+            ("--spm-sample-size", args.spm_sample_size, args.spm_sample_size >= 1, ">= 1"),
+            ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+            ("--max-len", args.max_len, args.max_len >= 1, ">= 1"),
+            ("--max-ratio", args.max_ratio, args.max_ratio >= 1, ">= 1"),
+            ("--workers", args.workers, args.workers >= 1, ">= 1")):
         if not ok:
-            raise DataPrepError(f"{flag}: {value} is out of range")
+            raise DataPrepError(f"{flag}: {value} is not allowed (must be {allowed})")
     for name, _ in args.layout:
         if name not in LAYOUTS:
             raise DataPrepError(f"--layout: '{name}' is not one of {', '.join(LAYOUTS)}")

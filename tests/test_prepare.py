@@ -564,3 +564,16 @@ def test_wmt10_fetches_with_mtdata_then_prepares(tmp_path, stub, monkeypatch):
     assert manifest["counts"]["gu-en"]["train"]["kept"] == 20
     prepare(argv + ["--out", str(tmp_path / "b")])  # fetched already: mtdata is not run again
     assert len((dl / "calls.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--spm-character-coverage", "1.5"], "--spm-character-coverage: 1.5 is not allowed (must be in (0, 1]"),
+    (["--temperature", "0"], "--temperature: 0.0 is not allowed (must be > 0)"),
+    (["--layout", "europarl", "x"], "--layout: 'europarl' is not one of opus100, flores, mtdata"),
+    ([], "no source: give --pairs, --layout NAME ROOT or --wmt10"),
+    (["--pairs", "training:de-en:a,b"], "--pairs: 'training:de-en:a,b' is not like SPLIT:SRC-TGT:FILE[,FILE]"),
+])
+def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, flags, message):
+    with pytest.raises(DataPrepError) as e:
+        prepare([*flags, "--out", str(tmp_path / "o")])
+    _one_line(e, message)
