@@ -226,7 +226,7 @@ def _mtdata_parts(d, codes, pivot):
         name = os.path.basename(path)
         if ".meta." in name or name.startswith("."):
             continue
-        stem, _, code = name.removesuffix(".gz").rpartition(".")
+        stem, _, code = (name[:-3] if name.endswith(".gz") else name).rpartition(".")
         stems.setdefault(stem, {})[code] = path
     return [_orient(parts, files, codes, pivot) for stem, files in sorted(stems.items())
             if len(files) == 2]
