@@ -24,14 +24,18 @@ setup(
         "matplotlib",
         "tensorboardX",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # data: `moe-prepare --wmt10` fetches the corpora with mtdata
+    extras_require={"test": ["pytest>=7"], "data": ["mtdata>=0.4"]},
     entry_points={
+        # moe_fairseq.console silences fairscale's import-time FutureWarnings, then runs the
+        # module's cli_main
         "console_scripts": [
-            "moe-consolidate=moe_fairseq.checkpoint.consolidate:cli_main",
-            "moe-reshard=moe_fairseq.checkpoint.reshard:cli_main",
-            "moe-prune=moe_fairseq.checkpoint.prune:cli_main",
-            "moe-average=moe_fairseq.checkpoint.average:cli_main",
-            "moe-evaluate=moe_fairseq.evaluate:cli_main",
+            "moe-consolidate=moe_fairseq.console:consolidate",
+            "moe-reshard=moe_fairseq.console:reshard",
+            "moe-prune=moe_fairseq.console:prune",
+            "moe-average=moe_fairseq.console:average",
+            "moe-evaluate=moe_fairseq.console:evaluate",
+            "moe-prepare=moe_fairseq.console:prepare",
         ]
     },
 )

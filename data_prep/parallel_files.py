@@ -32,12 +32,17 @@ class DataPrepError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One translation direction and its two line-aligned raw files."""
+    """One translation direction and its two line-aligned raw files (or one .tsv/.tmx file
+    holding both sides: then tgt_path == src_path)."""
 
     src: str
     tgt: str
     src_path: str
     tgt_path: str
+    swapped: bool = False  # a .tsv's columns are (tgt, src): the pair was reversed
+
+    def reversed(self):
+        return Pair(self.tgt, self.src, self.tgt_path, self.src_path, not self.swapped)
 
 
 @dataclasses.dataclass
@@ -49,12 +54,13 @@ class CleanStats:
     ratio: int = 0
     duplicate: int = 0
     over_limit: int = 0  # beyond --max-sentences
+    overlap: int = 0  # a side occurs in a valid or test set
 
     def summary(self):
         dropped = self.read - self.kept
         return (f"read {self.read}, kept {self.kept}, dropped {dropped} (empty {self.empty}, "
                 f"too_long {self.too_long}, ratio {self.ratio}, duplicate {self.duplicate}, "
-                f"over_limit {self.over_limit})")
+                f"over_limit {self.over_limit}, overlap {self.overlap})")
 
 
 # --------------------------------------------------------------------------------------------- io
@@ -152,9 +158,9 @@ def output_paths(out_dir, split, src, tgt):
     return f"{prefix}.{src}", f"{prefix}.{tgt}"
 
 
-def _aligned_lines(src_path, tgt_path):
-    """Yields (src_line, tgt_line); raises a one-line error naming both files if counts differ."""
-    src_it, tgt_it = iter_lines(src_path), iter_lines(tgt_path)
+def aligned(src_it, tgt_it, src_path, tgt_path):
+    """Yields (src, tgt) from two sentence iterators; raises a one-line error naming both files
+    if their counts differ."""
     n = 0
     for s in src_it:
         t = next(tgt_it, None)
@@ -170,15 +176,23 @@ def _aligned_lines(src_path, tgt_path):
                             f"{tgt_path} has {n + rest} lines")
 
 
+def sentence_key(text):
+    """A 16-byte digest of a sentence (or pair): bounded memory on WMT-sized corpora."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
 def clean_lines(pairs_of_lines, out_src, out_tgt, max_len=250, max_ratio=3.0, dedup=False,
-                filter=True, max_sentences=None):
+                filter=True, max_sentences=None, exclude=None, stats=None, seen=None):
     """Writes the kept (src, tgt) lines to the open files out_src/out_tgt; returns CleanStats.
 
     filter=False only normalizes whitespace and keeps every line (for valid/test sets, whose
     references must not be filtered, or scores would not be comparable with published ones).
+    exclude: sentence_key()s of held-out sentences; a pair either of whose sides is one of them
+    is dropped (counted as `overlap`, after the duplicate check). stats/seen carry the counts
+    and the dedup set over several inputs of one direction.
     """
-    stats = CleanStats()
-    seen = set()
+    stats = CleanStats() if stats is None else stats
+    seen = set() if seen is None else seen
     for s, t in pairs_of_lines:
         stats.read += 1
         s, t = normalize(s), normalize(t)
@@ -198,11 +212,14 @@ def clean_lines(pairs_of_lines, out_src, out_tgt, max_len=250, max_ratio=3.0, de
                 continue
             if dedup:
                 # a 16-byte digest instead of the text keeps memory bounded on WMT-sized corpora
-                key = hashlib.blake2b(f"{s}\n{t}".encode("utf-8"), digest_size=16).digest()
+                key = sentence_key(f"{s}\n{t}")
                 if key in seen:
                     stats.duplicate += 1
                     continue
                 seen.add(key)
+            if exclude and (sentence_key(s) in exclude or sentence_key(t) in exclude):
+                stats.overlap += 1
+                continue
         out_src.write(s + "\n")
         out_tgt.write(t + "\n")
         stats.kept += 1
@@ -212,18 +229,31 @@ def clean_lines(pairs_of_lines, out_src, out_tgt, max_len=250, max_ratio=3.0, de
 def clean_pairs(pairs, out_dir, split, **clean_kwargs):
     """Cleans several pairs as one transaction: all outputs appear, or none changes.
 
-    Returns {(src, tgt): CleanStats}. Raises DataPrepError (no output written) on a line-count
-    mismatch or unreadable input.
+    Pairs of the same direction (several corpora, e.g. Europarl and News Commentary) are
+    concatenated, in the order given, into one output, and deduplicated across each other.
+    Any format data_prep.readers reads is accepted. Returns {(src, tgt): CleanStats}. Raises
+    DataPrepError (no output written) on a line-count mismatch or unreadable input.
     """
-    outputs = [output_paths(out_dir, split, p.src, p.tgt) for p in pairs]
-    flat = [path for o in outputs for path in o]
-    if len(set(flat)) != len(flat):
-        raise DataPrepError(f"--pair: the same direction is given twice for split {split}")
+    from data_prep.readers import read_pair  # readers builds on this module
+
+    groups = {}
+    for p in pairs:
+        groups.setdefault((p.src, p.tgt), []).append(p)
+    langs_seen = {}
+    for s, t in groups:
+        if frozenset((s, t)) in langs_seen:
+            raise DataPrepError(f"--pair: {s}-{t} and {langs_seen[frozenset((s, t))]} are both "
+                                f"given for split {split}: give one direction of a language pair")
+        langs_seen[frozenset((s, t))] = f"{s}-{t}"
+    outputs = [output_paths(out_dir, split, s, t) for s, t in groups]
     stats = {}
-    with atomic_outputs(flat) as handles:
-        for i, p in enumerate(pairs):
-            stats[(p.src, p.tgt)] = clean_lines(_aligned_lines(p.src_path, p.tgt_path),
-                                                handles[2 * i], handles[2 * i + 1], **clean_kwargs)
+    with atomic_outputs([path for o in outputs for path in o]) as handles:
+        for i, (direction, group) in enumerate(groups.items()):
+            st, seen = CleanStats(), set()
+            for p in group:
+                clean_lines(read_pair(p), handles[2 * i], handles[2 * i + 1], stats=st, seen=seen,
+                            **clean_kwargs)
+            stats[direction] = st
     return stats
 
 

@@ -15,14 +15,18 @@ One binarized pair serves both directions: translation_multi_simple_epoch looks 
 Every step writes atomically, so a rerun after an interruption redoes the work correctly.
 """
 
+import dataclasses
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import time
 
-from data_prep.parallel_files import (DataPrepError, clean_pairs, encode_file,
-                                      parse_direction, train_sentencepiece, write_fairseq_dict)
+from data_prep.parallel_files import (DataPrepError, clean_pairs, encode_file, iter_lines,
+                                      normalize, parse_direction, sentence_key,
+                                      train_sentencepiece, write_fairseq_dict)
+from data_prep.sampling import balanced_sample
 
 SPLITS = ("train", "valid", "test")
 
@@ -65,13 +69,37 @@ def unique_pairs(directions):
 
 
 def preprocess_command(override=None):
+    """The fairseq-preprocess to run: None = fairseq's Python API in this process (no ~5 s
+    start-up per pair), else a command line (--fairseq-preprocess CMD)."""
     if override:
         return shlex.split(override)
-    exe = shutil.which("fairseq-preprocess")
-    if exe is None:
-        raise DataPrepError("fairseq-preprocess not found on PATH "
-                            "(install fairseq, or pass --fairseq-preprocess CMD)")
-    return [exe]
+    try:
+        import fairseq_cli.preprocess  # noqa: F401
+    except ImportError:
+        raise DataPrepError("fairseq is not installed (fairseq-preprocess binarizes the data; "
+                            "pip install fairseq, or pass --fairseq-preprocess CMD)") from None
+    return None
+
+
+def _preprocess_in_process(argv):
+    """fairseq-preprocess's main on argv; returns (exit code, its log)."""
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    args = options.get_preprocessing_parser().parse_args(argv)
+    handlers_before, level = list(preprocess.logger.handlers), preprocess.logger.level
+    preprocess.logger.setLevel(logging.WARNING)  # its INFO lines repeat what run() logs
+    try:
+        preprocess.main(args)
+        return 0, ""
+    except Exception as e:  # noqa: BLE001 -- reported in one line with its log
+        return 1, f"{type(e).__name__}: {e}"
+    finally:  # main adds a FileHandler on its module logger at every call
+        for h in preprocess.logger.handlers:
+            if h not in handlers_before:
+                preprocess.logger.removeHandler(h)
+                h.close()
+        preprocess.logger.setLevel(level)
 
 
 class _Log:
@@ -91,19 +119,25 @@ def binarize_pair(cmd, src, tgt, text_dir, destdir, dict_path, splits, workers):
     stage = os.path.join(destdir, f".binarize-{src}-{tgt}.tmp")
     shutil.rmtree(stage, ignore_errors=True)  # left over by a killed run
     os.makedirs(stage)
-    argv = cmd + ["--source-lang", src, "--target-lang", tgt, "--destdir", stage,
-                  "--srcdict", dict_path, "--tgtdict", dict_path, "--workers", str(workers)]
+    argv = ["--source-lang", src, "--target-lang", tgt, "--destdir", stage,
+            "--srcdict", dict_path, "--tgtdict", dict_path, "--workers", str(workers)]
     for split in splits:
         flag = {"train": "--trainpref", "valid": "--validpref", "test": "--testpref"}[split]
         argv += [flag, os.path.join(text_dir, f"{split}.{src}-{tgt}")]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
+    if cmd is None:
+        returncode, output = _preprocess_in_process(argv)
+        argv = ["fairseq-preprocess", *argv]
+    else:
+        argv = cmd + argv
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        returncode, output = proc.returncode, proc.stdout
+    if returncode != 0:
         err_log = os.path.join(destdir, f"preprocess.{src}-{tgt}.error.log")
         with open(err_log, "w", encoding="utf-8") as f:
-            f.write(" ".join(shlex.quote(a) for a in argv) + "\n" + proc.stdout)
+            f.write(" ".join(shlex.quote(a) for a in argv) + "\n" + output)
         shutil.rmtree(stage, ignore_errors=True)
         raise DataPrepError(f"fairseq-preprocess failed for {src}-{tgt} "
-                            f"(exit {proc.returncode}); output in {err_log}")
+                            f"(exit {returncode}); output in {err_log}")
     for name in sorted(os.listdir(stage)):
         target = f"preprocess.{src}-{tgt}.log" if name == "preprocess.log" else name
         os.replace(os.path.join(stage, name), os.path.join(destdir, target))
@@ -129,13 +163,22 @@ def _check_no_foreign_pairs(destdir, pairs):
 
 def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_000,
         max_train_sentences=None, max_len=250, max_ratio=3.0, dedup=False, workers=2,
-        fairseq_preprocess=None, seed=1, spm_model_type="unigram"):
+        fairseq_preprocess=None, seed=1, spm_model_type="unigram", remove_overlap=False,
+        temperature=None, character_coverage=1.0, report=None, announce=True):
     """Prepares one multilingual data-bin directory.
 
     raw_pairs: {split: [Pair, ...]} for split in train/valid/test (train required); each Pair
-    names the raw source and target file of one language pair (plain or .gz).
+    names the raw files of one language pair, in any format data_prep.readers reads; several
+    Pairs of one direction are concatenated.
+    remove_overlap: drop every train pair with a side that occurs in any valid or test set.
+    temperature: train sentencepiece on a temperature-balanced sample of spm_input_sentence_size
+    sentences (data_prep/sampling.py) instead of sentencepiece's uniform sample of one file per
+    language. report: a dict, filled with the counts of each step and the sentencepiece settings.
+    announce: end with the directory and the flags to train on it (a caller that moves the
+    directory afterwards says that itself).
     """
     log = _Log(name)
+    report = {} if report is None else report
     if "train" not in raw_pairs:
         raise DataPrepError(f"{name}: no train split given")
     splits = [s for s in SPLITS if s in raw_pairs]
@@ -155,31 +198,53 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
         f"output {destdir}")
 
     log("step 1/4: check and clean raw files")
-    for split in splits:
+    counts = report.setdefault("counts", {})
+    # held-out sets first: their sentences are what train must not contain
+    for split in sorted(splits, key=lambda s: s == "train"):
         todo = [p for p in raw_pairs[split] if (p.src, p.tgt) in pairs]
         if split == "train":
+            exclude = _held_out_keys(raw_out, splits, pairs) if remove_overlap else None
             stats = clean_pairs(todo, clean_dir, split, max_len=max_len, max_ratio=max_ratio,
-                                dedup=dedup, max_sentences=max_train_sentences)
+                                dedup=dedup, max_sentences=max_train_sentences, exclude=exclude)
         else:  # never filter evaluation sets: scores must stay comparable with published ones
             stats = clean_pairs(todo, raw_out, split, filter=False)
         for (s, t), st in stats.items():
             log(f"  {split} {s}-{t}: {st.summary()}")
+            counts.setdefault(f"{s}-{t}", {})[split] = dataclasses.asdict(st)
             if st.kept == 0:
                 raise DataPrepError(f"{name}: {split} {s}-{t} is empty after cleaning")
 
     log(f"step 2/4: train joint sentencepiece (vocab {vocab_size}) and write dict.txt")
-    # One train file per language: with en-de, en-fr, en-cs the English side would otherwise be
-    # sampled three times as often as any other language.
-    spm_inputs = {}
-    for s, t in pairs:
-        for lang in (s, t):
-            spm_inputs.setdefault(lang, os.path.join(clean_dir, f"train.{s}-{t}.{lang}"))
-    spm_model = train_sentencepiece([spm_inputs[lang] for lang in langs],
-                                    os.path.join(destdir, "spm"), vocab_size,
-                                    input_sentence_size=spm_input_sentence_size, seed=seed,
-                                    model_type=spm_model_type)
+    spm_settings = {"vocab_size": vocab_size, "model_type": spm_model_type,
+                    "character_coverage": character_coverage, "seed": seed}
+    if temperature is None:
+        # One train file per language: with en-de, en-fr, en-cs the English side would otherwise
+        # be sampled three times as often as any other language.
+        spm_inputs = {}
+        for s, t in pairs:
+            for lang in (s, t):
+                spm_inputs.setdefault(lang, os.path.join(clean_dir, f"train.{s}-{t}.{lang}"))
+        spm_files, sample_size = [spm_inputs[lang] for lang in langs], spm_input_sentence_size
+        spm_settings["input_sentence_size"] = spm_input_sentence_size
+    else:
+        by_lang = {lang: [os.path.join(clean_dir, f"train.{s}-{t}.{lang}")
+                          for s, t in pairs if lang in (s, t)] for lang in langs}
+        sample_paths = {lang: os.path.join(work, "spm_sample", f"{lang}.txt") for lang in langs}
+        spm_settings["sample"] = balanced_sample(by_lang, sample_paths, spm_input_sentence_size,
+                                                 temperature, seed=seed)
+        spm_settings.update(temperature=temperature, sample_size=spm_input_sentence_size)
+        for lang, rec in spm_settings["sample"].items():
+            log(f"  sample {lang}: {rec['sampled']} of {rec['sentences']} sentences "
+                f"(share {rec['share']:.3f}, T={temperature})")
+        spm_files, sample_size = [sample_paths[lang] for lang in langs], 0  # 0: all of it
+    report["sentencepiece"] = spm_settings
+    spm_model = train_sentencepiece(spm_files, os.path.join(destdir, "spm"), vocab_size,
+                                    input_sentence_size=sample_size, seed=seed,
+                                    model_type=spm_model_type,
+                                    character_coverage=character_coverage)
     dict_path = os.path.join(destdir, "dict.txt")
     n_dict = write_fairseq_dict(os.path.join(destdir, "spm.vocab"), dict_path)
+    spm_settings["dictionary_entries"] = n_dict
     log(f"  {spm_model}, {n_dict} dictionary entries")
 
     log("step 3/4: encode with sentencepiece")
@@ -199,9 +264,23 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
         f.write("".join(lang + "\n" for lang in langs))
     os.replace(tmp, os.path.join(destdir, "langs.txt"))
     both = [f"{a}-{b}" for s, t in pairs for a, b in ((s, t), (t, s))]
-    log(f"done: {destdir}  (translation_multi_simple_epoch: --langs {','.join(langs)} "
-        f"--lang-pairs {','.join(both)}); {work} can be deleted")
+    if announce:
+        log(f"done: {destdir}  (translation_multi_simple_epoch: --langs {','.join(langs)} "
+            f"--lang-pairs {','.join(both)}); {work} can be deleted")
     return destdir
+
+
+def _held_out_keys(raw_out, splits, pairs):
+    """sentence_key() of every sentence, either side, of every valid and test set."""
+    keys = set()
+    for split in splits:
+        if split == "train":
+            continue
+        for s, t in pairs:
+            for lang in (s, t):
+                for line in iter_lines(os.path.join(raw_out, f"{split}.{s}-{t}.{lang}")):
+                    keys.add(sentence_key(normalize(line)))
+    return keys
 
 
 def run_from_args(name, raw_pairs, args):

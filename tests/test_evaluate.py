@@ -1,4 +1,6 @@
 """moe-evaluate's alignment of fairseq-generate output to the references (no fairseq run)."""
+from pathlib import Path
+
 import pytest
 
 from moe_fairseq.evaluate import (align, find_references, markdown_table, parse_generate_output,
@@ -70,3 +72,59 @@ def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path):
     torch.save(torch.zeros(2), tensor)
     with pytest.raises(MoEUsageError, match=r"tensor\.pt holds a Tensor, not a fairseq checkpoint"):
         read_checkpoint_args(tensor)
+
+
+def test_generate_command_carries_post_process_and_keeps_every_sentence(monkeypatch):
+    """--post-process reaches fairseq-generate; --required-batch-size-multiple 1 stops the
+    multilingual batch sampler from dropping the last sentences (12 -> 8 at the default 8)."""
+    import subprocess
+
+    from moe_fairseq import evaluate
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(evaluate.subprocess, "run", fake_run)
+    evaluate.run_generate("DATA", "ck.pt", "en", "de", "en-de", "test", 1, 8, True, ["--nbest", "1"], [], "none")
+    cmd = seen[0]
+    assert cmd[cmd.index("--post-process") + 1] == "none"
+    assert cmd[cmd.index("--required-batch-size-multiple") + 1] == "1"
+    assert cmd[-2:] == ["--nbest", "1"]  # the user's generate args come last and win
+
+
+def test_unknown_post_process_and_missing_references_are_one_line_errors(tmp_path):
+    from moe_fairseq.evaluate import main
+
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_text("x")
+    with pytest.raises(SystemExit, match="--post-process: 'bpe' is not one of sentencepiece, subword_nmt, none"):
+        main(["D", "--path", str(ckpt), "--lang-pairs", "en-de", "--raw-dir", "R", "--post-process", "bpe"])
+    with pytest.raises(SystemExit, match="give the references with one of --raw-dir, --layout flores ROOT, --pairs"):
+        main(["D", "--path", str(ckpt), "--lang-pairs", "en-de"])
+
+
+def test_wmt_sgm_test_set_is_read_through_moe_prepares_readers(tmp_path):
+    """--pairs test:de-en:SRC.sgm,REF.sgm, asked for as en-de: sources and references swap."""
+    import argparse
+
+    from moe_fairseq.evaluate import read_test_sets
+
+    def sgm(path, kind, segs):
+        path.write_text(f'<{kind} setid="newstest2018">\n<doc docid="a">\n'
+                        + "".join(f'<seg id="{i}"> {s} </seg>\n' for i, s in enumerate(segs, 1)) + f"</doc>\n</{kind}>\n")
+        return str(path)
+
+    src = sgm(tmp_path / "newstest2018-deen-src.de.sgm", "srcset", ["Ein  Haus", "Tom &amp; Jerry"])
+    ref = sgm(tmp_path / "newstest2018-deen-ref.en.sgm", "refset", ["A house", "Tom &amp; Jerry"])
+    args = argparse.Namespace(split="test", layout=None, pairs=[f"test:de-en:{src},{ref}"], lang_map=None)
+    sets = read_test_sets(args, [("en", "de"), ("de", "en")])
+    assert sets["de-en"] == (["Ein Haus", "Tom & Jerry"], ["A house", "Tom & Jerry"])
+    assert sets["en-de"] == (["A house", "Tom & Jerry"], ["Ein Haus", "Tom & Jerry"])
+    with pytest.raises(MoEUsageError, match="no test set for fr-en in --pairs"):
+        read_test_sets(args, [("fr", "en")])
+    Path(ref).write_text(Path(ref).read_text().replace("</refset>\n", ""))
+    with pytest.raises(MoEUsageError, match=r"ref\.en\.sgm: truncated"):
+        read_test_sets(args, [("de", "en")])
