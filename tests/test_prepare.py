@@ -444,7 +444,7 @@ SIZE_OVERRIDES = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-e
                   "--update-freq", "1", "--max-update", "2", "--warmup-updates", "1", "--num-workers", "0",
                   "--validate-interval-updates", "2", "--save-interval-updates", "2", "--log-interval", "1",
                   "--cpu"]
-GPU_PRECISION = {"--fp16", "--bf16", "--amp", "--memory-efficient-fp16"}
+GPU_PRECISION = {"--fp16", "--fp16-no-flatten-grads", "--bf16", "--amp", "--memory-efficient-fp16"}
 
 
 def config_argv(path):
