@@ -415,7 +415,22 @@ def generation_in_step(rank, world, num_experts, steps=(5, 2)):
     assert all(ep.comm.active for _, ep in pairs), "the flag is set back after generation"
 
 
-SCENARIOS = {"generation_in_step": generation_in_step, "equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
+def group_timeouts(rank, world, seconds=7):
+    """The all-to-all group and the replica groups wait --collective-timeout, not torch's
+    default (1 expert over W ranks: every rank holds a replica)."""
+    import datetime
+
+    from moe_fairseq.moe.expert_parallel import all_to_all_group
+
+    timeout = datetime.timedelta(seconds=seconds)
+    comm = ExpertParallelComm(1, all_to_all_group(timeout), timeout)
+    assert comm.num_replicas == world
+    for what, group in (("all-to-all", comm.group), ("replica", comm.replica_group())):
+        got = group._get_backend(DEVICE).options._timeout
+        assert got == timeout, f"the {what} group waits {got}, not {timeout}"
+
+
+SCENARIOS = {"group_timeouts": group_timeouts, "generation_in_step": generation_in_step, "equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
              "bad_sharding": bad_sharding, "checkpointing": checkpointing, "host_syncs": host_syncs,
              "own_group": own_group}
 

@@ -151,4 +151,4 @@ def test_w2_all_to_alls_on_their_own_group_and_generation_in_step():
     """A data-parallel all-reduce issued before the MoE exchanges on one rank and after them on
     the other does not pair with them; ranks decoding 5 and 2 steps stay in step.  Either one
     hangs without its fix (a shared group; no generate_in_step)."""
-    spawn(2, ("own_group", dict(num_experts=4)), ("generation_in_step", dict(num_experts=4)))
+    spawn(2, ("own_group", dict(num_experts=4)), ("generation_in_step", dict(num_experts=4)), ("group_timeouts", {}))

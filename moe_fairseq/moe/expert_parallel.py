@@ -102,10 +102,10 @@ def _group_kwargs(timeout):
 
 def all_to_all_group(timeout=None):
     """A process group of every rank, for the expert all-to-alls only (see the module
-    docstring); created once per default group and shared by every layer.  Every rank must
+    docstring); created once per default group (and timeout) and shared by every layer.  Every rank must
     call this, in the same order relative to its other new_group calls (model construction
     does).  timeout: a datetime.timedelta (None: torch's default)."""
-    key = id(dist.distributed_c10d._get_default_group())
+    key = (id(dist.distributed_c10d._get_default_group()), timeout)
     if key not in _A2A_GROUPS:
         _A2A_GROUPS[key] = dist.new_group(list(range(dist.get_world_size())), **_group_kwargs(timeout))
     return _A2A_GROUPS[key]
