@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +136,10 @@ class Check:
             quick = self.args.quick
             sizes = ["--train", "300", "--valid", "20", "--test", "20", "--vocab-size", "400"] if quick else []
             out = self.work / "data"
+            langs = out / "bin" / "langs.txt"  # the data-bin's last file: a complete one of a former run
+            if langs.exists() and langs.read_text().split() == sorted(["en", *self.targets]):
+                self.data = out
+                return out
             run = self.run("data", [sys.executable, "-m", "data_prep.synthetic_corpus", "--out", out / "raw",
                                     "--binarize", out / "bin", "--targets", ",".join(self.targets), *sizes])
             if not run.ok:
@@ -166,6 +171,14 @@ class Check:
             cmd += ["--cpu", "--distributed-backend", "gloo"]
         return [tool("torchrun"), "--standalone", "--nproc_per_node", self.world, *cmd]
 
+    def train(self, name, flags, ddp, max_update, dense=False, resume=False, log=None):
+        """fairseq-train into WORK/NAME, output in WORK/logs/LOG.log: (save dir, Run).  From
+        scratch unless `resume`: a reused WORK must not continue an earlier run's checkpoints."""
+        save = self.work / name
+        if not resume:
+            shutil.rmtree(save, ignore_errors=True)
+        return save, self.run(log or name, self.train_cmd(save, flags, ddp, max_update, dense))
+
     def trained(self, run, max_update):
         """None if `run` trained max_update updates as it should, else what is wrong."""
         if not run.ok:
@@ -184,9 +197,8 @@ class Check:
         if refused:
             self.rows.add(step, "skip", 0, f"skipped: {refused}")
             return refused
-        save = self.work / f"train_{precision}_{ddp}"
         start = time.time()
-        run = self.run(f"train_{precision}_{ddp}", self.train_cmd(save, flags, ddp, self.updates))
+        save, run = self.train(f"train_{precision}_{ddp}", flags, ddp, self.updates)
         seconds = time.time() - start
         if not run.ok and not self.cuda and CPU_REFUSAL in run.text:
             line = next(line for line in reversed(run.text.splitlines()) if CPU_REFUSAL in line)
@@ -221,9 +233,7 @@ class Check:
     def reference(self):
         """The uninterrupted fp32 pytorch_ddp run (step 5's, or run now when step 5 was not asked)."""
         if REFERENCE not in self.runs:
-            save = self.work / "train_fp32_pytorch_ddp"
-            self.runs[REFERENCE] = self.run("train_fp32_pytorch_ddp", self.train_cmd(save, [], "pytorch_ddp",
-                                                                                     self.updates))
+            self.runs[REFERENCE] = self.train("train_fp32_pytorch_ddp", [], "pytorch_ddp", self.updates)[1]
         problem = self.trained(self.runs[REFERENCE], self.updates)
         if problem:
             raise StepError(f"the uninterrupted fp32 pytorch_ddp run failed ({problem})")
@@ -233,13 +243,13 @@ class Check:
 
     def step_resume(self):
         ref = self.reference()
-        save = self.work / "resume"
         half = max(1, self.updates // 2)
-        first = self.run("resume_first_half", self.train_cmd(save, [], "pytorch_ddp", half))
+        save, first = self.train("resume", [], "pytorch_ddp", half, log="resume_first_half")
         problem = self.trained(first, half)
         if problem:
             raise StepError(f"first {half} updates: {problem}")
-        second = self.run("resume_second_half", self.train_cmd(save, [], "pytorch_ddp", self.updates))
+        second = self.train("resume", [], "pytorch_ddp", self.updates, resume=True,
+                            log="resume_second_half")[1]
         problem = self.trained(second, self.updates)
         if problem:
             raise StepError(f"resumed run: {problem}")
@@ -252,9 +262,8 @@ class Check:
                             f"consolidated tensors bit-identical to the uninterrupted run"), data
         message = f"{total - same} of {total} tensors differ from the uninterrupted run ({detail})"
         if self.cuda:  # nondeterministic kernels, or the resume? A second uninterrupted run tells.
-            again = self.work / "train_fp32_pytorch_ddp_again"
-            if self.trained(self.run("train_again", self.train_cmd(again, [], "pytorch_ddp", self.updates)),
-                            self.updates) is None:
+            again, run = self.train("train_fp32_pytorch_ddp_again", [], "pytorch_ddp", self.updates)
+            if self.trained(run, self.updates) is None:
                 same2, _, detail2 = compare_checkpoints(ref / "checkpoint_last.pt", again / "checkpoint_last.pt")
                 message += ("; two uninterrupted runs are bit-identical, so the resume changed the result"
                             if same2 == total else f"; two uninterrupted runs differ too ({detail2}): "
@@ -297,9 +306,7 @@ class Check:
     def step_words_per_second(self):
         self.reference()
         moe = words_per_second(self.runs[REFERENCE].train_records())
-        save = self.work / "dense_fp32_pytorch_ddp"
-        dense_run = self.run("dense_fp32_pytorch_ddp", self.train_cmd(save, [], "pytorch_ddp", self.updates,
-                                                                                  dense=True))
+        dense_run = self.train("dense_fp32_pytorch_ddp", [], "pytorch_ddp", self.updates, dense=True)[1]
         problem = self.trained(dense_run, self.updates)
         if problem:
             raise StepError(f"dense twin: {problem}")
