@@ -97,14 +97,14 @@ skip_row() {
 # run_step STEP PATTERN CMD...: runs CMD with its output shown and kept in WORK/logs; the row's
 # detail is the last output line matching PATTERN when it passes, its last line when it fails.
 run_step() {
-  local step=$1 pattern=$2 start=$EPOCHREALTIME rc seconds detail
+  local step=$1 pattern=$2 start=${EPOCHREALTIME/,/.} rc seconds detail
   shift 2
   local log="$WORK/logs/step${step%% *}.log"
   set +e
   "$@" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   set -e
-  seconds=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+  seconds=$(awk -v a="$start" -v b="${EPOCHREALTIME/,/.}" 'BEGIN { printf "%.1f", b - a }')
   if [ "$rc" -eq 0 ]; then
     detail=$(grep -E -- "$pattern" "$log" | tail -n 1 || true)
     row "$step" pass "$seconds" "${detail:-exit status 0}"
