@@ -95,7 +95,8 @@ skip_row() {
   row "$1" skip 0 "skipped: $2"
 }
 # run_step STEP PATTERN CMD...: runs CMD with its output shown and kept in WORK/logs; the row's
-# detail is the last output line matching PATTERN when it passes, its last line when it fails.
+# detail is the output lines matching PATTERN (joined by "; ") when it passes, its last line when
+# it fails.
 run_step() {
   local step=$1 pattern=$2 start=${EPOCHREALTIME/,/.} rc seconds detail
   shift 2
@@ -106,7 +107,7 @@ run_step() {
   set -e
   seconds=$(awk -v a="$start" -v b="${EPOCHREALTIME/,/.}" 'BEGIN { printf "%.1f", b - a }')
   if [ "$rc" -eq 0 ]; then
-    detail=$(grep -E -- "$pattern" "$log" | tail -n 1 || true)
+    detail=$(grep -E -- "$pattern" "$log" | tr -s ' ' | paste -s -d ';' | sed 's/;/; /g' || true)
     row "$step" pass "$seconds" "${detail:-exit status 0}"
   else
     detail=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 || true)
@@ -156,7 +157,7 @@ fi
 if [[ $STEPS == *4* ]]; then
   echo "== 4. host syncs ($DEVICE)"
   if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('moe_fairseq.moe.host_syncs') is None)"; then
-    run_step "4 host syncs" '.' "$PYTHON" -W ignore -m moe_fairseq.moe.host_syncs --device "$DEVICE" --json "$WORK/host_syncs.json"
+    run_step "4 host syncs" '^[A-Za-z0-9_]+ +[0-9]+ ' "$PYTHON" -W ignore -m moe_fairseq.moe.host_syncs --device "$DEVICE" --json "$WORK/host_syncs.json"
   else
     skip_row "4 host syncs" "moe_fairseq.moe.host_syncs not available"
   fi

@@ -369,11 +369,9 @@ def compare_checkpoints(path_a, path_b):
     from its expert shards: every parameter compared bit for bit."""
     import torch
 
-    from moe_fairseq import fairseq_patches
-    from moe_fairseq.checkpoint.io import read_checkpoint
+    from moe_fairseq.checkpoint.io import read_checkpoint  # torch only: no fairseq import to wait for
     from moe_fairseq.checkpoint.sharded import resolve_experts
 
-    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
     a, b = (resolve_experts(read_checkpoint(str(p)), str(p), rank=0, world_size=1)["model"] for p in (path_a, path_b))
     if a.keys() != b.keys():
         return 0, len(a.keys() | b.keys()), f"parameter names differ: {sorted(a.keys() ^ b.keys())[:3]}"
