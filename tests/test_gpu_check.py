@@ -124,6 +124,13 @@ def test_gpu_check_bad_settings_are_one_line(tmp_path, args, env, message):
     assert proc.returncode == 2 and proc.stderr.strip() == message
 
 
+def test_gpu_check_without_torch_is_one_line(tmp_path):
+    proc = gpu_check(DEVICE="cpu", PYTHON="/bin/false", OUT=str(tmp_path / "r.json"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("gpu_check.sh: '/bin/false' cannot import torch: set PYTHON to the project's "
+                                   "interpreter")
+
+
 def test_gpu_check_refuses_cuda_without_gpu():
     proc = gpu_check(DEVICE="cuda")
     assert proc.returncode == 2
