@@ -61,7 +61,7 @@ UPDATES=${UPDATES:-40}
 [[ $UPDATES =~ ^[0-9]+$ ]] && [ "$UPDATES" -ge 2 ] || { echo "gpu_check.sh: UPDATES must be an integer >= 2 (got '$UPDATES')" >&2; exit 2; }
 QUICK_ARG=()
 [ "${QUICK:-0}" = 1 ] && QUICK_ARG=(--quick)
-read -r GPUS BIN_DIR < <("$PYTHON" -c "import os, sys, torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, os.path.dirname(sys.executable))")
+read -r GPUS BIN_DIR < <("$PYTHON" -c "import os, sys, torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, os.path.dirname(sys.executable))") || true
 [[ ${GPUS:-} =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: '$PYTHON' cannot import torch: set PYTHON to the project's interpreter" >&2; exit 2; }
 export PATH="$BIN_DIR:$PATH"  # fairseq-preprocess, fairseq-train, torchrun of this interpreter
 DEVICE=${DEVICE:-$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)}
