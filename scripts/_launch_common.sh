@@ -7,6 +7,13 @@
 #   the command line (config + extra args) trains with the task translation_multi_moe, which has
 #   that flag (fairseq's own tasks do not), else to nothing; COLLECTIVE_TIMEOUT=0 keeps torch's
 #   default (30 min gloo, 10 min NCCL).  Extra args come later, so their --collective-timeout wins.
+# visible_gpus FAIRSEQ_TRAIN: prints how many GPUs torch sees, asked of the interpreter that runs
+#   fairseq-train (PYTHON if set, else the one on FAIRSEQ_TRAIN's #! line, else python3), so that
+#   CUDA_VISIBLE_DEVICES counts: `nvidia-smi -L` lists every GPU of the machine, and two ranks
+#   given the same device end in NCCL's "Duplicate GPU detected".
+# check_nodes SCRIPT: NNODES must be >= 1; with NNODES > 1, MASTER_ADDR (the address of node 0)
+#   and NODE_RANK (0 .. NNODES-1) must be set: a default of 127.0.0.1 would make every machine
+#   wait for a rendezvous of its own.  One-line error otherwise.
 # launch_run LOG_PREFIX: prints the command under DRY_RUN=1, else runs CMD appending to train.log.
 launch_init() {
   if [ "$#" -lt 3 ]; then
@@ -31,6 +38,37 @@ collective_timeout_args() {
       break
     fi
   done
+}
+
+visible_gpus() {
+  local py=()
+  if [ -n "${PYTHON:-}" ]; then
+    py=("$PYTHON")
+  elif [ -f "$1" ] && [ "$(head -c 2 "$1")" = '#!' ]; then
+    read -r -a py <<< "$(head -n 1 "$1" | cut -c 3-)"  # "#!/venv/bin/python" or "#!/usr/bin/env python3"
+  fi
+  [ "${#py[@]}" -gt 0 ] || py=(python3)
+  local n
+  if ! n=$("${py[@]}" -c "import torch; print(torch.cuda.device_count())" 2> /dev/null) || ! [[ $n =~ ^[0-9]+$ ]]; then
+    echo "$(basename "$0"): cannot count GPUs: '${py[*]} -c \"import torch\"' failed; set PYTHON to the interpreter of fairseq-train, or NPROC" >&2
+    exit 2
+  fi
+  echo "$n"
+}
+
+check_nodes() {
+  local me=$1
+  [[ $NNODES =~ ^[1-9][0-9]*$ ]] || { echo "$me: NNODES must be an integer >= 1 (got '$NNODES')" >&2; exit 2; }
+  if [ "$NNODES" -gt 1 ]; then
+    [ -n "${MASTER_ADDR:-}" ] || {
+      echo "$me: NNODES=$NNODES needs MASTER_ADDR, the address of node 0 that every machine can reach" >&2; exit 2; }
+    [ -n "${NODE_RANK:-}" ] || { echo "$me: NNODES=$NNODES needs NODE_RANK (0 .. $((NNODES - 1)), 0 on the MASTER_ADDR machine)" >&2; exit 2; }
+  fi
+  NODE_RANK=${NODE_RANK:-0}
+  if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+    echo "$me: NODE_RANK must be 0 .. $((NNODES - 1)) with NNODES=$NNODES (got '$NODE_RANK')" >&2; exit 2
+  fi
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 }
 
 launch_run() {

@@ -22,6 +22,11 @@
 # first), DRY_RUN=1 (print the srun command only; runs outside Slurm too), COLLECTIVE_TIMEOUT
 # (600, see train_torchrun.sh).  A task that exits non-zero ends the whole step
 # (--kill-on-bad-exit); one that hangs is ended by the collective timeout of its peers.
+# Several nodes: SAVE_DIR must be one directory every node shares (NFS, Lustre, ...): each rank
+# writes its own expert shard there and rank 0 the checkpoint that points to them.  NCCL reads
+# NCCL_SOCKET_IFNAME (the interface the nodes reach each other on), NCCL_IB_HCA or
+# NCCL_IB_DISABLE=1 (InfiniBand or not) and NCCL_DEBUG=INFO (to diagnose a hang at start); srun
+# passes the environment of sbatch on.  See docs/multi_gpu.md.
 set -euo pipefail
 # sbatch runs a copy of this script from the spool directory: find the repository from the
 # submission directory when needed.

@@ -99,3 +99,19 @@ def test_cli_writes_files(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="n_valid must be >= 1"):
         sc.main(["--out", str(tmp_path), "--valid", "0"])
+
+
+def test_cli_binarizes_only_the_targets_asked(tmp_path, monkeypatch):
+    from data_prep import pipeline
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda name, raw, dest, **kw: seen.update(raw))
+    sc.main(["--out", str(tmp_path), "--train", "20", "--valid", "3", "--test", "3", "--binarize",
+             str(tmp_path / "bin"), "--targets", "xb"])
+    assert set(seen) == {"train", "valid", "test"}
+    assert {(p.src, p.tgt, p.tgt_path) for p in seen["test"]} == {("en", "xb", str(tmp_path / "test.xb"))}
+    sc.main(["--out", str(tmp_path), "--train", "20", "--valid", "3", "--test", "3", "--binarize",
+             str(tmp_path / "bin")])
+    assert [p.tgt for p in seen["train"]] == ["xa", "xb", "xc"]
+    for bad in ("xd", "xa,xa", ""):
+        with pytest.raises(SystemExit):
+            sc.main(["--out", str(tmp_path), "--binarize", str(tmp_path / "bin"), "--targets", bad])
