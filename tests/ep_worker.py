@@ -438,7 +438,8 @@ SCENARIOS = {"group_timeouts": group_timeouts, "generation_in_step": generation_
 def suite(world: int, quick: bool = False) -> list:
     """The scenarios a GPU check runs on `world` ranks: two local experts per rank, one per rank,
     replicated experts (when W is even), uneven and empty batches, a rank whose tokens all stay
-    local, capacity drops, Gating Dropout in both modes, and activation checkpointing."""
+    local, capacity drops, Gating Dropout in both modes, activation checkpointing, the host-sync
+    budget, the all-to-alls' own group and its timeout, and ranks generating different lengths."""
     if world < 2:
         raise ValueError(f"expert parallelism needs 2 or more processes (got {world})")
     uneven = [(7 * r + 5) % 37 for r in range(world)]
@@ -446,9 +447,7 @@ def suite(world: int, quick: bool = False) -> list:
     jobs = [("exchange_layout", dict(num_experts=2 * world)),
             ("equivalence", dict(num_experts=2 * world, router="top2")),
             ("equivalence", dict(num_experts=2 * world, router="top1", capacity_factor=0.5, expect_drops=True)),
-            ("checkpointing", dict(num_experts=2 * world, dropout=0.1)),
-            ("host_syncs", dict(num_experts=2 * world)), ("own_group", dict(num_experts=2 * world)),
-            ("generation_in_step", dict(num_experts=2 * world, steps=tuple(range(world, 0, -1))))]
+            ("checkpointing", dict(num_experts=2 * world, dropout=0.1))]
     if quick:
         return jobs
     jobs += [("equivalence", dict(num_experts=2 * world, router="top2", dropless=True, tokens=uneven, seed=2)),
@@ -460,7 +459,10 @@ def suite(world: int, quick: bool = False) -> list:
              ("equivalence", dict(num_experts=world, router="top1", capacity_factor=0.5, expect_drops=True)),
              ("gating_dropout", dict(num_experts=2 * world, mode="gate_drop")),
              ("gating_dropout", dict(num_experts=2 * world, mode="gate_expert_drop", p=0.5)),
-             ("checkpointing", dict(num_experts=2 * world, dropout=0.0))]
+             ("checkpointing", dict(num_experts=2 * world, dropout=0.0)),
+             ("host_syncs", dict(num_experts=2 * world)), ("own_group", dict(num_experts=2 * world)),
+             ("generation_in_step", dict(num_experts=2 * world, steps=tuple(range(world, 0, -1)))),
+             ("group_timeouts", {})]
     if world % 2 == 0:  # two replicas of every expert (one expert at W = 2: top1)
         jobs += [("exchange_layout", dict(num_experts=world // 2)),
                  ("equivalence", dict(num_experts=world // 2, router="top2" if world >= 4 else "top1", dropless=True))]
