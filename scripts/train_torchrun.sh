@@ -16,8 +16,8 @@
 # --distributed-backend gloo), DRY_RUN (1: print the command only), COLLECTIVE_TIMEOUT (600:
 # --collective-timeout for the task translation_multi_moe, seconds a rank waits in a collective
 # for a dead or hung peer before the job fails; 0: torch's default, 30 min on gloo).
-# Always passes --distributed-world-size NNODES*NPROC.  With --moe-expert-count E, each rank
-# holds E/W experts: choose W dividing E (see configs/README.md).  Fairseq's own flags that
+# Always passes --distributed-world-size NNODES*NPROC.  With --moe-expert-count E, W must divide
+# E (each rank holds E/W experts) or E divide W (experts replicated; see configs/README.md).  Fairseq's own flags that
 # come later win (extra args), e.g. --update-freq to keep the batch when W changes.
 # Several machines: SAVE_DIR must be one directory every machine shares (NFS, Lustre, ...):
 # each rank writes its own expert shard there and rank 0 the checkpoint that points to them,
