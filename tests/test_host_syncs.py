@@ -2,6 +2,8 @@
 synchronise the host with the GPU on CUDA), against the budget: at most 2 per training forward +
 backward (the padding rows' nonzero and the one read of the split sizes), at most 1 per decoder
 step, and one transfer for the statistics of all layers together."""
+import json
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -50,8 +52,6 @@ def test_statistics_cost_one_transfer_whatever_the_number_of_layers():
 def test_measure_cli_writes_json(tmp_path):
     out = tmp_path / "syncs.json"
     host_syncs.main(["--json", str(out)])
-    import json
-
     rows = json.loads(out.read_text())
     assert set(rows) == set(host_syncs.SCENARIOS)
     assert rows["top2_train_fwd_bwd"]["proxy"] == sum(rows["top2_train_fwd_bwd"]["by_op"].values())
