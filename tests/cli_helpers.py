@@ -65,8 +65,25 @@ def kill_tree(proc):
 
 
 def run(cmd, check=True, timeout=600, env=None):
+    """Run a command line to completion; on timeout kill it and every process below it (torchrun's
+    ranks live in sessions of their own) and raise subprocess.TimeoutExpired.  This checkout
+    comes first on PYTHONPATH, so console scripts (moe-consolidate, ...) run the code under test
+    even when the environment's editable install points at another checkout."""
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=full_env)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
+    args = [str(c) for c in cmd]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(popen)
+            stdout, stderr = popen.communicate()
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr) from None
+        except BaseException:  # KeyboardInterrupt, a failing fixture: leave nothing running
+            kill_tree(popen)
+            raise
+    proc = subprocess.CompletedProcess(args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
