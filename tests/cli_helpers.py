@@ -116,6 +116,14 @@ def make_tiny_corpus(root: Path, targets=("de", "fr"), n_train=400, seed=0) -> P
     return dest
 
 
+# MoE training without a random draw (dropout off, top-2 with a deterministic second expert, no
+# jitter, no gating dropout) in batches of 8 sentences: runs on 1 and 2 ranks over the same global
+# batches (1 process with --update-freq 2) must give the same model.
+DETERMINISTIC_MOE = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-second-expert-policy", "all",
+                     "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
+                     "--max-sentences", "8", "--required-batch-size-multiple", "1"]
+
+
 def lang_pairs(targets=("de", "fr")):
     return ",".join(f"en-{t}" for t in targets)
 

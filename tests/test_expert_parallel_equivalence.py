@@ -19,11 +19,8 @@ import torch
 
 import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
 
-from cli_helpers import cli, make_tiny_corpus, run, torchrun_cmd, train_cmd
+from cli_helpers import DETERMINISTIC_MOE, cli, make_tiny_corpus, run, torchrun_cmd, train_cmd
 
-DETERMINISTIC = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-second-expert-policy", "all",
-                 "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
-                 "--max-sentences", "8", "--required-batch-size-multiple", "1"]
 SGD = ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "1.0"]
 
 
@@ -47,13 +44,13 @@ def train_loss(log):
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
     save = tmp_path_factory.mktemp("eq_w1")
-    proc = run(train_cmd(data, save, *DETERMINISTIC, *SGD, "--update-freq", "2", max_update=1))
+    proc = run(train_cmd(data, save, *DETERMINISTIC_MOE, *SGD, "--update-freq", "2", max_update=1))
     return torch.load(save / "checkpoint_last.pt"), proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("backend", ["pytorch_ddp", "legacy_ddp"])
 def test_two_ranks_update_equals_one_process(data, one_process, tmp_path, backend):
-    proc = run(torchrun_cmd(train_cmd(data, tmp_path / "w2", *DETERMINISTIC, *SGD, "--ddp-backend", backend,
+    proc = run(torchrun_cmd(train_cmd(data, tmp_path / "w2", *DETERMINISTIC_MOE, *SGD, "--ddp-backend", backend,
                                       max_update=1)))
     log = proc.stdout + proc.stderr
     assert "'distributed_world_size': 2" in log and f"'ddp_backend': '{backend}'" in log
