@@ -78,7 +78,10 @@ def run(cmd, check=True, timeout=600, env=None):
             stdout, stderr = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_tree(popen)
-            stdout, stderr = popen.communicate()
+            try:  # a process that left the tree (reparented) may still hold the pipes open
+                stdout, stderr = popen.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stdout, stderr = "", ""
             raise subprocess.TimeoutExpired(args, timeout, stdout, stderr) from None
         except BaseException:  # KeyboardInterrupt, a failing fixture: leave nothing running
             kill_tree(popen)
