@@ -1,4 +1,5 @@
 """End-to-end: fairseq-train / fairseq-generate as subprocesses with --user-dir moe_fairseq."""
+import math
 import re
 import shutil
 
@@ -19,7 +20,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_top2(data, tmp_path_factory):
     save = tmp_path_factory.mktemp("top2")
-    run(train_cmd(data, save, "--moe-router", "top2", "--moe-gating-dropout", "0.3", max_update=40))
+    proc = run(train_cmd(data, save, "--moe-router", "top2", "--moe-gating-dropout", "0.3", max_update=40))
+    (save / "train.log").write_text(proc.stdout + proc.stderr)
     return save / "checkpoint_last.pt"
 
 
@@ -81,6 +83,43 @@ def test_generate_produces_hypotheses_for_every_sentence(data, trained_top2):
     hyps = hypotheses(proc.stdout)
     assert len(hyps) == 40 and set(hyps) == set(range(40))
     assert all(h for _, h in hyps.values())
+
+
+def label_smoothed_ce_by_hand(checkpoint, data, eps=0.1):
+    """Validation loss of a checkpoint in bits per target token, recomputed outside the criterion:
+    -sum_v q(v) log p(v) with q = 1 - eps on the target and eps / (V - 1) elsewhere, over the
+    batches fairseq's validation forms (--max-tokens 800, multiple of 8; the evaluation capacity
+    of a MoE layer depends on its batch)."""
+    from fairseq import checkpoint_utils, utils
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)], arg_overrides={"data": str(data)})
+    model = models[0].eval()
+    task.load_dataset("valid")
+    batches = task.get_batch_iterator(task.dataset("valid"), max_tokens=800, required_batch_size_multiple=8,
+                                      max_positions=utils.resolve_max_positions(task.max_positions(),
+                                                                                model.max_positions()))
+    pad, total, tokens = task.target_dictionary.pad(), 0.0, 0
+    with torch.no_grad():
+        for sample in batches.next_epoch_itr(shuffle=False):
+            lp = torch.log_softmax(model(**sample["net_input"])[0].double(), -1)
+            target = sample["target"]
+            q = torch.full_like(lp, eps / (lp.size(-1) - 1)).scatter_(-1, target.unsqueeze(-1), 1 - eps)
+            keep = target != pad
+            total += float(-(q * lp).sum(-1)[keep].sum())
+            tokens += int(keep.sum())
+    return total / tokens / math.log(2), tokens
+
+
+def test_logged_validation_loss_is_plain_label_smoothed_cross_entropy(data, trained_top2):
+    """The MoE run's `valid_loss` is the number a dense fairseq run would log: the label-smoothed
+    CE in bits, without the MoE auxiliary loss (docs/statistics.md), which is logged apart."""
+    log = (trained_top2.parent / "train.log").read_text()
+    last = re.findall(r"valid on 'valid' subset \| loss ([0-9.]+) .*\| moe_loss ([0-9.]+) .*\| wpb ([0-9.]+)", log)[-1]
+    logged, moe_loss, wpb = map(float, last)
+    expected, tokens = label_smoothed_ce_by_hand(trained_top2, data)
+    assert tokens == wpb  # the validation set is one batch: its words per batch are all its tokens
+    assert moe_loss > 0.002  # large enough that including it would show at the logged precision
+    assert logged == pytest.approx(expected, abs=1.5e-3), (logged, expected, moe_loss)
 
 
 def test_resume_continues_at_saved_update_with_same_optimizer_state(data, tmp_path):
