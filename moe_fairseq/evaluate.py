@@ -137,7 +137,10 @@ def run_generate(data: str, path: str, src: str, tgt: str, lang_pairs: str, spli
     cmd = [str(exe) if exe.exists() else "fairseq-generate", data, "--user-dir", USER_DIR, *task_flags,
            "--lang-pairs", lang_pairs, "--source-lang", src, "--target-lang", tgt, "--path", path,
            "--gen-subset", split, "--beam", str(beam), "--batch-size", str(batch_size),
-           "--post-process", "sentencepiece", *(["--cpu"] if cpu else []), *extra]
+           "--post-process", "sentencepiece",
+           # fairseq 0.12's batch_by_size drops a last batch smaller than the batch-size multiple
+           # (default 8): 20 test sentences came back as 16.  Any batch size is fine to decode.
+           "--required-batch-size-multiple", "1", *(["--cpu"] if cpu else []), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"fairseq-generate failed for {src}-{tgt}:\n{proc.stderr[-3000:]}")
