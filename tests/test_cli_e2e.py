@@ -114,6 +114,13 @@ def test_generate_beats_the_copy_baseline(data, trained_top2, tmp_path):
     (row,) = json.loads((out / "results.json").read_text())
     assert row["missing"] == 0 and row["bleu_copy_source"] == 0.0
     assert row["bleu"] > 2.0, row
+    # the score is sacrebleu's on the hypotheses aligned to the references by sentence id
+    import sacrebleu
+
+    text = (out / "generate.test.en-de.txt").read_text()
+    by_id = {int(line.split("\t")[0][2:]): line.split("\t")[2] for line in text.splitlines() if line.startswith("H-")}
+    refs = (data.parent / "raw" / "test.de").read_text().splitlines()
+    assert row["bleu"] == pytest.approx(sacrebleu.corpus_bleu([by_id[i] for i in range(40)], [refs]).score, abs=0.006)
 
 
 def label_smoothed_ce_by_hand(checkpoint, data, eps=0.1):
