@@ -65,8 +65,28 @@ def kill_tree(proc):
 
 
 def run(cmd, check=True, timeout=600, env=None):
+    """Run a command line to completion; on timeout kill it and every process below it (torchrun's
+    ranks live in sessions of their own) and raise subprocess.TimeoutExpired.  This checkout
+    comes first on PYTHONPATH, so console scripts (moe-consolidate, ...) run the code under test
+    even when the environment's editable install points at another checkout."""
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=full_env)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
+    args = [str(c) for c in cmd]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          start_new_session=True) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(popen)
+            try:  # a process that left the tree (reparented) may still hold the pipes open
+                stdout, stderr = popen.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stdout, stderr = "", ""
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr) from None
+        except BaseException:  # KeyboardInterrupt, a failing fixture: leave nothing running
+            kill_tree(popen)
+            raise
+    proc = subprocess.CompletedProcess(args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -97,6 +117,14 @@ def make_tiny_corpus(root: Path, targets=("de", "fr"), n_train=400, seed=0) -> P
              "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
              "--srcdict", dict_path, "--tgtdict", dict_path, "--destdir", dest, "--workers", "1"])
     return dest
+
+
+# MoE training without a random draw (dropout off, top-2 with a deterministic second expert, no
+# jitter, no gating dropout) in batches of 8 sentences: runs on 1 and 2 ranks over the same global
+# batches (1 process with --update-freq 2) must give the same model.
+DETERMINISTIC_MOE = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-second-expert-policy", "all",
+                     "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
+                     "--max-sentences", "8", "--required-batch-size-multiple", "1"]
 
 
 def lang_pairs(targets=("de", "fr")):

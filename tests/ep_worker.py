@@ -23,8 +23,10 @@ Either program form runs `suite(world_size)`: the W = 2 and W = 4 scenarios of
 tests/test_expert_parallel.py and tests/test_activation_checkpointing.py, sized for any W.
 """
 import argparse
+import datetime
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -41,6 +43,9 @@ M, F = 16, 24
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 BACKENDS = ("gloo", "nccl")
 DEVICE = torch.device("cpu")  # this process's device, set by setup_device (run / main)
+# How long a rank waits in one collective for its peers before it fails (torch's default is 30 min
+# for gloo): a rank that dies or hangs then fails the test in minutes instead of blocking CI.
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("MOE_EP_WORKER_TIMEOUT", "300")))
 
 
 def device_for(backend: str, local_rank: int, cuda_devices: int) -> torch.device:
@@ -70,7 +75,8 @@ def run(rank, world_size, port, jobs, backend="gloo", local_rank=None):
     """Entry point for torch.multiprocessing: run [(scenario, kwargs), ...] in order."""
     torch.set_num_threads(1)
     setup_device(backend, rank if local_rank is None else local_rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=TIMEOUT)
     run_jobs(rank, world_size, jobs)
 
 
@@ -430,9 +436,19 @@ def group_timeouts(rank, world, seconds=7):
         assert got == timeout, f"the {what} group waits {got}, not {timeout}"
 
 
-SCENARIOS = {"group_timeouts": group_timeouts, "generation_in_step": generation_in_step, "equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
+def peer_timeout(rank, world, hold):
+    """Rank 0 waits in a barrier the other ranks never reach (they sleep `hold` seconds): the
+    process group's timeout (TIMEOUT) must end rank 0's wait with an error."""
+    if rank == 0:
+        dist.barrier()
+    else:
+        time.sleep(hold)
+
+
+SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
              "bad_sharding": bad_sharding, "checkpointing": checkpointing, "host_syncs": host_syncs,
-             "own_group": own_group}
+             "own_group": own_group, "generation_in_step": generation_in_step, "group_timeouts": group_timeouts,
+             "peer_timeout": peer_timeout}
 
 
 def suite(world: int, quick: bool = False) -> list:
@@ -474,7 +490,7 @@ def _torchrun_main(backend, quick):
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     torch.set_num_threads(1)
     setup_device(backend, local_rank)
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=TIMEOUT)
     jobs = suite(world, quick)
     run_jobs(rank, world, jobs)
     if rank == 0:

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from cli_helpers import REPO, generate_cmd, hypotheses, make_tiny_corpus, run, train_cmd
+from cli_helpers import REPO, cli, generate_cmd, hypotheses, make_tiny_corpus, run, train_cmd
 from moe_fairseq.checkpoint import average
 from moe_fairseq.checkpoint.reshard import reshard
 from moe_fairseq.moe.errors import MoEUsageError
@@ -89,8 +89,10 @@ def test_last_n_update_checkpoints_as_fairseqs_script(run_dir, tmp_path):
 
 
 def test_the_average_generates(data, run_dir, tmp_path):
+    """moe-average by its console-script name; the average loads and generates."""
     out = tmp_path / "avg.pt"
-    average.main(["--inputs", *[str(ckpt(run_dir, u)) for u in UPDATES], "--output", str(out)])
+    run([cli("moe-average"), "--inputs", *[ckpt(run_dir, u) for u in UPDATES], "--output", out])
+    assert out.is_file()
     proc = run(generate_cmd(data, out))
     assert sorted(hypotheses(proc.stdout)) == list(range(40))
 

@@ -128,7 +128,7 @@ def test_device_follows_the_backend():
 def test_the_gpu_check_suite_passes_on_gloo(world):
     """Every scenario gpu_check.sh runs on NCCL, here on gloo/CPU: a broken scenario is found in CI."""
     jobs = ep_worker.suite(world)
-    assert {name for name, _ in jobs} == set(ep_worker.SCENARIOS) - {"bad_sharding"}
+    assert {name for name, _ in jobs} == set(ep_worker.SCENARIOS) - {"bad_sharding", "peer_timeout"}
     assert len(ep_worker.suite(world, quick=True)) == 4
     spawn(world, *jobs)
 
@@ -152,3 +152,33 @@ def test_w2_all_to_alls_on_their_own_group_and_generation_in_step():
     the other does not pair with them; ranks decoding 5 and 2 steps stay in step.  Either one
     hangs without its fix (a shared group; no generate_in_step)."""
     spawn(2, ("own_group", dict(num_experts=4)), ("generation_in_step", dict(num_experts=4)), ("group_timeouts", {}))
+
+
+PEER_TIMEOUT = """
+import sys, torch.multiprocessing as mp
+sys.path.insert(0, sys.argv[1])
+import ep_worker
+from cli_helpers import free_port
+mp.start_processes(ep_worker.run, args=(2, free_port(), [("peer_timeout", {"hold": 120})]), nprocs=2,
+                   join=True, start_method="spawn")
+"""
+
+
+def test_a_rank_waiting_for_a_hung_peer_fails_within_the_timeout():
+    """A peer that never joins a collective fails the job after MOE_EP_WORKER_TIMEOUT seconds (not
+    gloo's 30 minutes); cli_helpers.run kills the whole tree if it does not."""
+    import subprocess
+    import sys
+    import time
+
+    from cli_helpers import run
+
+    start = time.time()
+    try:
+        proc = run([sys.executable, "-c", PEER_TIMEOUT, os.path.dirname(os.path.abspath(__file__))], check=False,
+                   timeout=100, env={"MOE_EP_WORKER_TIMEOUT": "3"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 0 was still waiting for its hung peer after 100 s")
+    assert proc.returncode != 0
+    assert "rank 0, scenario peer_timeout" in proc.stderr, proc.stderr[-3000:]
+    assert time.time() - start < 90

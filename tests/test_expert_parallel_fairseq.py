@@ -3,7 +3,8 @@
 Proves the ranks form one job (world size 2, distinct ranks, tokens crossing the all-to-all),
 that a SIGKILLed run resumes from complete shards at the saved update, that a sharded
 checkpoint, its consolidation and the expert-parallel model give the same outputs, and that
-resharding 2 -> 1 and 1 -> 2 continues training with the optimizer state.
+resharding 2 -> 1 and 1 -> 2 moves every expert's weights and Adam moments exactly, after which
+training continues exactly as the uninterrupted run.
 """
 import os
 import re
@@ -17,8 +18,8 @@ import torch
 
 import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold for torch.load)
 
-from cli_helpers import (BIN, USER_DIR, cli, descendants, free_port, generate_cmd, hypotheses, last_value,
-                         make_tiny_corpus, run, torchrun_cmd, train_cmd)
+from cli_helpers import (BIN, DETERMINISTIC_MOE, USER_DIR, cli, descendants, free_port, generate_cmd, hypotheses,
+                         last_value, make_tiny_corpus, run, torchrun_cmd, train_cmd)
 
 MOE = ["--moe-expert-count", "4", "--moe-router", "top2", "--moe-gating-dropout", "0.3", "--dropout", "0.0"]
 
@@ -139,31 +140,118 @@ def test_expert_parallel_model_equals_consolidated_model(data, sharded_run, tmp_
     assert torch.allclose(ep, single, atol=1e-5), (ep - single).abs().max()
 
 
-def test_reshard_two_to_one_continues_with_optimizer_state(data, sharded_run, tmp_path):
-    save, _ = sharded_run
-    before = saved_updates(save / "checkpoint_last.pt")
-    run([cli("moe-reshard"), save / "checkpoint_last.pt", tmp_path, "--world-size", "1"])
-    proc = run(train_cmd(data, tmp_path, *MOE, max_update=before + 3))
-    log = proc.stdout + proc.stderr
-    assert re.search(rf"Loaded checkpoint .*\(epoch \d+ @ {before} updates\)", log), log[-3000:]
-    assert "reset" not in log.lower() or "reset_optimizer': False" in log
-    state = torch.load(tmp_path / "checkpoint_last.pt")
-    assert state["optimizer_history"][-1]["num_updates"] == before + 3
-    steps = [int(s["step"]) for s in state["last_optimizer_state"]["state"].values()]
-    assert max(steps) == before + 3  # Adam continued from the saved moments, not from zero
+# Resharding, checked for values.  A corpus of 24 sentences per direction in batches of 8: an
+# epoch is 6 batches, 3 updates on 1 process (--update-freq 2) or on 2 ranks.  Stopping at the end
+# of an epoch keeps the data order of the uninterrupted run on either world size (resharding
+# inside an epoch moves to the next one: checkpoint/reshard.py).  No random draw anywhere
+# (DETERMINISTIC_MOE): 1 and 2 ranks train alike (test_expert_parallel_equivalence.py).
+ONE_PROCESS = ["--update-freq", "2"]
+# The gradient of a key projection's bias is zero up to rounding (softmax ignores it); Adam's
+# default eps 1e-8 would turn that rounding noise, which differs between 1 and 2 ranks, into
+# steps of up to 1e-2 * lr.  1e-6 keeps them below the comparison's tolerance.
+RESHARD_RUN = [*DETERMINISTIC_MOE, "--adam-eps", "1e-6"]
+ADAM_SLOTS = ("exp_avg", "exp_avg_sq")
 
 
-def test_reshard_one_to_two_continues_training(data, tmp_path):
+@pytest.fixture(scope="module")
+def epoch_data(tmp_path_factory):
+    return make_tiny_corpus(tmp_path_factory.mktemp("reshard_corpus"), n_train=24)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(epoch_data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("uninterrupted")
+    log = run(train_cmd(epoch_data, save, *RESHARD_RUN, *ONE_PROCESS, max_update=6))
+    assert re.search(r"end of epoch 1 \(average epoch stats below\)", log.stdout + log.stderr)
+    assert "epoch 002" in log.stdout + log.stderr
+    return consolidated_state(save / "checkpoint_last.pt", save / "consolidated.pt")
+
+
+def consolidated_state(checkpoint, out):
+    run([cli("moe-consolidate"), checkpoint, out])
+    return torch.load(out)
+
+
+def slots_by_name(state):
+    """{parameter name: optimizer entry} of a single-file (consolidated) checkpoint."""
+    return {n: state["last_optimizer_state"]["state"][i] for i, n in enumerate(state["moe_param_names"])}
+
+
+def shard_files(save_dir, world):
+    pointer = torch.load(save_dir / "checkpoint_last.pt")["moe_shards"]
+    assert pointer["world_size"] == world
+    return [torch.load(save_dir / "moe_shards" / pointer["tag"] / f"rank-{r}-of-{world}.pt") for r in range(world)]
+
+
+def assert_same_run(state, reference, what):
+    """The model and Adam's state of a resharded-and-continued run against the uninterrupted one:
+    equal up to float summation order (1 vs 2 ranks)."""
+    assert state["optimizer_history"][-1]["num_updates"] == reference["optimizer_history"][-1]["num_updates"]
+    assert state["model"].keys() == reference["model"].keys()
+    for name, value in reference["model"].items():
+        err = (state["model"][name] - value).abs().max().item()
+        assert err < 2e-5, f"{what}: {name} differs from the uninterrupted run by {err:.3g}"
+    got, ref = slots_by_name(state), slots_by_name(reference)
+    for name, entry in ref.items():
+        assert int(got[name]["step"]) == int(entry["step"]), name
+        for slot in ADAM_SLOTS:
+            assert torch.allclose(got[name][slot], entry[slot], rtol=1e-3, atol=1e-9), f"{what}: {name} {slot}"
+
+
+def test_reshard_one_to_two_then_training_equals_the_uninterrupted_run(epoch_data, uninterrupted, tmp_path):
     single = tmp_path / "single"
-    run(train_cmd(data, single, *MOE, max_update=6))
+    run(train_cmd(epoch_data, single, *RESHARD_RUN, *ONE_PROCESS, max_update=3))
+    source = torch.load(single / "checkpoint_last.pt")
     two = tmp_path / "two"
     run([cli("moe-reshard"), single / "checkpoint_last.pt", two, "--world-size", "2"])
-    shards = sorted(p.name for p in two.glob("moe_shards/*/*.pt"))
-    assert shards == ["rank-0-of-2.pt", "rank-1-of-2.pt"]
-    proc = run(torchrun_cmd(train_cmd(data, two, *MOE, max_update=9)))
+    # Right after resharding, each rank's shard holds exactly its experts' weights and Adam moments.
+    src = slots_by_name(source)
+    shards = shard_files(two, 2)
+    experts = [n for n in source["model"] if ".moe.experts." in n]
+    assert len(experts) == 8
+    for rank, shard in enumerate(shards):
+        assert sorted(shard["model"]) == sorted(experts) == sorted(shard["optimizer"])
+        mine = slice(2 * rank, 2 * rank + 2)
+        for name in experts:
+            assert torch.equal(shard["model"][name], source["model"][name][mine]), name
+            assert int(shard["optimizer"][name]["step"]) == int(src[name]["step"]) == 3
+            for slot in ADAM_SLOTS:
+                assert torch.equal(shard["optimizer"][name][slot], src[name][slot][mine]), (name, slot)
+                assert shard["optimizer"][name][slot].abs().max() > 0, (name, slot)
+    shared = torch.load(two / "checkpoint_last.pt")
+    assert not any(".moe.experts." in k for k in shared["model"])
+    kept = shared["last_optimizer_state"]["state"]  # the shared parameters' Adam state, unchanged
+    for i, name in enumerate(source["moe_param_names"]):
+        assert (i in kept) == (name not in experts), name
+        if i in kept:
+            assert all(torch.equal(kept[i][slot], src[name][slot]) for slot in ADAM_SLOTS), name
+    proc = run(torchrun_cmd(train_cmd(epoch_data, two, *RESHARD_RUN, max_update=6)))
     log = proc.stdout + proc.stderr
-    assert re.search(r"Loaded checkpoint .*\(epoch \d+ @ 6 updates\)", log), log[-3000:]
-    assert last_value(log, "num_updates") == 9
+    assert re.search(r"Loaded checkpoint .*\(epoch \d+ @ 3 updates\)", log), log[-3000:]
+    continued = consolidated_state(two / "checkpoint_last.pt", tmp_path / "continued.pt")
+    assert_same_run(continued, uninterrupted, "1 -> 2")
+
+
+def test_reshard_two_to_one_then_training_equals_the_uninterrupted_run(epoch_data, uninterrupted, tmp_path):
+    two = tmp_path / "two"
+    run(torchrun_cmd(train_cmd(epoch_data, two, *RESHARD_RUN, max_update=3)))
+    one = tmp_path / "one"
+    run([cli("moe-reshard"), two / "checkpoint_last.pt", one, "--world-size", "1"])
+    # Right after resharding, the single shard holds both ranks' experts and Adam moments, in order.
+    sources = shard_files(two, 2)
+    (merged,) = shard_files(one, 1)
+    assert sorted(merged["optimizer"]) == sorted(merged["model"]) == sorted(sources[0]["model"])
+    for name in merged["model"]:
+        assert torch.equal(merged["model"][name], torch.cat([s["model"][name] for s in sources]))
+        assert int(merged["optimizer"][name]["step"]) == int(sources[1]["optimizer"][name]["step"]) == 3
+        for slot in ADAM_SLOTS:
+            expected = torch.cat([s["optimizer"][name][slot] for s in sources])
+            assert torch.equal(merged["optimizer"][name][slot], expected), (name, slot)
+    proc = run(train_cmd(epoch_data, one, *RESHARD_RUN, *ONE_PROCESS, max_update=6))
+    log = proc.stdout + proc.stderr
+    assert re.search(r"Loaded checkpoint .*\(epoch \d+ @ 3 updates\)", log), log[-3000:]
+    continued = consolidated_state(one / "checkpoint_last.pt", tmp_path / "continued.pt")
+    assert_same_run(continued, uninterrupted, "2 -> 1")
 
 
 def test_expert_count_the_world_cannot_hold_is_refused(data, tmp_path):

@@ -250,15 +250,28 @@ def test_counts_are_the_routers_choices_and_per_target_sums_directions(data, tra
 
 
 def test_pruned_checkpoint_generates_and_moe_evaluate_scores_it(data, trained, tmp_path):
-    from moe_fairseq.evaluate import main as evaluate
+    """moe-prune and moe-evaluate by their console-script names.  12 updates translate nothing
+    yet, so BLEU is checked for its value: sacrebleu on the hypotheses of the generate output
+    (plain tokens: --post-process none) against the raw references, and the copy baseline."""
+    import sacrebleu
 
-    prune(str(trained["top2"]), str(data), "en-de,en-fr", 2, str(tmp_path), log=lambda *_: None)
-    rows = evaluate([str(data), "--path", str(tmp_path / "de.keep2.pt"), "--lang-pairs", "en-de",
-                     "--raw-dir", str(data.parent / "raw"), "--split", "test", "--beam", "1", "--cpu",
-                     "--out", str(tmp_path / "eval")])
-    assert rows[0]["direction"] == "en-de" and rows[0]["sentences"] == 40 and isinstance(rows[0]["bleu"], float)
+    run([cli("moe-prune"), trained["top2"], "--data", data, "--lang-pairs", "en-de,en-fr", "--keep", "2",
+         "--out", tmp_path])
+    assert (tmp_path / "de.keep2.pt").is_file() and (tmp_path / "fr.keep2.pt").is_file()
+    run([cli("moe-evaluate"), data, "--path", tmp_path / "de.keep2.pt", "--lang-pairs", "en-de", "--raw-dir",
+         data.parent / "raw", "--split", "test", "--beam", "1", "--cpu", "--copy-baseline", "--out", tmp_path / "eval",
+         "--", "--post-process", "none"])
+    (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert row["direction"] == "en-de" and row["sentences"] == 40 and row["missing"] == 0
     text = (tmp_path / "eval" / "generate.test.en-de.txt").read_text()
-    assert sum(line.startswith("H-") for line in text.splitlines()) == 40
+    hyps = {int(line.split("\t")[0][2:]): line.split("\t")[2] for line in text.splitlines() if line.startswith("H-")}
+    assert sorted(hyps) == list(range(40))
+    raw = data.parent / "raw"
+    refs = (raw / "test.de").read_text().splitlines()
+    expected = sacrebleu.corpus_bleu([hyps[i] for i in range(40)], [refs]).score
+    assert row["bleu"] == pytest.approx(expected, abs=0.006)
+    copy = sacrebleu.corpus_bleu((raw / "test.en").read_text().splitlines(), [refs]).score
+    assert row["bleu_copy_source"] == pytest.approx(copy, abs=0.006) and copy == 0.0  # no word in common
 
 
 @pytest.mark.parametrize("keep,pairs,split,match", [

@@ -392,7 +392,11 @@ def test_slimmable_eval_scores_each_k(corpus, smoe_run, tmp_path):
     assert sorted(saved["bleu"]) == ["1", "2", "4"]
     assert all(isinstance(saved["bleu"][k]["en-de"], float) for k in saved["bleu"])
     assert "nrefs:1" in saved["signature"]
-    assert (out / "k1" / "generate.test.en-de.txt").is_file()
+    # k really changed: the hypotheses (or their scores) with 1 and with all 4 experts differ
+    def hyps(k):
+        return [line for line in (out / f"k{k}" / "generate.test.en-de.txt").read_text().splitlines()
+                if line.startswith(("H-", "P-"))]
+    assert len(hyps(1)) == 80 and hyps(1) != hyps(4)
     table = (out / "slimmable.md").read_text()
     assert table.startswith("| k | en-de |") and "| 4 |" in table
     assert_png(out / "slimmable_bleu.png")

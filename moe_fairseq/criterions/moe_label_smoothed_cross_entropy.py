@@ -45,9 +45,10 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         moe_loss, parts = self.combine_losses(losses)
         if moe_loss is not None:
             # The token loss is a sum over the batch that fairseq later divides by sample_size:
-            # scale the per-batch MoE loss alike so its weight means what the flag says.
+            # scale the per-batch MoE loss alike so its weight means what the flag says.  It is
+            # back-propagated but not logged in `loss`, which stays plain fairseq's label-smoothed
+            # cross entropy so that MoE and dense runs compare (docs/statistics.md).
             loss = loss + moe_loss * sample_size
-            logging_output["loss"] = loss.data
             logging_output["moe_loss"] = moe_loss.data * sample_size
             for name, value in parts.items():
                 logging_output[f"moe_{name}_loss"] = value.data * sample_size

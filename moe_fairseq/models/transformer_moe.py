@@ -148,7 +148,10 @@ def validate_moe_args(args):
     enc_freq, dec_freq = _moe_freqs(args)
     moe_layer_indices(enc_freq, args.encoder_layers, "--encoder-moe-freq" if args.encoder_moe_freq is not None else "--moe-freq")
     moe_layer_indices(dec_freq, args.decoder_layers, "--decoder-moe-freq" if args.decoder_moe_freq is not None else "--moe-freq")
-    moe_config_from_args(args).validate()
+    # validate() builds a throwaway router: its init must not draw from the global RNG, or every
+    # model would start differently from fairseq's transformer at the same seed (--moe-freq 0 too).
+    with torch.random.fork_rng(devices=[]):
+        moe_config_from_args(args).validate()
     if args.moe_split_ffn and args.moe_expert_ffn_dim:
         raise MoEUsageError("--moe-split-ffn and --moe-expert-ffn-dim are exclusive")
     if dist.is_available() and dist.is_initialized():

@@ -207,7 +207,16 @@ def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, 
                              f"--moe-expert-count={cfg.num_experts}")
         hidden_dim //= cfg.num_experts
     comm = comm if comm is not None else LocalComm(cfg.num_experts)
-    experts = FFNExperts(comm.num_local_experts, model_dim, hidden_dim, activation, cfg.expert_dropout)
+    if comm.num_local_experts == cfg.num_experts:
+        experts = FFNExperts(comm.num_local_experts, model_dim, hidden_dim, activation, cfg.expert_dropout)
+    else:
+        # The constructor's default init draws from the global RNG for its L local experts, so
+        # everything built after this layer would start differently on each world size.  Draw
+        # what one process's E experts draw instead (and drop it): an expert-parallel model then
+        # starts equal to its single-process twin, shared parameters included.
+        with torch.random.fork_rng(devices=[]):
+            experts = FFNExperts(comm.num_local_experts, model_dim, hidden_dim, activation, cfg.expert_dropout)
+        FFNExperts(cfg.num_experts, model_dim, hidden_dim, activation, cfg.expert_dropout)
     # Seeded per (seed, layer, global expert): the same experts on any world size.
     experts.reset_parameters(comm.local_expert_ids(), seed=(cfg.seed * 7919 + layer_index) * 65537)
     return MoELayer(cfg.build_router(model_dim), experts, layer_index, comm, cfg.gating_dropout,
