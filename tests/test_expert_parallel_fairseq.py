@@ -101,6 +101,16 @@ def test_consolidated_checkpoint_generates_like_the_sharded_one(data, sharded_ru
     state = torch.load(consolidated)
     assert "moe_shards" not in state
     assert all(v.shape[0] == 4 for k, v in state["model"].items() if ".moe.experts." in k)
+    # An independent reference for the merge: the shard files read as plain torch files (no
+    # plugin, no resolver), each rank's local experts stacked in rank order.
+    pointer = torch.load(save / "checkpoint_last.pt", weights_only=False)["moe_shards"]
+    shards = [torch.load(save / pointer["dir"] / name, weights_only=False)
+              for name in sorted(os.listdir(save / pointer["dir"]))]
+    assert len(shards) == 2
+    experts = [k for k in state["model"] if ".moe.experts." in k]
+    assert experts
+    for k in experts:
+        assert torch.equal(state["model"][k], torch.cat([sh["model"][k] for sh in shards])), k
     sharded = hypotheses(run(generate_cmd(data, save / "checkpoint_last.pt")).stdout)
     single = hypotheses(run(generate_cmd(data, consolidated)).stdout)
     assert len(single) == 40 and single == sharded
