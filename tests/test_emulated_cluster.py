@@ -153,12 +153,13 @@ def _start_harness(tmp_path, program):
 
 
 @needs_netns
-def test_sigint_tears_down(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_tears_down(tmp_path, sig):
     proc = _start_harness(tmp_path, HANG)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
-    assert "SIGINT" in err
+    assert proc.returncode == 128 + sig, err
+    assert sig.name in err
     assert _pids_alive(tmp_path) == []
     assert leftovers() == []
 
