@@ -35,8 +35,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
-import subprocess
 import sys
 import time
 
@@ -58,13 +58,11 @@ LEVELS = ("layer", "train")
 # ---------------------------------------------------------------- the layer level (node program)
 def layer_dims(config: str):
     """(MoEConfig, model dim, expert FFN dim, tokens per rank) of a config file's MoE layers."""
-    import argparse as ap
-
     from moe_fairseq.models.moe_args import add_moe_args, moe_config_from_args, set_moe_defaults
 
     with open(config) as f:
         tokens = [t for line in f if not line.startswith("#") for t in line.split()]
-    parser = ap.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False)
     add_moe_args(parser)
     parser.add_argument("--encoder-embed-dim", type=int, required=True)
     parser.add_argument("--max-tokens", type=int, required=True)
@@ -167,7 +165,7 @@ def measure(a) -> None:
                 d = run_dir(a.work_dir, level, rate, rnd)
                 if os.path.exists(os.path.join(d, "done")):
                     continue
-                subprocess.run(["rm", "-rf", d], check=True)  # a half-finished run starts over
+                shutil.rmtree(d, ignore_errors=True)  # a half-finished run starts over
                 os.makedirs(d)
                 load = os.getloadavg()
                 t0 = time.time()
