@@ -20,8 +20,9 @@
 # and checkpoint interval are kept.
 #
 # RUNS: space-separated NAME=CONFIG[:FLAG,VALUE,...] (CONFIG from configs/multi30k; the flags go
-# after the config's and win).  Default: the issue's list - top-2, Gate-Drop at p = 0.1, 0.3,
-# 0.5, Gate-Expert-Drop at 0.3, and plain fairseq dense data-parallel (no plugin) as the anchor.
+# after the config's and win).  Default: top-2, Gate-Drop at p = 0.1, 0.3,
+# 0.5, Gate-Expert-Drop at 0.3, and fairseq's dense transformer data-parallel as the anchor
+# (fairseq's task, model and criterion; the plugin only fixes fairseq's CPU data parallelism).
 # SEEDS (default "1 2"): rotated seed-major (seed 1 of every run, then seed 2, ...), so work
 # that stops early leaves complete seeds; narrow RUNS for the runs that need more seeds.
 #
@@ -77,17 +78,20 @@ emulated_train() {
   local save=$1 config=$2
   shift 2
   if [ -f "$save/.trained" ]; then return 0; fi
-  local user_dir=(--user-dir "$REPO/moe_fairseq") unpickle="" timeout=(--collective-timeout "${COLLECTIVE_TIMEOUT:-600}") cfg
+  local timeout=(--collective-timeout "${COLLECTIVE_TIMEOUT:-600}") cfg
   if [ "$config" = "$ANCHOR" ]; then
-    # plain fairseq, as in scripts/study_lib.sh (see there for the unpickling switch on resume)
-    user_dir=() unpickle="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1" timeout=()
+    # fairseq's own task, model and criterion, but the plugin is still loaded: fairseq 0.12
+    # cannot train data-parallel on CPU by itself (under torchrun it divides by the GPU count,
+    # and its DDP passes device ids for a CPU model; moe_fairseq/fairseq_patches.py, patches 2
+    # and 3).  Its task has no --collective-timeout.
+    timeout=()
   fi
   set -f; cfg=($(grep -v '^#' "configs/multi30k/$config.args")); set +f
   mkdir -p "$save"
   echo "== $(date '+%F %T') threads=$THREADS parallel=1 nodes=2 rate_mbit=$RATE_MBIT budget_minutes=$BUDGET_MINUTES" >> "$save/train.log"
   printf '%s\n' "${cfg[@]}" "$@" > "$save/flags.txt"
   local cmd=(torchrun --nproc_per_node 1 --nnodes 2 --node_rank '$NODE_RANK' --master_addr '$MASTER_ADDR'
-             --master_port '$MASTER_PORT' "$(command -v fairseq-train)" "$DATA" "${user_dir[@]}" "${cfg[@]}" "$@"
+             --master_port '$MASTER_PORT' "$(command -v fairseq-train)" "$DATA" --user-dir "$REPO/moe_fairseq" "${cfg[@]}" "$@"
              "${timeout[@]}" --distributed-world-size 2 --cpu --distributed-backend gloo --num-workers 0
              --save-dir "$save" --stop-time-hours "$HOURS" --max-update "$MAX_UPDATE" ${EXTRA:-})
   local line="" t
@@ -95,8 +99,10 @@ emulated_train() {
     if [[ "$t" == '$'* ]]; then line+=" \"$t\""; else line+=" $(printf '%q' "$t")"; fi
   done
   local node_log='L='"$(printf '%q' "$save")"'/train.log; [ "$NODE_RANK" = 0 ] || L='"$(printf '%q' "$save")"'/train.node$NODE_RANK.log; exec >> "$L" 2>&1;'
-  env $unpickle OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python scripts/emulated_cluster.py --nodes 2 \
-    --rate-mbit "$RATE_MBIT" --master-port "${MASTER_PORT:-29500}" --grace 60 --quiet -- bash -c "$node_log exec$line"
+  # `|| return`: this function runs in an `if`, where set -e does not stop it
+  OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python scripts/emulated_cluster.py --nodes 2 \
+    --rate-mbit "$RATE_MBIT" --master-port "${MASTER_PORT:-29500}" --grace 60 --quiet -- bash -c "$node_log exec$line" \
+    || return 1
   touch "$save/.trained"
 }
 
