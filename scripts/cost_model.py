@@ -26,6 +26,24 @@ import argparse
 import json
 
 
+def expert_compute_scale(p, mode="gate_drop", k=2):
+    """Expected expert compute at Gating Dropout rate p, as a fraction of p = 0's: a dropped
+    layer-step sends each token to one local expert instead of k (gate_drop) or to none
+    (gate_expert_drop)."""
+    return (1 - p + p / k) if mode == "gate_drop" else (1 - p)
+
+
+def speedup_from_share(a2a_share, p, mode="gate_drop", k=2, expert_share=0.0):
+    """Step speedup of Gating Dropout at rate p over p = 0, given the measured all-to-all share
+    of a p = 0 step and the experts' share of its remaining (compute) time: the same model as
+    step_times (a dropped layer-step issues no all-to-all and scales the expert compute by
+    expert_compute_scale; everything else, including other communication, is unchanged), with
+    the two measured shares in place of the cluster's links and FLOPs."""
+    compute = 1 - a2a_share
+    step = compute * (1 - expert_share + expert_share * expert_compute_scale(p, mode, k)) + a2a_share * (1 - p)
+    return 1 / step
+
+
 def step_times(a, nodes, p=0.0, mode="gate_drop"):
     world = nodes * a.gpus_per_node
     g = a.gpus_per_node
@@ -41,7 +59,7 @@ def step_times(a, nodes, p=0.0, mode="gate_drop"):
     attention = (4 * M * M) * layers + 4 * M * M * a.decoder_layers
     dense_ffn = 2 * M * F * (layers - a.moe_layers)
     expert_ffn = 2 * M * F * a.k * a.moe_layers
-    expert_scale = (1 - p + p / a.k) if mode == "gate_drop" else (1 - p)
+    expert_scale = expert_compute_scale(p, mode, a.k)
     flops = 6 * a.tokens_per_gpu * (attention + dense_ffn + expert_ffn * expert_scale)
     compute = flops / (a.tflops * 1e12)
     return a2a, compute
