@@ -22,7 +22,7 @@ def test_quickstart_runs_every_step_and_stops_on_a_failed_training(tmp_path):
     rows = json.loads((out / "eval" / "results.json").read_text())
     assert [r["direction"] for r in rows] == ["en-xa", "en-xb", "en-xc"]
     assert all(r["sentences"] == 20 and r["missing"] == 0 and isinstance(r["bleu"], float) and "bleu_copy_source" in r for r in rows)
-    assert "| direction | BLEU | copy-source BLEU | sentences |" in proc.stdout
+    assert "| direction | BLEU | chrF | copy-source BLEU | sentences |" in proc.stdout
 
     # Run again into the same OUT with a damaged checkpoint_last.pt: fairseq-train fails on it,
     # and the script must say so with its exit status, although OUT still holds the first run's
