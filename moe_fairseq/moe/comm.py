@@ -20,14 +20,11 @@ import torch
 class HostCounts:
     """What a layer call reads on the host (one transfer): `sent[e]` rows this rank dispatches
     to global expert e; with expert parallelism also `received[s][l]` rows it receives from
-    rank s for its local expert l (and `received_t`, the same (W, L) matrix on the device), and
-    whether any rank of the group was still generating when it sent its counts (see
-    ExpertParallelComm.active)."""
+    rank s for its local expert l (and `received_t`, the same (W, L) matrix on the device)."""
 
     sent: List[int]
     received: Optional[List[List[int]]] = None
     received_t: Optional[torch.Tensor] = None
-    peers_active: bool = True
 
 
 def host_counts(counts: torch.Tensor) -> HostCounts:

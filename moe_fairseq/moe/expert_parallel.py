@@ -197,7 +197,7 @@ class ExpertParallelComm:
         host = torch.cat([counts.long().to(recv.device), recv.reshape(-1)]).tolist()
         received = [host[E + s * (L + 1):E + (s + 1) * (L + 1)] for s in range(W)]
         self.peers_active = any(row[L] for row in received)
-        return HostCounts(host[:E], [row[:L] for row in received], recv[:, :L], peers_active=self.peers_active)
+        return HostCounts(host[:E], [row[:L] for row in received], recv[:, :L])
 
     def exchange(self, x: torch.Tensor, counts: torch.Tensor, host: HostCounts):
         """x: (N, M) rows sorted by global expert, counts (E,) on the device, host what
