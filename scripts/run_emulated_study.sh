@@ -1,75 +1,107 @@
 #!/usr/bin/env bash
 # The Multi30k study on the emulated two-node cluster (docs/emulated_network.md): every run
-# trains expert-parallel over 2 emulated nodes (one rank each, gloo over a tbf-shaped link) for
-# the same wall-clock budget, then is evaluated, recorded and archived with the Multi30k study's
-# machinery (scripts/study_lib.sh's study_evaluate, scripts/study_report.py record / archive /
-# report), so `study_report.py report` reads the result like docs/study_runs.
+# trains expert-parallel over 2 emulated nodes (one rank each, gloo over the emulated link), then
+# is evaluated, read at equal wall-clock on each link of READ_RATES, recorded and archived with the
+# Multi30k study's machinery (scripts/study_lib.sh's study_evaluate, scripts/study_report.py
+# record / equal-time / archive / report), so `study_report.py report` reads the result like
+# docs/study_runs.
 #
 #   sudo DATA=data-bin/multi30k OUT=emulated_study ARCHIVE=docs/emulated_study_runs \
-#        RATE_MBIT=250 BUDGET_MINUTES=60 bash scripts/run_emulated_study.sh
+#        bash scripts/run_emulated_study.sh
 #
-# The link: RATE_MBIT (default 250: an all-to-all share of about 45% for moe_top2 on this
-# 2-core host, docs/emulated_network.md; 0 = unshaped).  Runs land in OUT/link<RATE>mbit/NAME/seedS
-# and ARCHIVE/link<RATE>mbit/NAME/seedS, so the unshaped and the shaped link are two studies
-# side by side (run the script once per RATE_MBIT).
+# Budget: a fixed number of updates per run (MAX_UPDATE, default 500), as in scripts/run_study.sh,
+# not a fixed wall-clock: the host's speed changes with load, so a wall-clock budget would give a
+# config more or fewer updates depending on what else ran.  What a run computes does not depend on
+# the link either (the link only sets how long each step takes), so every run trains on the
+# unshaped link (TRAIN_RATE_MBIT, default 0), and wall-clock enters through the side-by-side
+# speed of every config on each link of READ_RATES (default "250 0": an all-to-all share of about
+# 45% and the unshaped link; step 1, scripts/study_throughput.py --emulated-rate-mbit, interleaved
+# rounds): each run is read at the interval checkpoint it reaches in the anchor's time.  The
+# speed files, OUT/throughput_link<R>mbit.json, are measured once and kept with the archive
+# (ARCHIVE/link<R>mbit/throughput.json): runs trained later are read with the same speeds, which
+# describe the emulated cluster the study defines.
 #
-# Budget: fairseq's --stop-time-hours (BUDGET_MINUTES / 60): its training time is summed over
-# the ranks (so both stop at the same update) and kept in the checkpoint, so an interrupted run
-# resumes from checkpoint_last.pt with the time it had used.  --max-update is lifted to
-# MAX_UPDATE (default 1000000) so that time alone decides; the configs' learning-rate schedule
-# and checkpoint interval are kept.
+# Batch: MAX_TOKENS per rank (default 2048), so the 2 ranks' batch is the single-process study's
+# 4,096 tokens; the configs' optimisation and checkpoint interval (50 updates) are kept.
 #
 # RUNS: space-separated NAME=CONFIG[:FLAG,VALUE,...] (CONFIG from configs/multi30k; the flags go
-# after the config's and win).  Default: top-2, Gate-Drop at p = 0.1, 0.3,
-# 0.5, Gate-Expert-Drop at 0.3, and fairseq's dense transformer data-parallel as the anchor
-# (fairseq's task, model and criterion; the plugin only fixes fairseq's CPU data parallelism).
-# SEEDS (default "1 2"): rotated seed-major (seed 1 of every run, then seed 2, ...), so work
-# that stops early leaves complete seeds; narrow RUNS for the runs that need more seeds.
+# after the config's and win).  Default: top-2, Gate-Drop at p = 0.1, 0.3, 0.5,
+# Gate-Expert-Drop at 0.3, Gate-Drop restricted to the local experts' top-k (local_topk) at 0.3,
+# and fairseq's dense transformer data-parallel as the anchor (fairseq's task, model and
+# criterion; the plugin only fixes fairseq's CPU data parallelism).  SEEDS (default "1 2"):
+# rotated seed-major (seed 1 of every run, then seed 2, ...), so work that stops early leaves
+# complete seeds; narrow RUNS for the runs that need more seeds.
 #
-# Resumable: a run with OUT/.../record.json or ARCHIVE/.../record.json is done; a trained run
-# (SAVE/.trained) is only evaluated; a run interrupted in training resumes from its checkpoint.
+# Resumable: a run with ARCHIVE/link<R>mbit/.../record.json for every R is done; a trained run
+# (SAVE/.trained) is only evaluated and read; a run interrupted in training resumes from its
+# checkpoint; the speed measurement keeps its rounds as they land.
 #
-# Environment: DATA, OUT, ARCHIVE (optional), RATE_MBIT, BUDGET_MINUTES (60), MAX_UPDATE,
-# RUNS, SEEDS, BEAM (5), EXTRA (more fairseq-train flags for every run, e.g. for a smoke test),
-# MASTER_PORT (29500, inside the namespaces), COLLECTIVE_TIMEOUT (600 s, as train_torchrun.sh).
+# Environment: DATA, OUT, ARCHIVE (optional), MAX_UPDATE, MAX_TOKENS, TRAIN_RATE_MBIT, READ_RATES,
+# RUNS, SEEDS, BEAM (5), EVAL_THREADS (2), THROUGHPUT_ROUNDS (2), THROUGHPUT_RUNS (default RUNS),
+# EXTRA (more fairseq-train flags for every run, e.g. for a smoke test), MASTER_PORT (29500,
+# inside the namespaces), COLLECTIVE_TIMEOUT (600 s, as train_torchrun.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 if ! command -v fairseq-train > /dev/null && [ -f "${VENV:-.venv}/bin/activate" ]; then . "${VENV:-.venv}/bin/activate"; fi
 DATA=${DATA:-data-bin/multi30k}
 OUT=${OUT:-emulated_study}
-RATE_MBIT=${RATE_MBIT:-250}
-BUDGET_MINUTES=${BUDGET_MINUTES:-60}
-MAX_UPDATE=${MAX_UPDATE:-1000000}
+TRAIN_RATE_MBIT=${TRAIN_RATE_MBIT:-0}
+READ_RATES=${READ_RATES:-"250 0"}
+MAX_UPDATE=${MAX_UPDATE:-500}
+MAX_TOKENS=${MAX_TOKENS:-2048}
 SEEDS=${SEEDS:-"1 2"}
 BEAM=${BEAM:-5}
+EVAL_THREADS=${EVAL_THREADS:-2}
+THROUGHPUT_ROUNDS=${THROUGHPUT_ROUNDS:-2}
 ANCHOR=fairseq_dense
-THREADS=1  # one rank per emulated node, one intra-op thread each (study_evaluate uses it too)
 RUNS=${RUNS:-"moe_top2=moe_top2
-  gate_drop_p0.1=moe_top2_gate_drop:--moe-gating-dropout,0.1
   gate_drop_p0.3=moe_top2_gate_drop:--moe-gating-dropout,0.3
+  fairseq_dense=fairseq_dense
+  gate_drop_p0.1=moe_top2_gate_drop:--moe-gating-dropout,0.1
   gate_drop_p0.5=moe_top2_gate_drop:--moe-gating-dropout,0.5
   gate_expert_drop_p0.3=moe_top2_gate_expert_drop:--moe-gating-dropout,0.3
-  fairseq_dense=fairseq_dense"}
+  gate_local_p0.3=moe_top2_gate_local"}
+THROUGHPUT_RUNS=${THROUGHPUT_RUNS:-$RUNS}
 
 die() { echo "run_emulated_study: $*" >&2; exit 2; }
-[[ "$RATE_MBIT" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "RATE_MBIT must be a rate in Mbit/s, 0 for unshaped (got '$RATE_MBIT')"
-[[ "$BUDGET_MINUTES" =~ ^[0-9]+([.][0-9]+)?$ ]] && [ "$BUDGET_MINUTES" != 0 ] || die "BUDGET_MINUTES must be a positive number of minutes (got '$BUDGET_MINUTES')"
+for r in $TRAIN_RATE_MBIT $READ_RATES; do
+  [[ "$r" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "TRAIN_RATE_MBIT and READ_RATES must be rates in Mbit/s, 0 for unshaped (got '$r')"
+done
+[[ "$MAX_UPDATE" =~ ^[1-9][0-9]*$ ]] && [ $((MAX_UPDATE % 50)) = 0 ] || die "MAX_UPDATE must be a positive multiple of 50, the checkpoint interval (got '$MAX_UPDATE')"
+[[ "$MAX_TOKENS" =~ ^[1-9][0-9]*$ ]] || die "MAX_TOKENS must be a positive number of tokens per rank (got '$MAX_TOKENS')"
+[[ "$THROUGHPUT_ROUNDS" =~ ^[0-9]+$ ]] || die "THROUGHPUT_ROUNDS must be a number of rounds, 0 to skip the speed measurement (got '$THROUGHPUT_ROUNDS')"
 [ -f "$DATA/dict.txt" ] || die "no fairseq data-bin at DATA=$DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)"
 command -v fairseq-train > /dev/null || die "fairseq-train not found (bash scripts/setup_env.sh)"
 missing=$(python -c "import sys; sys.path.insert(0, 'scripts'); import emulated_cluster as e; print(e.missing_requirements() or '')")
 [ -z "$missing" ] || die "$missing"
-for spec in $RUNS; do
+for spec in $RUNS $THROUGHPUT_RUNS; do
   config=${spec#*=}; config=${config%%:*}
   [[ "$spec" == *=* ]] || die "RUNS: '$spec' is not NAME=CONFIG[:FLAG,VALUE,...]"
   [ -f "configs/multi30k/$config.args" ] || die "RUNS: no config configs/multi30k/$config.args (in '$spec')"
 done
 
-LINK=link${RATE_MBIT}mbit
-STUDY=$OUT/$LINK
+STUDY=$OUT/link${TRAIN_RATE_MBIT}mbit
 mkdir -p "$STUDY"
+THREADS=$EVAL_THREADS  # study_evaluate's threads (training: one rank per emulated node, one thread each)
 . scripts/study_lib.sh  # study_evaluate: the same evaluation as the Multi30k study
-HOURS=$(python -c "print($BUDGET_MINUTES / 60)")
+
+# 1. every config's speed on every reading link, side by side (interleaved rounds, kept as they land)
+if [ "$THROUGHPUT_ROUNDS" != 0 ]; then
+  for r in $READ_RATES; do
+    tp=$STUDY/throughput_link${r}mbit.json
+    if [ -n "${ARCHIVE:-}" ] && [ -f "$ARCHIVE/link${r}mbit/throughput.json" ]; then
+      [ -f "$tp" ] || cp "$ARCHIVE/link${r}mbit/throughput.json" "$tp"  # the study's speeds, kept with it
+      continue
+    fi
+    echo "== speed on the ${r} Mbit/s link: $THROUGHPUT_ROUNDS interleaved rounds ($(date +%T))"
+    OMP_NUM_THREADS=1 python scripts/study_throughput.py --data "$DATA" --configs "$(echo $THROUGHPUT_RUNS)" \
+      --anchor "$ANCHOR" --out "$tp" --rounds "$THROUGHPUT_ROUNDS" --warmup 5 --updates 10 --threads 1 \
+      --emulated-rate-mbit "$r" --extra "--max-tokens $MAX_TOKENS" \
+      --conditions "2 emulated nodes, 1 thread each; load average in raw[].load" \
+      || die "the speed measurement on the ${r} Mbit/s link failed"
+  done
+fi
 
 # emulated_train SAVE CONFIG [flags...]: fairseq-train of configs/multi30k/CONFIG.args on the
 # 2 emulated nodes; node 0's output is SAVE/train.log (fairseq logs on rank 0), node 1's
@@ -88,24 +120,53 @@ emulated_train() {
   fi
   set -f; cfg=($(grep -v '^#' "configs/multi30k/$config.args")); set +f
   mkdir -p "$save"
-  echo "== $(date '+%F %T') threads=$THREADS parallel=1 nodes=2 rate_mbit=$RATE_MBIT budget_minutes=$BUDGET_MINUTES" >> "$save/train.log"
+  echo "== $(date '+%F %T') threads=1 parallel=1 nodes=2 rate_mbit=$TRAIN_RATE_MBIT max_tokens_per_rank=$MAX_TOKENS" >> "$save/train.log"
   printf '%s\n' "${cfg[@]}" "$@" > "$save/flags.txt"
   local cmd=(torchrun --nproc_per_node 1 --nnodes 2 --node_rank '$NODE_RANK' --master_addr '$MASTER_ADDR'
              --master_port '$MASTER_PORT' "$(command -v fairseq-train)" "$DATA" --user-dir "$REPO/moe_fairseq" "${cfg[@]}" "$@"
              "${timeout[@]}" --distributed-world-size 2 --cpu --distributed-backend gloo --num-workers 0
-             --save-dir "$save" --stop-time-hours "$HOURS" --max-update "$MAX_UPDATE" ${EXTRA:-})
+             --save-dir "$save" --max-update "$MAX_UPDATE" --max-tokens "$MAX_TOKENS" ${EXTRA:-})
   local line="" t
   for t in "${cmd[@]}"; do
     if [[ "$t" == '$'* ]]; then line+=" \"$t\""; else line+=" $(printf '%q' "$t")"; fi
   done
   local node_log='L='"$(printf '%q' "$save")"'/train.log; [ "$NODE_RANK" = 0 ] || L='"$(printf '%q' "$save")"'/train.node$NODE_RANK.log; exec >> "$L" 2>&1;'
   # `|| return`: this function runs in an `if`, where set -e does not stop it
-  OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS python scripts/emulated_cluster.py --nodes 2 \
-    --rate-mbit "$RATE_MBIT" --master-port "${MASTER_PORT:-29500}" --grace 60 --quiet -- bash -c "$node_log exec$line" \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/emulated_cluster.py --nodes 2 \
+    --rate-mbit "$TRAIN_RATE_MBIT" --master-port "${MASTER_PORT:-29500}" --grace 60 --quiet -- bash -c "$node_log exec$line" \
     || return 1
   touch "$save/.trained"
 }
 
+# read_and_archive SAVE NAME SEED: the run read at equal wall-clock on every link of READ_RATES
+# (its interval checkpoint at the update it reaches in the anchor's time), archived per link
+read_and_archive() {
+  local save=$1 name=$2 seed=$3 r
+  for r in $READ_RATES; do
+    local tp=$STUDY/throughput_link${r}mbit.json
+    if [ -f "$tp" ] && [ "$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['rounds'])" "$tp")" -gt 0 ]; then
+      cp "$tp" "$STUDY/throughput.json"  # study_report reads OUT/throughput.json
+      python scripts/study_report.py equal-time "$STUDY" --run "$name/seed$seed" --data "$DATA" --beam "$BEAM" \
+        --threads "$EVAL_THREADS" || return 1
+    else  # no speed for this link: no equal wall-clock reading (not the previous link's)
+      rm -f "$STUDY/throughput.json"
+      python -c "import json,sys; p=sys.argv[1]; r=json.load(open(p)); r.pop('equal_time', None); json.dump(r, open(p + '.tmp', 'w'), indent=1)" "$save/record.json" \
+        && mv "$save/record.json.tmp" "$save/record.json"
+    fi
+    if [ -n "${ARCHIVE:-}" ]; then
+      python scripts/study_report.py archive "$STUDY" --run "$name/seed$seed" --raw-dir "$DATA/raw" \
+        --to "$ARCHIVE/link${r}mbit" || return 1
+    fi
+  done
+}
+
+archived() {  # NAME SEED: archived on every reading link
+  local r
+  [ -n "${ARCHIVE:-}" ] || return 1
+  for r in $READ_RATES; do [ -f "$ARCHIVE/link${r}mbit/$1/seed$2/record.json" ] || return 1; done
+}
+
+# 2. training, BLEU, readings
 failed=0
 for seed in $SEEDS; do
   for spec in $RUNS; do
@@ -113,10 +174,10 @@ for seed in $SEEDS; do
     config=${rest%%:*} flags=()
     if [[ "$rest" == *:* ]]; then IFS=, read -r -a flags <<< "${rest#*:}"; fi
     save=$STUDY/$name/seed$seed
-    if [ -f "$save/record.json" ] || { [ -n "${ARCHIVE:-}" ] && [ -f "$ARCHIVE/$LINK/$name/seed$seed/record.json" ]; }; then
-      echo "== $LINK $name seed $seed: done, skipping"; continue
+    if archived "$name" "$seed" || { [ -z "${ARCHIVE:-}" ] && [ -f "$save/record.json" ]; }; then
+      echo "== $name seed $seed: done, skipping"; continue
     fi
-    echo "== $LINK $name seed $seed: training for $BUDGET_MINUTES min on 2 emulated nodes, then BLEU ($(date +%T))"
+    echo "== $name seed $seed: $MAX_UPDATE updates on 2 emulated nodes, then BLEU ($(date +%T))"
     if ! emulated_train "$save" "$config" "${flags[@]}" --seed "$seed"; then
       echo "run_emulated_study: $name seed $seed failed in training (see $save/train.log)" >&2; failed=1; continue
     fi
@@ -124,10 +185,10 @@ for seed in $SEEDS; do
       echo "run_emulated_study: $name seed $seed failed in evaluation (see $save/eval.log)" >&2; failed=1; continue
     fi
     python scripts/study_report.py record "$save" --config "$name" --seed "$seed" > /dev/null
-    if [ -n "${ARCHIVE:-}" ]; then
-      python scripts/study_report.py archive "$STUDY" --run "$name/seed$seed" --raw-dir "$DATA/raw" --to "$ARCHIVE/$LINK"
+    if ! read_and_archive "$save" "$name" "$seed"; then
+      echo "run_emulated_study: $name seed $seed failed in its equal wall-clock reading (see above)" >&2; failed=1
     fi
   done
 done
 [ "$failed" = 0 ] || exit 1
-echo "run_emulated_study: every run of $LINK is done; report: python scripts/study_report.py report ${ARCHIVE:-$OUT}/$LINK --anchor $ANCHOR --raw-dir $DATA/raw --json ..."
+echo "run_emulated_study: every run is done; report per link: python scripts/study_report.py report ${ARCHIVE:-$STUDY}/link<R>mbit --anchor $ANCHOR --raw-dir $DATA/raw --json ..."

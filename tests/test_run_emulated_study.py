@@ -22,8 +22,12 @@ def run(tmp_path, **env):
 
 
 @pytest.mark.parametrize("env,needle", [
-    ({"RATE_MBIT": "fast"}, "RATE_MBIT"),
-    ({"BUDGET_MINUTES": "0"}, "BUDGET_MINUTES"),
+    ({"READ_RATES": "250 fast"}, "READ_RATES"),
+    ({"TRAIN_RATE_MBIT": "-1"}, "TRAIN_RATE_MBIT"),
+    ({"MAX_UPDATE": "120"}, "MAX_UPDATE"),
+    ({"MAX_TOKENS": "0"}, "MAX_TOKENS"),
+    ({"THROUGHPUT_ROUNDS": "two"}, "THROUGHPUT_ROUNDS"),
+    ({"RUNS": "moe_top2=moe_top2", "THROUGHPUT_RUNS": "x=no_such_config"}, "no_such_config"),
     ({"RUNS": "top2=no_such_config"}, "no_such_config"),
     ({"RUNS": "moe_top2"}, "NAME=CONFIG"),
 ])
@@ -53,9 +57,9 @@ def test_a_failed_training_is_not_marked_trained(tmp_path):
     fake.mkdir()
     (fake / "torchrun").write_text("#!/bin/sh\necho fake torchrun on node $NODE_RANK\nexit 3\n")
     (fake / "torchrun").chmod(0o755)
-    proc = run(tmp_path, RUNS="moe_top2=moe_top2", SEEDS="1",
+    proc = run(tmp_path, RUNS="moe_top2=moe_top2", SEEDS="1", THROUGHPUT_ROUNDS="0",
                PATH=f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    save = tmp_path / "out" / "link250mbit" / "moe_top2" / "seed1"
+    save = tmp_path / "out" / "link0mbit" / "moe_top2" / "seed1"
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "failed in training" in proc.stderr
     assert not (save / ".trained").exists() and not (save / "eval.log").exists()

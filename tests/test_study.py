@@ -351,6 +351,47 @@ def test_smoe_schedule_cost_is_the_mean_over_its_updates():
     assert tp.flag(["--a", "1", "--a", "2"], "--a") == "2"  # the last value wins, as in argparse
 
 
+def test_throughput_rounds_resume_and_named_runs_carry_their_flags(tmp_path, monkeypatch):
+    """Named runs (NAME=CONFIG:FLAG,VALUE) are timed with their flags and keyed by NAME; rounds are
+    stored as they land, a rerun adds only the missing ones, and a file of another measurement is
+    refused rather than mixed in.  The ratio is the median of per-round ratios to the anchor."""
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    tp = load("study_throughput")
+    assert tp.parse_spec("gd=moe_top2_gate_drop:--moe-gating-dropout,0.1") == (
+        "gd", "moe_top2_gate_drop", ["--moe-gating-dropout", "0.1"])
+    assert tp.parse_spec("moe_top2") == ("moe_top2", "moe_top2", [])
+    assert tp.config_names("a,b") == ["a", "b"]
+    assert tp.config_names("x=a:--f,1 y=b") == ["x=a:--f,1", "y=b"]
+    speeds = {"fairseq_dense": [1.0, 2.0, 1.0], "gd": [1.5, 2.0, 3.0]}
+    calls = []
+
+    def fake_measure(data, spec, extra, warmup, updates, threads, rate_mbit=None):
+        name, _, flags = tp.parse_spec(spec)
+        calls.append((name, flags, extra, rate_mbit))
+        r = sum(1 for c in calls if c[0] == name) - 1
+        return speeds[name][r], 100.0 * speeds[name][r]
+
+    monkeypatch.setattr(tp, "measure", fake_measure)
+    out = tmp_path / "tp.json"
+    argv = ["--data", "d", "--configs", "fairseq_dense=fairseq_dense gd=moe_top2_gate_drop:--moe-gating-dropout,0.1",
+            "--out", str(out), "--rounds", "3", "--warmup", "5", "--updates", "10", "--threads", "1",
+            "--emulated-rate-mbit", "250", "--extra", "--max-tokens 2048"]
+    first = tp.main(argv + ["--rounds-now", "2"])
+    assert first["rounds"] == 2 and len(calls) == 4
+    assert ("gd", ["--moe-gating-dropout", "0.1"], ["--max-tokens", "2048"], 250.0) in calls
+    assert first["configs"]["gd"]["ratio"] == pytest.approx((1.5 + 1.0) / 2)  # median of 1.5 and 1.0
+    final = tp.main(argv)
+    assert final["rounds"] == 3 and len(calls) == 6  # only round 3 was measured
+    assert final["configs"]["gd"]["ratio"] == pytest.approx(1.5)  # median of 1.5, 1.0, 3.0
+    assert final["configs"]["fairseq_dense"]["ratio"] == 1.0
+    with pytest.raises(MoEUsageError, match="holds another measurement"):
+        tp.main([a if a != "250" else "0" for a in argv])
+    cmd = tp.emulated_command(["fairseq-train", "data", "--adam-betas", "(0.9,0.98)"], 250, str(tmp_path))
+    assert cmd[cmd.index("--rate-mbit") + 1] == "250" and "'(0.9,0.98)'" in cmd[-1]
+    assert '--node_rank "$NODE_RANK"' in cmd[-1] and "--distributed-world-size 2" in cmd[-1]
+
+
 def test_run_study_refuses_missing_data_and_unknown_configs(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPTS / "run_study.sh")], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "DATA": str(tmp_path / "none"), "OUT": str(tmp_path / "o")})
