@@ -160,10 +160,16 @@ read_and_archive() {
   done
 }
 
-archived() {  # NAME SEED: archived on every reading link
-  local r
+archived() {  # NAME SEED: archived on every reading link, read at equal wall-clock where its speed is known
+  local r rec
   [ -n "${ARCHIVE:-}" ] || return 1
-  for r in $READ_RATES; do [ -f "$ARCHIVE/link${r}mbit/$1/seed$2/record.json" ] || return 1; done
+  for r in $READ_RATES; do
+    rec=$ARCHIVE/link${r}mbit/$1/seed$2/record.json
+    [ -f "$rec" ] || return 1
+    if [ -f "$STUDY/throughput_link${r}mbit.json" ] || [ -f "$ARCHIVE/link${r}mbit/throughput.json" ]; then
+      grep -q '"equal_time"' "$rec" || return 1  # trained before the speeds were measured: read it now
+    fi
+  done
 }
 
 # 2. training, BLEU, readings
