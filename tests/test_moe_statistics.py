@@ -179,3 +179,53 @@ def test_sum_weighs_the_moe_loss_twice_as_average_over_two_layers():
     for a, s in zip(avg, summed):
         assert float(s[2]["moe_loss"]) == pytest.approx(2 * float(a[2]["moe_loss"]))
         assert float(s[2]["loss"]) == pytest.approx(float(a[2]["loss"]))  # logged CE unaffected
+
+
+def test_per_layer_summary_by_hand():
+    """--moe-log-per-layer's numbers: each layer's own load balance, drop rate and expert shares
+    (the aggregates are unchanged)."""
+    s = summarize([LAYER_A, LAYER_B, LAYER_C], per_layer=True)
+    assert {k: v for k, v in s.items() if k != "layers"} == summarize([LAYER_A, LAYER_B, LAYER_C])
+    a, b, c = s["layers"]
+    assert a["load_cv"] == pytest.approx(math.sqrt(2) / 2) and a["load_max_mean"] == pytest.approx(2)
+    assert a["overflow"] == pytest.approx(1 / 8) and b["overflow"] == pytest.approx(2 / 12) and c["overflow"] == 0
+    assert a["expert_load"] == pytest.approx([0.25, 0.25, 0.5, 0.0])
+    assert b["expert_load"] == pytest.approx([0.25] * 4) and c["expert_load"] == [0.0] * 4
+    assert (a["gating_dropped"], b["gating_dropped"], c["gating_dropped"]) == (0, 0, 1)
+    assert "layers" not in summarize([LAYER_A])
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_criterion_logs_each_layer_only_when_asked(per_layer):
+    crit = MoELabelSmoothedCrossEntropyCriterion(Task, sentence_avg=False, label_smoothing=EPS,
+                                                 moe_log_per_layer=per_layer)
+    logs = []
+    for i, target in enumerate(TARGETS):
+        logits, sample = hand_batch(i, target)
+        logs.append(crit(HandModel(logits, list(zip(LOSSES[i], STATS[i]))), sample)[2])
+    with metrics.aggregate(new_root=True) as agg:
+        crit.reduce_metrics(logs)
+        logged = agg.get_smoothed_values()
+    per_layer_keys = {k for k in logged if k.startswith("moe_layer")}
+    if not per_layer:
+        assert per_layer_keys == set()
+        return
+    # HandModel's layers are layers.0 and layers.1 (neither encoder nor decoder): layer0, layer1.
+    # Batch 1 ran A then B, batch 2 B then C: each key is the mean over the two batches.
+    assert logged["moe_layer0_overflow"] == pytest.approx((1 / 8 + 2 / 12) / 2, abs=1e-4)
+    assert logged["moe_layer1_overflow"] == pytest.approx((2 / 12 + 0) / 2, abs=1e-4)
+    assert logged["moe_layer1_gating_dropped"] == pytest.approx(0.5)
+    assert logged["moe_layer0_e2_load"] == pytest.approx((0.5 + 0.25) / 2)
+    assert len(per_layer_keys) == 2 * (4 + 4)
+
+
+def test_layer_tags_name_encoder_and_decoder_layers():
+    from moe_fairseq.criterions.moe_label_smoothed_cross_entropy import layer_tags
+
+    model = nn.Module()
+    model.encoder = nn.Module()
+    model.encoder.layers = nn.ModuleList([nn.Linear(1, 1), build_moe_layer(MoEConfig(num_experts=2), 4, 8)])
+    model.decoder = nn.Module()
+    model.decoder.layers = nn.ModuleList([build_moe_layer(MoEConfig(num_experts=2), 4, 8)])
+    model.extra = build_moe_layer(MoEConfig(num_experts=2), 4, 8)
+    assert layer_tags(model) == ["enc1", "dec0", "layer2"]

@@ -32,6 +32,7 @@ def data(tmp_path_factory):
 def test_moe_statistics_reach_tensorboard(data, tmp_path):
     logdir = tmp_path / "tb"
     run(train_cmd(data, tmp_path / "ckpt", "--moe-expert-count", "4", "--no-save", "--tensorboard-logdir", logdir,
+                  "--moe-log-per-layer",
                   max_update=2))
     for split in ("train_inner", "valid"):
         files = list((logdir / split).glob("events.out.tfevents.*"))
@@ -39,3 +40,6 @@ def test_moe_statistics_reach_tensorboard(data, tmp_path):
         tags = set().union(*(scalar_tags(f) for f in files))
         assert MOE_SCALARS <= tags, f"{split}: missing {sorted(MOE_SCALARS - tags)}"
         assert "loss" in tags
+        # --moe-log-per-layer: every MoE layer's own statistics, named after fairseq's layers
+        # (transformer_moe_tiny: 2+2 layers, MoE in every other FFN, i.e. layers 1)
+        assert {"moe_enc1_overflow", "moe_enc1_load_max_mean", "moe_dec1_gating_dropped", "moe_dec1_e3_load"} <= tags

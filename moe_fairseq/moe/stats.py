@@ -28,9 +28,12 @@ def entropy_sum(probs: Optional[torch.Tensor], device=None) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-20))).sum()
 
 
-def summarize(stats: Iterable[RoutingStats]) -> Dict[str, float]:
+def summarize(stats: Iterable[RoutingStats], per_layer: bool = False) -> Dict[str, float]:
     """Scalars for logging, aggregated over layers.  Every layer's numbers are computed on the
-    device and read on the host in one transfer, whatever the number of layers."""
+    device and read on the host in one transfer, whatever the number of layers.  With
+    per_layer, out["layers"] also holds one dict per layer (in the order given): its load_cv,
+    load_max_mean, overflow (the share of its requested slots dropped by capacity),
+    gating_dropped and expert_load (each expert's share of the slots it processed)."""
     stats = list(stats)
     if not stats:
         return {}
@@ -40,11 +43,15 @@ def summarize(stats: Iterable[RoutingStats]) -> Dict[str, float]:
         mean = t.mean()
         used = mean > 0  # a layer that routed nothing has no load balance to report
         safe_mean = torch.where(used, mean, torch.ones_like(mean))
-        rows.append(torch.stack([
-            used.float(), t.std(unbiased=False) / safe_mean, t.max() / safe_mean,
-            *(v.float().to(t.device) for v in (s.dropped_by_capacity, s.requested_slots, s.gate_entropy_sum,
-                                               s.num_tokens, s.gating_dropped, s.a2a_bytes))]))
-    table = torch.stack(rows).tolist()  # the one host sync
+        row = [used.float(), t.std(unbiased=False) / safe_mean, t.max() / safe_mean,
+               *(v.float().to(t.device) for v in (s.dropped_by_capacity, s.requested_slots, s.gate_entropy_sum,
+                                                  s.num_tokens, s.gating_dropped, s.a2a_bytes))]
+        rows.append(torch.cat([torch.stack(row), t / (safe_mean * t.numel())]) if per_layer else torch.stack(row))
+    flat = torch.cat(rows).tolist()  # the one host sync
+    table, at = [], 0
+    for r in rows:  # rows may differ in length (expert counts) when per_layer
+        table.append(flat[at:at + r.numel()])
+        at += r.numel()
     out = {"moe_layers": float(len(stats))}
     used = [row for row in table if row[0] > 0]
     if used:
@@ -55,4 +62,7 @@ def summarize(stats: Iterable[RoutingStats]) -> Dict[str, float]:
     out["moe_gate_entropy"] = entropy / tokens if tokens else 0.0
     out["moe_gating_dropped"] = gd / len(stats)
     out["moe_a2a_bytes"] = a2a
+    if per_layer:
+        out["layers"] = [{"load_cv": row[1], "load_max_mean": row[2], "overflow": row[3] / row[4] if row[4] else 0.0,
+                          "gating_dropped": row[7], "expert_load": row[9:]} for row in table]
     return out
