@@ -14,7 +14,8 @@
 # check_nodes SCRIPT: NNODES must be >= 1; with NNODES > 1, MASTER_ADDR (the address of node 0)
 #   and NODE_RANK (0 .. NNODES-1) must be set: a default of 127.0.0.1 would make every machine
 #   wait for a rendezvous of its own.  One-line error otherwise.
-# launch_run LOG_PREFIX: prints the command under DRY_RUN=1, else runs CMD appending to train.log.
+# launch_run LOG_PREFIX: prints the command under DRY_RUN=1, else runs CMD appending to train.log
+#   (and showing short progress lines on a terminal: scripts/progress_view.py; needs REPO).
 launch_init() {
   if [ "$#" -lt 3 ]; then
     sed -n '2,/^set -euo/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//' >&2
@@ -78,5 +79,11 @@ launch_run() {
   fi
   mkdir -p "$SAVE_DIR"
   echo "== $(date '+%F %T') ${1:-}$(printf '%q ' "${CMD[@]}")" >> "$SAVE_DIR/train.log"
-  "${CMD[@]}" 2>&1 | tee -a "$SAVE_DIR/train.log"
+  # On a terminal (or PROGRESS_VIEW=1) fairseq's JSON progress lines are shown short; train.log
+  # keeps them as fairseq wrote them (the plotting and study tools read it).  PROGRESS_VIEW=0: as is.
+  if [ "${PROGRESS_VIEW:-}" = 1 ] || { [ -z "${PROGRESS_VIEW:-}" ] && [ -t 1 ]; }; then
+    "${CMD[@]}" 2>&1 | tee -a "$SAVE_DIR/train.log" | python3 "$REPO/scripts/progress_view.py"
+  else
+    "${CMD[@]}" 2>&1 | tee -a "$SAVE_DIR/train.log"
+  fi
 }

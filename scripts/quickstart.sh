@@ -30,8 +30,9 @@ fi
 echo "== 2/3 fairseq-train: transformer_moe_tiny, 4 experts (top-2) in every 2nd FFN, Gate-Drop p=0.3"
 # The full log goes to train.log; the filter shows progress.  pipefail makes fairseq-train's exit
 # status the pipeline's (grep's "no line matched" is not a failure), so a failed training stops
-# here even when OUT holds the checkpoints of an earlier run.
-fairseq-train "$OUT/data-bin" --user-dir moe_fairseq --task translation_multi_moe \
+# here even when OUT holds the checkpoints of an earlier run, and shows the end of the log (the
+# error and its traceback, which the filter hid).
+if ! fairseq-train "$OUT/data-bin" --user-dir moe_fairseq --task translation_multi_moe \
   --lang-pairs "$PAIRS" --encoder-langtok src --decoder-langtok \
   --arch transformer_moe_tiny --encoder-embed-dim 128 --encoder-ffn-embed-dim 256 \
   --encoder-attention-heads 4 --decoder-attention-heads 4 --share-all-embeddings \
@@ -41,7 +42,11 @@ fairseq-train "$OUT/data-bin" --user-dir moe_fairseq --task translation_multi_mo
   --max-tokens 4096 --max-update "$UPDATES" --cpu --num-workers 0 --seed 1 \
   --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --save-interval-updates 200 --keep-interval-updates 1 \
   --validate-interval-updates 200 --log-format simple --log-interval 50 --no-progress-bar 2>&1 \
-  | tee "$OUT/train.log" | { grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true; }
+  | tee "$OUT/train.log" | { grep --line-buffered -E "train_inner|valid on|done training|Error|error" || true; }; then
+  echo "quickstart: fairseq-train failed; the end of $OUT/train.log:" >&2
+  tail -n 40 "$OUT/train.log" >&2
+  exit 1
+fi
 
 echo "== 3/3 fairseq-generate + sacrebleu (hypotheses aligned to references by sentence id)"
 moe-evaluate "$OUT/data-bin" --path "$OUT/checkpoints/checkpoint_best.pt" --lang-pairs "$PAIRS" \

@@ -120,3 +120,33 @@ def test_one_machine_defaults_to_localhost(machine):
     assert proc.returncode == 0, proc.stderr
     cmd = shlex.split(proc.stdout)
     assert (flag(cmd, "--nnodes"), flag(cmd, "--node_rank"), flag(cmd, "--master_addr")) == ("1", "0", "127.0.0.1")
+
+
+FAKE_FAIRSEQ = """#!/bin/sh
+echo 'fairseq set-up line'
+echo '2026-12-06 00:07:23 | INFO | train_inner | {"epoch": 1, "loss": "13.359", "ppl": "10209", "moe_loss": "0.0162", "wps": "1977", "num_updates": "25"}'
+echo '2026-12-06 00:09:01 | INFO | valid | {"epoch": 1, "valid_loss": "9.812", "valid_ppl": "898.3", "valid_num_updates": "50"}'
+echo 'Traceback: something failed' >&2
+exit 3
+"""
+
+
+@pytest.mark.parametrize("view", ["1", "0"])
+def test_progress_is_short_on_a_terminal_and_json_in_the_log(tmp_path, view):
+    """PROGRESS_VIEW=1 (what a terminal gets): short progress lines, every other line as is, the
+    trainer's exit status kept; train.log holds fairseq's JSON lines either way."""
+    fake = executable(tmp_path / "fairseq-train", FAKE_FAIRSEQ)
+    save = tmp_path / "save"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "train.sh"), str(CONFIG), "DATA", str(save)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "FAIRSEQ_TRAIN": str(fake), "PROGRESS_VIEW": view})
+    assert proc.returncode == 3
+    log = (save / "train.log").read_text()
+    assert '| train_inner | {"epoch": 1' in log and "Traceback: something failed" in log
+    assert "fairseq set-up line" in proc.stdout and "Traceback: something failed" in proc.stdout
+    if view == "1":
+        assert "00:07:23 train update 25      loss 13.359  ppl 10209  moe_loss 0.0162  wps 1977" in proc.stdout
+        assert "00:09:01 valid update 50      loss 9.812  ppl 898.3" in proc.stdout
+        assert "{" not in proc.stdout
+    else:
+        assert '| train_inner | {"epoch": 1' in proc.stdout

@@ -32,3 +32,6 @@ def test_quickstart_runs_every_step_and_stops_on_a_failed_training(tmp_path):
     failed = quickstart(out, check=False)
     assert failed.returncode != 0, failed.stdout[-2000:]
     assert not (out / "eval" / "results.json").exists()  # it stopped before evaluating
+    # and it shows the end of the log, where fairseq's error and traceback are
+    assert "quickstart: fairseq-train failed; the end of" in failed.stderr
+    assert "Traceback (most recent call last)" in failed.stderr, failed.stderr[-2000:]
