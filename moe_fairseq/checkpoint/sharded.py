@@ -31,20 +31,6 @@ def atomic_save(obj, path: str):
         torch.save(obj, f)
 
 
-def atomic_copy(src: str, dst: str):
-    """Copy src over dst as atomic_save writes: a temporary file beside dst, fsync, rename.  A
-    failed copy (a full disk) leaves dst as it was and no temporary file."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _optimizer_state_by_name(opt_state: Optional[dict], param_names: List[str], keep) -> Dict[str, dict]:
     """Pop the per-parameter optimizer entries whose parameter name satisfies `keep`."""
     out = {}

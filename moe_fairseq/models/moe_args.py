@@ -26,8 +26,12 @@ class MoEModelOptions:
         None, "--encoder-moe-freq", "as --moe-freq, encoder only (overrides it)", metavar="N")
     decoder_moe_freq: Optional[int] = option(
         None, "--decoder-moe-freq", "as --moe-freq, decoder only (overrides it)", metavar="N")
+    # fairseq's moe branch switches fp32 gating on with this flag; here routing is always fp32
+    # (docs/reference.md, tests/test_precision.py), so the switch is accepted and changes nothing.
+    # Its default is False, the value every command line without it has always stored.
     moe_gating_use_fp32: bool = option(
-        True, "--moe-gating-use-fp32", "accepted for fairseq compatibility: routers always compute in fp32")
+        False, "--moe-gating-use-fp32", "accepted for fairseq moe-branch command lines and ignored: routers "
+                                        "always compute in fp32")
     moe_expert_ffn_dim: Optional[int] = option(
         None, "--moe-expert-ffn-dim", "hidden size of each expert (default: the FFN dim)")
     moe_split_ffn: bool = option(
