@@ -108,13 +108,12 @@ def _as_list(value):
 
 def read_checkpoint_args(path):
     """(model args, task args) saved in a fairseq checkpoint, loaded with torch.load's default
-    weights_only check (fairseq_patches allowlists what fairseq checkpoints hold)."""
+    weights_only check (checkpoint/io.py allowlists what fairseq checkpoints hold)."""
     import torch
 
-    from . import fairseq_patches
+    from .checkpoint.io import allow_checkpoint_types
 
-    fairseq_patches.install()
-
+    allow_checkpoint_types()
     try:
         state = torch.load(path, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
@@ -156,6 +155,9 @@ def training_task_args(task_args) -> List[str]:
 def run_generate(data: str, path: str, src: str, tgt: str, lang_pairs: str, split: str, beam: int,
                  batch_size: int, cpu: bool, extra: List[str], task_flags: List[str],
                  post_process: str = "sentencepiece") -> str:
+    # This process installs no fairseq patch; fairseq-generate loads the plugin with --user-dir,
+    # for what generation needs of it: the model and task, the checkpoint allowlist (patch 1),
+    # the experts of a sharded checkpoint (6) and one-line errors (8); the rest act in training only.
     exe = Path(sys.executable).parent / "fairseq-generate"
     cmd = [str(exe) if exe.exists() else "fairseq-generate", data, "--user-dir", USER_DIR, *task_flags,
            "--lang-pairs", lang_pairs, "--source-lang", src, "--target-lang", tgt, "--path", path,

@@ -35,7 +35,8 @@ def load_model(path: str, data: str):
     second directory named moe_fairseq once this one is imported (and the saved one may be gone)."""
     from fairseq import checkpoint_utils
 
-    from . import plugin  # noqa: F401  (the model, task and checkpoint allowlist must be registered)
+    # the model and task must be registered; patch 6 merges a sharded checkpoint's experts
+    from . import plugin  # noqa: F401
 
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task(
         [str(path)], arg_overrides={"data": data, "user_dir": USER_DIR})

@@ -2,9 +2,11 @@
 idempotent `install()` for fairseq 0.12.2 / fairseq-fixed 0.12.3.1 only.
 
 Importing moe_fairseq, or its layer library moe_fairseq.moe, changes nothing: install() runs
-when moe_fairseq.plugin is imported (what `--user-dir moe_fairseq` does), or when a tool that
-reads fairseq checkpoints calls it (moe-consolidate, moe-reshard).  The patches, and why each
-exists:
+when moe_fairseq.plugin is imported, which is what `--user-dir moe_fairseq` does and what a
+program that builds this plugin's model in-process needs (moe-prune's usage count).  The
+offline tools that only read and write checkpoint files (moe-consolidate, moe-reshard,
+moe-average, moe-evaluate's reading of the saved arguments) install nothing: reading needs
+only the type allowlist of checkpoint/io.py.  The patches, and why each exists:
 
 1. torch.serialization safe globals.  torch >= 2.6 loads checkpoints with weights_only=True;
    fairseq's torch.load calls pass no flag, so its own checkpoints (which hold an

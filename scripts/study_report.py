@@ -143,10 +143,10 @@ def slim_interval_checkpoints(save: Path) -> int:
     atomically (a crash leaves the old file)."""
     import torch
 
-    from moe_fairseq import fairseq_patches
+    from moe_fairseq.checkpoint.io import allow_checkpoint_types
     from moe_fairseq.checkpoint.sharded import atomic_save
 
-    fairseq_patches.install()  # the weights_only allowlist for fairseq checkpoints
+    allow_checkpoint_types()  # torch.load's weights_only check: the types fairseq checkpoints hold
 
     done = 0
     for path in sorted(save.glob("checkpoint_*_*.pt")):

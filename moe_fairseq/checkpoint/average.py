@@ -149,8 +149,6 @@ def main(argv=None) -> List[str]:
 
 
 def cli_main(argv=None):
-    import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold)
-
     try:
         main(argv)
     except MoEUsageError as e:

@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 
-from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from .format import is_expert_key
 from .io import read_checkpoint
@@ -34,8 +33,6 @@ def cli_main(argv=None):
     p.add_argument("output", help="path of the consolidated checkpoint to write")
     p.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state (smaller file)")
     args = p.parse_args(argv)
-    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
-
     try:
         state = consolidate(args.checkpoint, args.output, keep_optimizer=not args.no_optimizer)
     except MoEUsageError as e:

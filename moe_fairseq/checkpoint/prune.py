@@ -328,8 +328,6 @@ def cli_main(argv=None):
     import logging
 
     logging.getLogger("fairseq").setLevel(logging.WARNING)
-    import moe_fairseq.plugin  # noqa: F401  (registers the model and task, allowlists checkpoint types)
-
     try:
         prune(args.checkpoint, args.data, args.lang_pairs, args.keep, args.out, args.per, args.split,
               args.sentences, args.batch_size, args.moe_eval_top_k)

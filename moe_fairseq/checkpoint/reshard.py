@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 
-from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
 from .format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer, shard_meta, shard_path,
@@ -78,8 +77,6 @@ def cli_main(argv=None):
     p.add_argument("--world-size", type=int, required=True, help="ranks of the run that will continue")
     p.add_argument("--name", default="checkpoint_last.pt", help="file name in out_dir (checkpoint_last.pt)")
     args = p.parse_args(argv)
-    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
-
     try:
         path = reshard(args.checkpoint, args.out_dir, args.world_size, args.name)
     except MoEUsageError as e:
