@@ -20,7 +20,6 @@ its references.  Scores: sacrebleu BLEU and chrF, each with its signature.
 import argparse
 import json
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .checkpoint.saved_args import arg, as_list, read_saved_args
 from .moe.errors import MoEUsageError
 
 USER_DIR = str(Path(__file__).resolve().parent)
@@ -96,57 +96,23 @@ POST_PROCESS = ("sentencepiece", "subword_nmt", "none", "wordpiece", "letter", "
                 "@@ ", "@@")
 
 
-def _get(ns, key, default=None):
-    return ns.get(key, default) if isinstance(ns, dict) else getattr(ns, key, default)
-
-
-def _as_list(value):
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
-
-
-def read_checkpoint_args(path):
-    """(model args, task args) saved in a fairseq checkpoint, loaded with torch.load's default
-    weights_only check (checkpoint/io.py allowlists what fairseq checkpoints hold)."""
-    import torch
-
-    from .checkpoint.io import allow_checkpoint_types
-
-    allow_checkpoint_types()
-    try:
-        state = torch.load(path, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        # torch's message runs to a dozen lines; its first says what failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MoEUsageError(f"{path} is not a readable torch checkpoint: {first}") from e
-    if not isinstance(state, dict):
-        raise MoEUsageError(f"{path} holds a {type(state).__name__}, not a fairseq checkpoint")
-    cfg = state.get("cfg")
-    if cfg is not None and _get(cfg, "model") is not None:
-        return _get(cfg, "model"), _get(cfg, "task")
-    if state.get("args") is not None:
-        return state["args"], state["args"]
-    raise MoEUsageError(f"{path} holds neither cfg nor args: not a fairseq checkpoint")
-
-
 def training_task_args(task_args) -> List[str]:
     """The fairseq-generate flags that must repeat the training task's: the task itself (a plain
     fairseq checkpoint keeps fairseq's translation_multi_simple_epoch), where the language tokens
     go (--encoder-langtok src|tgt, --decoder-langtok) and --langs / --lang-dict, so the dictionary's
     language tokens are where training put them even when a subset of directions is evaluated."""
-    task = _get(task_args, "task") or _get(task_args, "_name") or "translation_multi_moe"
+    task = arg(task_args, "task") or arg(task_args, "_name") or "translation_multi_moe"
     flags = ["--task", task]
-    if _get(task_args, "encoder_langtok"):
-        flags += ["--encoder-langtok", _get(task_args, "encoder_langtok")]
-    if _get(task_args, "decoder_langtok"):
+    if arg(task_args, "encoder_langtok"):
+        flags += ["--encoder-langtok", arg(task_args, "encoder_langtok")]
+    if arg(task_args, "decoder_langtok"):
         flags.append("--decoder-langtok")
-    if _get(task_args, "lang_dict"):
-        flags += ["--lang-dict", _get(task_args, "lang_dict")]
+    if arg(task_args, "lang_dict"):
+        flags += ["--lang-dict", arg(task_args, "lang_dict")]
     else:
-        langs = _as_list(_get(task_args, "langs"))
+        langs = as_list(arg(task_args, "langs"))
         if not langs:
-            langs = sorted({lang for pair in _as_list(_get(task_args, "lang_pairs")) for lang in pair.split("-")})
+            langs = sorted({lang for pair in as_list(arg(task_args, "lang_pairs")) for lang in pair.split("-")})
         if langs:
             flags += ["--langs", ",".join(langs)]
     return flags
@@ -245,7 +211,7 @@ def evaluate(args) -> List[dict]:
         out.mkdir(parents=True, exist_ok=True)
     # the checkpoint's own task flags; an explicit --langs and the arguments after '--' come later
     # on the command line, so they win (argparse keeps the last value)
-    task_flags = training_task_args(read_checkpoint_args(args.path)[1])
+    task_flags = training_task_args(read_saved_args(args.path, "--path").task)
     if args.langs:
         task_flags += ["--langs", args.langs]
     directions = [tuple(pair.split("-")) for pair in args.lang_pairs.split(",")]

@@ -234,9 +234,9 @@ def build_table(checkpoint: str, pairs: List[str], keeps: List[int], pruned_dir:
                 reports: Dict[int, dict], bleu: Dict[int, Dict[str, dict]], source_state: dict) -> dict:
     import torch
 
-    from moe_fairseq.checkpoint.sharded import num_experts_of
+    from moe_fairseq.checkpoint.saved_args import saved_args
 
-    num_experts = num_experts_of(source_state)
+    num_experts = saved_args(source_state).num_experts
     per_expert = per_expert_elements(source_state["model"], num_experts)
     original = count_parameters(source_state["model"])
     rows = []
@@ -471,13 +471,12 @@ def run(args, evaluate=None, log=print) -> dict:
     import logging
 
     logging.getLogger("fairseq").setLevel(logging.WARNING)
-    import moe_fairseq.plugin  # noqa: F401  (checkpoint classes allowlisted, model registered)
     from moe_fairseq.checkpoint.prune import parse_pairs, read_consolidated
-    from moe_fairseq.checkpoint.sharded import num_experts_of
+    from moe_fairseq.checkpoint.saved_args import saved_args
 
     pairs = parse_pairs(args.lang_pairs)
     state = read_consolidated(args.checkpoint)
-    num_experts = num_experts_of(state)
+    num_experts = saved_args(state).num_experts
     keeps = parse_keeps(args.keeps, num_experts) if args.keeps else default_keeps(num_experts)
     record = read_record(args.record)
     work = Path(args.work)

@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq.atomic_files import atomic_write_json, atomic_write_text  # noqa: E402
-from moe_fairseq.evaluate import _as_list as as_list, _get, read_checkpoint_args  # noqa: E402
+from moe_fairseq.checkpoint.saved_args import arg, as_list, read_saved_args  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
 SLIMMABLE_ROUTERS = ("random", "noisy_topk")
@@ -82,11 +82,10 @@ def main(argv=None):
     if not ckpt.is_file():
         p.error(f"no such checkpoint: {ckpt}")
     try:
-        model_args, task_args = read_checkpoint_args(ckpt)
+        saved = read_saved_args(str(ckpt))
     except MoEUsageError as e:
         raise SystemExit(f"slimmable_eval: error: {e}")
-    num_experts = int(_get(model_args, "moe_expert_count", 0) or 0)
-    router = "top1" if _get(model_args, "moe_top1_expert") else _get(model_args, "moe_router")
+    num_experts, router = saved.num_experts, saved.router
     if num_experts < 1:
         raise SystemExit(f"slimmable_eval: {ckpt} is a dense model (moe_expert_count={num_experts})")
     if router not in SLIMMABLE_ROUTERS:
@@ -96,7 +95,7 @@ def main(argv=None):
     bad = [k for k in ks if not 1 <= k <= num_experts]
     if bad:
         p.error(f"--ks {bad} outside 1..E={num_experts}")
-    pairs = args.lang_pairs.split(",") if args.lang_pairs else as_list(_get(task_args, "lang_pairs"))
+    pairs = args.lang_pairs.split(",") if args.lang_pairs else as_list(arg(saved.task, "lang_pairs"))
     if not pairs:
         p.error("--lang-pairs is required (the checkpoint does not name its directions)")
 

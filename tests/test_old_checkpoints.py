@@ -101,13 +101,14 @@ import sys, tempfile
 hook = sys.excepthook
 from pathlib import Path
 from moe_fairseq.checkpoint import average, consolidate, reshard
-from moe_fairseq.evaluate import read_checkpoint_args, training_task_args
+from moe_fairseq.checkpoint.saved_args import read_saved_args
+from moe_fairseq.evaluate import training_task_args
 sharded, consolidated = sys.argv[1:3]
 out = Path(tempfile.mkdtemp())
 consolidate.cli_main([sharded, str(out / "model.pt")])
 reshard.cli_main([sharded, str(out / "four"), "--world-size", "4"])
 average.cli_main(["--inputs", sharded, consolidated, "--output", str(out / "avg.pt")])
-print(training_task_args(read_checkpoint_args(sharded)[1]))
+print(training_task_args(read_saved_args(sharded).task))
 assert "fairseq" not in sys.modules, "an offline tool imported fairseq"
 assert sys.excepthook is hook, "an offline tool installed the plugin's excepthook"
 """
@@ -119,3 +120,38 @@ def test_offline_tools_read_old_checkpoints_without_fairseq_or_its_patches():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(
         ["--task", "translation_multi_moe", "--encoder-langtok", "src", "--decoder-langtok", "--langs", "de,en"])
+
+
+def test_the_saved_arguments_of_old_checkpoints():
+    """The one reader of saved arguments, on both files: their copies (cfg's model and task)
+    as fairseq 0.12 wrote them, read and changed in every copy."""
+    from moe_fairseq.checkpoint.saved_args import as_list, saved_args
+
+    for path in (SHARDED, CONSOLIDATED):
+        state = plain(path)
+        saved = saved_args(state)
+        assert saved.model is state["cfg"]["model"] and saved.task is state["cfg"]["task"]
+        assert (saved.num_experts, saved.router, saved.get("moe_freq")) == (E, "top2", 1)
+        assert as_list(saved.get("lang_pairs")) == ["en-de"] and saved.get("no_such_arg", 7) == 7
+        saved.set(moe_expert_count=2, moe_router="top1")
+        for copy in (state["cfg"]["model"], state["cfg"]["task"]):
+            assert (copy.moe_expert_count, copy.moe_router) == (2, "top1")
+        assert saved_args(state).num_experts == 2
+
+
+@pytest.mark.parametrize("argv,router", [([], "top2"), (["--moe-router", "noisy_topk"], "noisy_topk"),
+                                         (["--moe-top1-expert"], "top1"),
+                                         (["--moe-top1-expert", "--moe-router", "top2"], "top1")])
+def test_the_saved_router_is_the_one_the_flags_build(argv, router):
+    """SavedArgs.router resolves --moe-top1-expert as models/moe_args.py's ALIASES do."""
+    import argparse
+
+    from moe_fairseq.checkpoint.saved_args import saved_args
+    from moe_fairseq.models.moe_args import add_moe_args, moe_config_from_args, set_moe_defaults
+
+    parser = argparse.ArgumentParser()
+    add_moe_args(parser)
+    args = parser.parse_args(["--moe-expert-count", "4", *argv])
+    set_moe_defaults(args)
+    assert moe_config_from_args(args).router == router
+    assert saved_args({"model": {}, "cfg": {"model": args, "task": args}}).router == router

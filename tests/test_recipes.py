@@ -410,7 +410,7 @@ def test_slimmable_eval_refuses_a_fixed_k_router(tmp_path):
 
     ckpt = tmp_path / "top2.pt"
     model = argparse.Namespace(moe_expert_count=8, moe_router="top2", moe_top1_expert=False)
-    torch.save({"cfg": {"model": model, "task": argparse.Namespace(lang_pairs=["en-de"])}}, ckpt)
+    torch.save({"model": {}, "cfg": {"model": model, "task": argparse.Namespace(lang_pairs=["en-de"])}}, ckpt)
     with pytest.raises(SystemExit, match="fixed k"):
         load_script("slimmable_eval").main([str(ckpt), "--data", "x", "--raw-dir", "x", "--out", str(tmp_path / "o")])
 
