@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
-from moe_fairseq.expert_usage import USER_DIR, direction_task, load_model, sentence_batches  # noqa: E402
+from moe_fairseq.tools.expert_usage import USER_DIR, direction_task, load_model, sentence_batches  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
 

@@ -6,7 +6,7 @@
       [--split test] [--beam 4] [--ks 1,2,4,8] [--cpu] [-- extra fairseq-generate args]
 
 E (experts per MoE layer) comes from the checkpoint's saved args (cfg['model'].moe_expert_count);
-k runs over 1, 2, 4, ..., E (and E itself).  For each k, `moe-evaluate` (moe_fairseq.evaluate)
+k runs over 1, 2, 4, ..., E (and E itself).  For each k, `moe-evaluate` (moe_fairseq.tools.evaluate)
 generates every direction with fairseq-generate `--moe-eval-top-k K` and scores it with
 sacrebleu against the raw references.  Works for the routers whose k can change at inference:
 random (SMoE-Dropout) and noisy_topk.
@@ -104,7 +104,7 @@ def main(argv=None):
     raw = Path(args.raw_dir)
     print(f"{ckpt}: {router} router, E={num_experts}; k in {ks}; directions {', '.join(pairs)}", flush=True)
 
-    from moe_fairseq.evaluate import main as moe_evaluate
+    from moe_fairseq.tools.evaluate import main as moe_evaluate
 
     table, rows_all, signature = {}, [], ""
     start = time.time()

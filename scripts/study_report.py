@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 from moe_fairseq import plots  # noqa: E402
 from moe_fairseq.atomic_files import atomic_open, atomic_write_json, atomic_write_text, rewrite_section  # noqa: E402
-from moe_fairseq.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
+from moe_fairseq.tools.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
 DIRECTIONS = ("en-de", "en-fr", "en-cs")

@@ -12,9 +12,9 @@ import torch
 import moe_fairseq.plugin  # noqa: F401  (installs the patches: atomic torch_persistent_save and copy)
 from moe_fairseq.checkpoint import format as fmt
 from moe_fairseq.checkpoint import sharded
-from moe_fairseq.checkpoint.consolidate import cli_main as consolidate_main
-from moe_fairseq.checkpoint.reshard import cli_main as reshard_main
-from moe_fairseq.checkpoint.reshard import reshard
+from moe_fairseq.tools.consolidate import cli_main as consolidate_main
+from moe_fairseq.tools.reshard import cli_main as reshard_main
+from moe_fairseq.tools.reshard import reshard
 from moe_fairseq.atomic_files import atomic_copy
 from moe_fairseq.checkpoint.sharded import atomic_save, resolve_experts, slice_shard, split_experts
 from moe_fairseq.moe.errors import MoEUsageError

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from moe_fairseq.checkpoint.saved_args import read_saved_args
-from moe_fairseq.evaluate import align, find_references, markdown_table, parse_generate_output, score
+from moe_fairseq.tools.evaluate import align, find_references, markdown_table, parse_generate_output, score
 from moe_fairseq.moe.errors import MoEUsageError
 
 GENERATE_OUTPUT = """S-2\t__en__ a b
@@ -83,7 +83,7 @@ def test_generate_command_carries_post_process_and_keeps_every_sentence(monkeypa
     multilingual batch sampler from dropping the last sentences (12 -> 8 at the default 8)."""
     import subprocess
 
-    from moe_fairseq import evaluate
+    from moe_fairseq.tools import evaluate
 
     seen = []
 
@@ -100,7 +100,7 @@ def test_generate_command_carries_post_process_and_keeps_every_sentence(monkeypa
 
 
 def test_unknown_post_process_and_missing_references_are_one_line_errors(tmp_path):
-    from moe_fairseq.evaluate import main
+    from moe_fairseq.tools.evaluate import main
 
     ckpt = tmp_path / "c.pt"
     ckpt.write_text("x")
@@ -114,7 +114,7 @@ def test_wmt_sgm_test_set_is_read_through_moe_prepares_readers(tmp_path):
     """--pairs test:de-en:SRC.sgm,REF.sgm, asked for as en-de: sources and references swap."""
     import argparse
 
-    from moe_fairseq.evaluate import read_test_sets
+    from moe_fairseq.tools.evaluate import read_test_sets
 
     def sgm(path, kind, segs):
         path.write_text(f'<{kind} setid="newstest2018">\n<doc docid="a">\n'

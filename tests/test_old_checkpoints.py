@@ -47,7 +47,7 @@ def test_the_fixture_is_what_it_claims():
 
 
 def test_consolidating_the_old_sharded_checkpoint_gives_the_old_consolidated_one(tmp_path, shards):
-    from moe_fairseq.checkpoint.consolidate import consolidate
+    from moe_fairseq.tools.consolidate import consolidate
 
     state = consolidate(str(SHARDED), str(tmp_path / "model.pt"), keep_optimizer=False)
     old = plain(CONSOLIDATED)
@@ -61,8 +61,8 @@ def test_consolidating_the_old_sharded_checkpoint_gives_the_old_consolidated_one
 
 def test_the_old_checkpoint_reshards_with_its_optimizer_state(tmp_path, shards):
     """2 -> 4 ranks and back into one file: every expert weight and Adam moment where it was."""
-    from moe_fairseq.checkpoint.consolidate import consolidate
-    from moe_fairseq.checkpoint.reshard import reshard
+    from moe_fairseq.tools.consolidate import consolidate
+    from moe_fairseq.tools.reshard import reshard
 
     four = reshard(str(SHARDED), str(tmp_path / "four"), 4)
     state = consolidate(four, str(tmp_path / "model.pt"))
@@ -76,7 +76,7 @@ def test_the_old_checkpoint_reshards_with_its_optimizer_state(tmp_path, shards):
 
 
 def test_averaging_an_old_checkpoint_with_itself_gives_it_back(tmp_path):
-    from moe_fairseq.checkpoint.average import average_checkpoints
+    from moe_fairseq.tools.average import average_checkpoints
 
     state = average_checkpoints([str(SHARDED), str(CONSOLIDATED)])
     for key, tensor in plain(CONSOLIDATED)["model"].items():
@@ -85,7 +85,7 @@ def test_averaging_an_old_checkpoint_with_itself_gives_it_back(tmp_path):
 
 def test_the_old_checkpoints_give_the_old_numbers(tmp_path):
     """Loaded into fairseq's model by the plugin, sharded and consolidated alike."""
-    from moe_fairseq.expert_usage import load_model
+    from moe_fairseq.tools.expert_usage import load_model
 
     reference = torch.load(FIXTURE / "reference.pt")
     for path in (SHARDED, CONSOLIDATED):
@@ -100,9 +100,9 @@ OFFLINE_TOOLS = r"""
 import sys, tempfile
 hook = sys.excepthook
 from pathlib import Path
-from moe_fairseq.checkpoint import average, consolidate, reshard
+from moe_fairseq.tools import average, consolidate, reshard
 from moe_fairseq.checkpoint.saved_args import read_saved_args
-from moe_fairseq.evaluate import training_task_args
+from moe_fairseq.tools.evaluate import training_task_args
 sharded, consolidated = sys.argv[1:3]
 out = Path(tempfile.mkdtemp())
 consolidate.cli_main([sharded, str(out / "model.pt")])

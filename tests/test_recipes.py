@@ -418,7 +418,7 @@ def test_slimmable_eval_refuses_a_fixed_k_router(tmp_path):
 def test_slimmable_eval_default_ks_and_wmt10_reference_links(tmp_path):
     slim = load_script("slimmable_eval")
     assert slim.default_ks(4) == [1, 2, 4] and slim.default_ks(8) == [1, 2, 4, 8] and slim.default_ks(6) == [1, 2, 4, 6]
-    from moe_fairseq.evaluate import training_task_args
+    from moe_fairseq.tools.evaluate import training_task_args
 
     # the plugin's task with language tokens on both sides; languages sorted as fairseq infers them
     assert training_task_args(argparse_ns(task="translation_multi_moe", lang_pairs=["en-fr", "en-de"], langs=None,
@@ -433,7 +433,7 @@ def test_slimmable_eval_default_ks_and_wmt10_reference_links(tmp_path):
     raw.mkdir()
     for name in ("test.fr-en.fr", "test.fr-en.en"):
         (raw / name).write_text("x\n")
-    from moe_fairseq.evaluate import find_references
+    from moe_fairseq.tools.evaluate import find_references
 
     assert find_references(raw, "test", "en", "fr") == raw / "test.fr-en.fr"
     assert find_references(raw, "test", "fr", "en") == raw / "test.fr-en.en"

@@ -27,10 +27,11 @@ from typing import List, Optional
 
 import torch
 
+from ..checkpoint.format import POINTER
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.saved_args import saved_args
+from ..checkpoint.sharded import atomic_save, resolve_experts
 from ..moe.errors import MoEUsageError
-from .io import read_checkpoint
-from .saved_args import saved_args
-from .sharded import POINTER, atomic_save, resolve_experts
 
 # the router weight of SMoE-Dropout (a buffer, never trained): ...moe.router.weight
 FROZEN_ROUTER = re.compile(r"(^|\.)moe\.router\.weight$")

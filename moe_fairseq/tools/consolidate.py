@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
+from ..checkpoint.format import is_expert_key
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.sharded import atomic_save, resolve_experts
 from ..moe.errors import MoEUsageError
-from .format import is_expert_key
-from .io import read_checkpoint
-from .sharded import atomic_save, resolve_experts
 
 
 def consolidate(src: str, dst: str, keep_optimizer: bool = True) -> dict:

@@ -15,13 +15,13 @@ import os
 import shutil
 import sys
 
+from ..checkpoint.format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer,
+                                 shard_meta, shard_path, tensor_shapes)
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.saved_args import saved_args
+from ..checkpoint.sharded import atomic_save, remove_unreferenced_shards, resolve_experts, slice_shard, split_experts
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
-from .format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer, shard_meta, shard_path,
-                     tensor_shapes)
-from .io import read_checkpoint
-from .saved_args import saved_args
-from .sharded import atomic_save, remove_unreferenced_shards, resolve_experts, slice_shard, split_experts
 
 
 def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_last.pt"):

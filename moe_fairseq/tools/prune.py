@@ -7,7 +7,7 @@ for NLLB-200's MoE: most experts are rarely used by one language, so keeping the
 costs little BLEU and most of the memory.
 
 Measuring.  CKPT runs teacher-forced in evaluation mode on the --split (valid) data of every
-direction (moe_fairseq.expert_usage, the code behind scripts/plot_expert_usage.py), and each
+direction (moe_fairseq.tools.expert_usage, the code behind scripts/plot_expert_usage.py), and each
 MoE layer counts the slots the router gives each expert: a top-2 token counts twice; capacity
 is switched off while measuring, so the router's own choices are counted, not what a batch's
 capacity happened to leave; padding is never counted.
@@ -53,10 +53,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..checkpoint.format import POINTER, is_expert_key
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.saved_args import as_list, saved_args
+from ..checkpoint.sharded import atomic_save
 from ..moe.errors import MoEUsageError
-from .io import read_checkpoint
-from .saved_args import as_list, saved_args
-from .sharded import POINTER, atomic_save, is_expert_key
 
 PER = ("target", "pair")
 
@@ -190,9 +191,9 @@ def check_directions(state: dict, data: str, pairs: List[str], split: str):
 def measure_counts(path: str, data: str, pairs: List[str], split: str, sentences: Optional[int],
                    batch_size: int, eval_top_k: Optional[int]) -> Dict[str, Dict[str, List[float]]]:
     """{layer prefix: {direction: [slots per expert]}}, capacity off (the router's choices)."""
-    from ..expert_usage import direction_batches, layer_label, load_model, measure
     from ..models.transformer_moe import apply_eval_overrides
     from ..moe.collect import moe_layers
+    from .expert_usage import direction_batches, layer_label, load_model, measure
 
     model, cfg = load_model(path, data)
     apply_eval_overrides(model, eval_top_k)
