@@ -77,3 +77,19 @@ def test_unknown_choice_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parse("--moe-router", "top3")
     assert "--moe-router: invalid choice: 'top3'" in capsys.readouterr().err
+
+
+def test_the_name_converter_is_argparses_rule():
+    """flag_dest / dest_flag (used by the config, the flags and the ranks' agreement check) agree
+    with the attribute argparse itself stores each MoE flag in, aliases included."""
+    from moe_fairseq.models.moe_args import add_flags
+    from moe_fairseq.moe.config import dest_flag, flag_dest
+
+    parser = argparse.ArgumentParser()
+    for scope in ("model", "task"):
+        add_flags(parser, scope)
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) == len(DEFAULTS) + 1  # + the task's --moe-eval-top-k
+    for action in actions:
+        (flag,) = action.option_strings
+        assert flag_dest(flag) == action.dest and dest_flag(action.dest) == flag

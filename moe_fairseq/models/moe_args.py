@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
-from ..moe.config import MoEConfig, option
+from ..moe.config import MoEConfig, flag_dest, option
 from ..moe.errors import MoEUsageError
 
 
@@ -55,10 +55,6 @@ ALIASES = {
 }
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
 def _argparse_type(annotation):
     """int for int and Optional[int], ...; None for str (argparse's default) and bool (a switch)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -66,7 +62,8 @@ def _argparse_type(annotation):
     return None if base in (str, bool) else base
 
 
-def _flag_fields(scope: str):
+def flag_fields(scope: str):
+    """The fields of MoEConfig and MoEModelOptions that are flags of `scope` ("model" or "task")."""
     for f in fields(MoEConfig) + fields(MoEModelOptions):
         if f.metadata["flag"] is not None and f.metadata["scope"] == scope:
             yield f
@@ -74,7 +71,7 @@ def _flag_fields(scope: str):
 
 def add_flags(group, scope: str = "model"):
     """Add the flags of `scope` ("model" or "task", see moe.config.option) to an argparse group."""
-    for f in _flag_fields(scope):
+    for f in flag_fields(scope):
         meta = f.metadata
         kwargs = dict(help=meta["help"])
         if f.type is bool:
@@ -97,8 +94,8 @@ def add_moe_args(parser):
 
 def set_moe_defaults(args):
     """Defaults applied by the architectures (fairseq's getattr idiom keeps explicit flags)."""
-    defaults = {f.metadata["dest"]: f.metadata["arg_default"] for f in _flag_fields("model")}
-    defaults.update((_dest(flag), False if alias.value is not None else None) for flag, alias in ALIASES.items())
+    defaults = {f.metadata["dest"]: f.metadata["arg_default"] for f in flag_fields("model")}
+    defaults.update((flag_dest(flag), False if alias.value is not None else None) for flag, alias in ALIASES.items())
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -112,7 +109,7 @@ def moe_config_from_args(args) -> MoEConfig:
         for flag, alias in ALIASES.items():
             if alias.field != f.name:
                 continue
-            given = getattr(args, _dest(flag), None)
+            given = getattr(args, flag_dest(flag), None)
             if alias.value is not None and given:  # a switch, given
                 value = alias.value
             elif alias.value is None and value is None:  # the field's own flag not given
