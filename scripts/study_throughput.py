@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
+from moe_fairseq.experiments.launch import config_args  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 from moe_fairseq.moe.k_schedule import KSchedule  # noqa: E402
 
@@ -40,11 +41,8 @@ ANCHORS_WITHOUT_PLUGIN = ("fairseq_dense",)
 LOG_INTERVAL = 5
 
 
-def config_args(name):
-    path = REPO / "configs" / "multi30k" / f"{name}.args"
-    if not path.is_file():
-        raise MoEUsageError(f"--configs: no config {path}")
-    return [tok for line in path.read_text().splitlines() if not line.startswith("#") for tok in line.split()]
+def multi30k_args(name):
+    return config_args(REPO / "configs" / "multi30k" / f"{name}.args")
 
 
 def flag(args, name, default=None):
@@ -53,7 +51,7 @@ def flag(args, name, default=None):
 
 def measure(data, name, extra, warmup, updates, threads):
     """(updates/s, words/s) of one short training run after its warmup."""
-    args = config_args(name)
+    args = multi30k_args(name)
     user_dir = [] if name in ANCHORS_WITHOUT_PLUGIN else ["--user-dir", str(REPO / "moe_fairseq")]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["fairseq-train", data, *user_dir, *args, "--save-dir", tmp, "--cpu", "--num-workers", "0",
@@ -81,7 +79,7 @@ def measure(data, name, extra, warmup, updates, threads):
 
 def variants(name):
     """[(label, extra flags)]: one per timed setting of the config."""
-    args = config_args(name)
+    args = multi30k_args(name)
     if flag(args, "--moe-router") != "random":
         return [(name, [])]
     kmax = int(flag(args, "--moe-top-k-max", flag(args, "--moe-expert-count")))
@@ -92,7 +90,7 @@ def variants(name):
 
 def schedule_cost(name, per_k_seconds):
     """Mean seconds per update of a random-router config over its own k schedule."""
-    args = config_args(name)
+    args = multi30k_args(name)
     sched = KSchedule(int(flag(args, "--moe-top-k-min", 1)), int(flag(args, "--moe-top-k-max")),
                       int(flag(args, "--moe-top-k-schedule-steps", 1)), flag(args, "--moe-top-k-schedule", "linear"))
     ks = sorted(per_k_seconds)

@@ -27,6 +27,8 @@ RULES = {
     "tasks": BASE | {"distributed", "models"},
     "plugin": {"fairseq_patches", "criterions", "models", "tasks"},
     "tools": BASE | {"atomic_files", "checkpoint", "console", "models", "tasks", "plugin", "data_prep"},
+    "experiments": BASE | {"atomic_files", "checkpoint", "console", "models", "tasks", "plugin", "tools", "plots",
+                           "data_prep"},
     "evaluate": {"tools"},  # `python -m moe_fairseq.evaluate`
     "moe_fairseq": set(),  # the package's __init__ imports nothing
     "data_prep": {"atomic_files", "console"},

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cli_helpers import REPO, USER_DIR, make_tiny_corpus, run, train_cmd
+from moe_fairseq.experiments.launch import config_args
 
 CONFIGS = REPO / "configs"
 SCRIPTS = REPO / "scripts"
@@ -36,11 +37,6 @@ slow = pytest.mark.skipif(os.environ.get("MOE_FAST_TESTS") == "1",
 
 def config_path(setup, name):
     return CONFIGS / setup / f"{name}.args"
-
-
-def config_args(path):
-    """What `$(grep -v '^#' FILE)` gives the shell: whole-line comments dropped, whitespace split."""
-    return [tok for line in Path(path).read_text().splitlines() if not line.startswith("#") for tok in line.split()]
 
 
 def config_flags(path):
@@ -484,3 +480,10 @@ def test_wmt10_config_trains_expert_parallel_resumes_and_consolidates(corpus, tm
     w1 = [v for k, v in state["model"].items() if k.endswith("moe.experts.w1")]
     assert w1 and all(v.shape[0] == 8 for v in w1), "every expert in one file"
     assert state["optimizer_history"][-1]["num_updates"] == 4
+
+
+def test_a_missing_config_is_refused_in_one_line_naming_the_flag(tmp_path):
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    with pytest.raises(MoEUsageError, match=r"^--configs: no config \S*absent\.args$"):
+        config_args(tmp_path / "absent.args")
