@@ -20,7 +20,6 @@ references named {split}.{src}-{tgt}.{tgt}, {split}.{tgt}-{src}.{tgt} (the wmt10
 or {split}.{tgt}.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -57,12 +56,7 @@ def markdown(ks, pairs, table, signature):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("checkpoint", help="SMoE-Dropout (random router) or noisy_topk checkpoint")
@@ -76,6 +70,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--allow-missing", action="store_true", help="passed to moe-evaluate")
+    return p
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = build_parser()
     args = p.parse_args(argv)
 
     ckpt = Path(args.checkpoint)
