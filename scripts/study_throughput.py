@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
-from moe_fairseq.experiments.launch import config_args  # noqa: E402
+from moe_fairseq.experiments import launch  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 from moe_fairseq.moe.k_schedule import KSchedule  # noqa: E402
 
@@ -41,8 +41,8 @@ ANCHORS_WITHOUT_PLUGIN = ("fairseq_dense",)
 LOG_INTERVAL = 5
 
 
-def multi30k_args(name):
-    return config_args(REPO / "configs" / "multi30k" / f"{name}.args")
+def config_args(name):
+    return launch.config_args(REPO / "configs" / "multi30k" / f"{name}.args")
 
 
 def flag(args, name, default=None):
@@ -51,7 +51,7 @@ def flag(args, name, default=None):
 
 def measure(data, name, extra, warmup, updates, threads):
     """(updates/s, words/s) of one short training run after its warmup."""
-    args = multi30k_args(name)
+    args = config_args(name)
     user_dir = [] if name in ANCHORS_WITHOUT_PLUGIN else ["--user-dir", str(REPO / "moe_fairseq")]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["fairseq-train", data, *user_dir, *args, "--save-dir", tmp, "--cpu", "--num-workers", "0",
@@ -79,7 +79,7 @@ def measure(data, name, extra, warmup, updates, threads):
 
 def variants(name):
     """[(label, extra flags)]: one per timed setting of the config."""
-    args = multi30k_args(name)
+    args = config_args(name)
     if flag(args, "--moe-router") != "random":
         return [(name, [])]
     kmax = int(flag(args, "--moe-top-k-max", flag(args, "--moe-expert-count")))
@@ -90,7 +90,7 @@ def variants(name):
 
 def schedule_cost(name, per_k_seconds):
     """Mean seconds per update of a random-router config over its own k schedule."""
-    args = multi30k_args(name)
+    args = config_args(name)
     sched = KSchedule(int(flag(args, "--moe-top-k-min", 1)), int(flag(args, "--moe-top-k-max")),
                       int(flag(args, "--moe-top-k-schedule-steps", 1)), flag(args, "--moe-top-k-schedule", "linear"))
     ks = sorted(per_k_seconds)

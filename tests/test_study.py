@@ -338,7 +338,7 @@ def test_average_refuses_a_missing_checkpoint_and_a_window_of_one(tmp_path):
 
 def test_smoe_schedule_cost_is_the_mean_over_its_updates():
     tp = load("study_throughput")
-    args = tp.multi30k_args("smoe_dropout")
+    args = tp.config_args("smoe_dropout")
     steps, total = int(tp.flag(args, "--moe-top-k-schedule-steps")), int(tp.flag(args, "--max-update"))
     per_k = {1: 1.0, 2: 1.2, 4: 1.6, 8: 2.4}  # linear in k: the interpolation is exact
     from moe_fairseq.moe.k_schedule import KSchedule
