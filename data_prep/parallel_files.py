@@ -1,9 +1,9 @@
 """Cleaning of raw parallel files (plain or .gz) and the sentencepiece / fairseq-dictionary helpers.
 
 Outputs use fairseq's naming, ``{out}/{split}.{src}-{tgt}.{src}`` and ``.{tgt}``.
-Every output is first written to a hidden temp file in the destination directory and then moved
-into place with ``os.replace`` (atomic on POSIX), so a finished output is never replaced by a
-half-written one and an interrupted run leaves the previous outputs untouched.
+Every output is written with ``moe_fairseq.atomic_files.atomic_outputs`` (a hidden temp file in
+the destination directory, moved into place with ``os.replace``), so a finished output is never
+replaced by a half-written one and an interrupted run leaves the previous outputs untouched.
 
 CLI examples::
 
@@ -19,7 +19,9 @@ import gzip
 import hashlib
 import os
 import sys
-import tempfile
+from functools import partial
+
+from moe_fairseq.atomic_files import atomic_outputs as _atomic_outputs
 
 # sentencepiece's control symbols; fairseq's Dictionary adds its own <s> <pad> </s> <unk>, so they
 # must not appear a second time in dict.txt (fairseq would reject the duplicates).
@@ -105,49 +107,9 @@ def normalize(line):
     return " ".join(line.split())
 
 
-@contextlib.contextmanager
-def atomic_outputs(paths):
-    """Opens a temp file (same directory) for each path; moves them all into place on success.
-
-    On any exception (including KeyboardInterrupt) the temps are deleted and the existing files at
-    `paths` are left as they were. Directories this created are removed again if left empty.
-    """
-    created_dirs = []
-    for d in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
-        missing = []
-        while not os.path.isdir(d):
-            missing.append(d)
-            d = os.path.dirname(d)
-        for m in reversed(missing):
-            os.mkdir(m)
-            created_dirs.append(m)
-    temps, handles = [], []
-    try:
-        for p in paths:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(p)),
-                                       prefix="." + os.path.basename(p) + ".", suffix=".tmp")
-            temps.append(tmp)
-            handles.append(os.fdopen(fd, "w", encoding="utf-8", newline="\n"))
-        yield handles
-        for h in handles:
-            h.flush()
-            os.fsync(h.fileno())
-            h.close()
-        # Every temp is complete before the first replace, so a failure while writing can never
-        # leave one side of a pair new and the other old.
-        for tmp, p in zip(temps, paths):
-            os.replace(tmp, p)
-        temps = []
-    finally:
-        for h in handles:
-            h.close()
-        for tmp in temps:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        if temps:  # failed: drop directories we made, if nothing else landed there
-            for d in reversed(created_dirs):
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+# Text outputs, atomic together; hidden temporaries, since readers of a data directory
+# (layouts.py) skip dot files but would take a stale `train.en.tmp123` for a corpus file.
+atomic_outputs = partial(_atomic_outputs, mode="w", hidden=True)
 
 
 # --------------------------------------------------------------------------------------- cleaning

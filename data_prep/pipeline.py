@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import time
 
-from data_prep.parallel_files import (DataPrepError, clean_pairs, encode_file, iter_lines,
+from data_prep.parallel_files import (DataPrepError, atomic_outputs, clean_pairs, encode_file, iter_lines,
                                       normalize, parse_direction, sentence_key,
                                       train_sentencepiece, write_fairseq_dict)
 from data_prep.sampling import balanced_sample
@@ -259,10 +259,8 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
     for s, t in pairs:
         log(f"  {s}-{t}")
         binarize_pair(cmd, s, t, spm_dir, destdir, dict_path, splits, workers)
-    tmp = os.path.join(destdir, ".langs.txt.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_outputs([os.path.join(destdir, "langs.txt")]) as (f,):
         f.write("".join(lang + "\n" for lang in langs))
-    os.replace(tmp, os.path.join(destdir, "langs.txt"))
     both = [f"{a}-{b}" for s, t in pairs for a, b in ((s, t), (t, s))]
     if announce:
         log(f"done: {destdir}  (translation_multi_simple_epoch: --langs {','.join(langs)} "

@@ -9,13 +9,12 @@ Reads ../shared/data/multi30k (beside the checkout) unless --raw-dir is given; d
 """
 
 import argparse
-import contextlib
 import os
 import sys
-import tempfile
 import urllib.request
 
 from data_prep import pipeline
+from moe_fairseq.atomic_files import atomic_outputs
 from data_prep.parallel_files import DataPrepError, Pair
 
 LANGS = ("en", "de", "fr", "cs")
@@ -26,7 +25,7 @@ DEFAULT_RAW_DIR = os.path.normpath(os.path.join(REPO_DIR, "..", "shared", "data"
 
 
 def download(raw_dir, langs, log=print):
-    """Fetches the raw files that are not yet in raw_dir (each via a temp file + os.replace)."""
+    """Fetches the raw files that are not yet in raw_dir (each written atomically)."""
     os.makedirs(raw_dir, exist_ok=True)
     for split in SPLITS.values():
         for lang in langs:
@@ -35,16 +34,12 @@ def download(raw_dir, langs, log=print):
                 continue
             url = URL.format(split=split, lang=lang)
             log(f"download {url}")
-            fd, tmp = tempfile.mkstemp(dir=raw_dir, prefix=f".{split}.{lang}.", suffix=".tmp")
             try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as r:
+                with atomic_outputs([path], "wb", hidden=True) as (out,), \
+                        urllib.request.urlopen(url, timeout=60) as r:
                     out.write(r.read())
-                os.replace(tmp, path)
             except OSError as e:
                 raise DataPrepError(f"--download: cannot fetch {url} ({e})") from None
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
 
 
 def raw_pairs(raw_dir, directions):

@@ -30,9 +30,9 @@ def _entry(module):
 
 
 # the console scripts of setup.py
-consolidate = _entry("moe_fairseq.checkpoint.consolidate")
-reshard = _entry("moe_fairseq.checkpoint.reshard")
-prune = _entry("moe_fairseq.checkpoint.prune")
-average = _entry("moe_fairseq.checkpoint.average")
-evaluate = _entry("moe_fairseq.evaluate")
+consolidate = _entry("moe_fairseq.tools.consolidate")
+reshard = _entry("moe_fairseq.tools.reshard")
+prune = _entry("moe_fairseq.tools.prune")
+average = _entry("moe_fairseq.tools.average")
+evaluate = _entry("moe_fairseq.tools.evaluate")
 prepare = _entry("data_prep.prepare")

@@ -2,14 +2,17 @@
 idempotent `install()` for fairseq 0.12.2 / fairseq-fixed 0.12.3.1 only.
 
 Importing moe_fairseq, or its layer library moe_fairseq.moe, changes nothing: install() runs
-when moe_fairseq.plugin is imported (what `--user-dir moe_fairseq` does), or when a tool that
-reads fairseq checkpoints calls it (moe-consolidate, moe-reshard).  The patches, and why each
-exists:
+when moe_fairseq.plugin is imported, which is what `--user-dir moe_fairseq` does and what a
+program that builds this plugin's model in-process needs (moe-prune's usage count).  The
+offline tools that only read and write checkpoint files (moe-consolidate, moe-reshard,
+moe-average, moe-evaluate's reading of the saved arguments) install nothing: reading needs
+only the type allowlist of checkpoint/io.py.  The patches, and why each exists:
 
 1. torch.serialization safe globals.  torch >= 2.6 loads checkpoints with weights_only=True;
    fairseq's torch.load calls pass no flag, so its own checkpoints (which hold an
    argparse.Namespace) fail to load.  Rather than switching the check off for every file, the
-   few plain types fairseq stores are allowlisted.
+   few plain types fairseq stores are allowlisted (checkpoint/io.py's allow_checkpoint_types,
+   which the offline tools call themselves).
 2. fairseq.distributed.utils.infer_init_method.  Under torchrun on a machine without GPUs,
    fairseq computes `rank % torch.cuda.device_count()` (ZeroDivisionError), and with the default
    --distributed-world-size of 1 it ignores torchrun's environment so every process silently
@@ -87,8 +90,9 @@ import torch.distributed as dist
 from .checkpoint.io import allow_checkpoint_types
 from .checkpoint.format import (PARAM_NAMES, POINTER, new_run_id, optimizer_param_names, point_to_shards, shard_meta,
                                 shard_path, tensor_shapes)
-from .checkpoint.sharded import (atomic_copy, atomic_save, remove_stale_temporaries, remove_unreferenced_shards,
-                                 resolve_experts, split_experts)
+from .atomic_files import atomic_copy
+from .checkpoint.sharded import (atomic_save, remove_stale_temporaries, remove_unreferenced_shards, resolve_experts,
+                                 split_experts)
 from .cli_errors import install_excepthook
 from .moe.collect import expert_parallel_comm, moe_layers
 from .moe.errors import MoEUsageError
@@ -155,11 +159,6 @@ def install():
     AMPOptimizer.step = amp_step
     distributed_utils.call_main = call_main
     _installed = True
-
-
-# ------------------------------------------------------------------ 1. checkpoint type allowlist
-# checkpoint/io.py's allow_checkpoint_types, called by install() and by the checkpoint tools
-# themselves (they read checkpoints without these patches too).
 
 
 # ------------------------------------------------------------------ 2. torchrun on CPU

@@ -19,7 +19,6 @@ over ranks, and the medians of routed and dropped steps are reported too).
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,16 +32,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from moe_fairseq.experiments.launch import free_port  # noqa: E402
 from moe_fairseq.moe import MoEConfig, build_moe_layer  # noqa: E402
 from moe_fairseq.moe.expert_parallel import ExpertParallelComm  # noqa: E402
 
 MODES = ("gate_drop", "gate_expert_drop")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank, world, port, args, out_path):

@@ -53,8 +53,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
-from moe_fairseq.expert_usage import USER_DIR, direction_task, load_model, sentence_batches  # noqa: E402
+from moe_fairseq.experiments.launch import config_args  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
+from moe_fairseq.tools.expert_usage import USER_DIR, direction_task, load_model, sentence_batches  # noqa: E402
 
 
 def int_list(text, flag):
@@ -67,13 +68,6 @@ def int_list(text, flag):
     return values
 
 
-def config_args(name):
-    path = REPO / "configs" / "multi30k" / f"{name}.args"
-    if not path.is_file():
-        raise MoEUsageError(f"--configs: no config {path}")
-    return [tok for line in path.read_text().splitlines() if not line.startswith("#") for tok in line.split()]
-
-
 def build_from_config(name, data, model_args, lang_pairs, seed):
     """(model in eval mode, its training args) with random initialisation, as fairseq-train builds it."""
     import torch
@@ -83,7 +77,8 @@ def build_from_config(name, data, model_args, lang_pairs, seed):
     # package (moe_fairseq) is already imported, as it is by this script
     from moe_fairseq import plugin  # noqa: F401
 
-    argv = [data, "--user-dir", USER_DIR, *config_args(name), "--cpu", "--seed", str(seed), *model_args]
+    config = REPO / "configs" / "multi30k" / f"{name}.args"
+    argv = [data, "--user-dir", USER_DIR, *config_args(config), "--cpu", "--seed", str(seed), *model_args]
     if lang_pairs:
         argv += ["--lang-pairs", lang_pairs]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)

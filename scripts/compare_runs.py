@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from moe_fairseq.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
+from moe_fairseq.tools.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
 POOLED = "all"

@@ -11,7 +11,7 @@ load_model_ensemble_and_task (data path replaced by --data), and run in evaluati
 teacher-forced, on the same first N sentences of --split for every direction; each MoE
 layer's `aux.stats.tokens_per_expert` (slots per expert: a top-2 token counts twice; what the
 evaluation capacity dropped is not counted unless --moe-eval-capacity-factor is raised) is
-summed (moe_fairseq.expert_usage, shared with moe-prune).
+summed (moe_fairseq.tools.expert_usage, shared with moe-prune).
 
 Writes to --out-dir:
   expert_usage_over_training.png   one heatmap per MoE layer: rows = checkpoints (updates),
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from moe_fairseq.expert_usage import direction_batches, load_model, measure, moe_layer_names  # noqa: E402
+from moe_fairseq.tools.expert_usage import direction_batches, load_model, measure, moe_layer_names  # noqa: E402
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)_(\d+)\.pt$")
 

@@ -69,8 +69,7 @@ def install_labels(layer):
     _wrap(layer_mod, "dispatch", "gather")
     _wrap(layer_mod, "combine", "scatter")
     _wrap(router_base, "apply_capacity", "capacity")
-    if hasattr(layer, "routing_stats"):  # older versions computed the statistics inline
-        _wrap(layer, "routing_stats", "statistics")
+    _wrap(layer, "routing_stats", "statistics")
     _wrap(layer.experts, "forward", "experts")
     router_forward = layer.router.forward
     layer.router.forward = lambda x: _labelled("router", router_forward, x)

@@ -14,7 +14,7 @@ The docs/results.md table (issue #11 section 2) comes from one command:
       --json docs/prune_table.json --results-md docs/results.md --png docs/prune_table.png
 
 Steps, each skipped when its output exists (so an interrupted run resumes where it stopped):
-1. `moe-prune CKPT --per target --keep N` for every N (moe_fairseq.checkpoint.prune): one
+1. `moe-prune CKPT --per target --keep N` for every N (moe_fairseq.tools.prune): one
    checkpoint per target language, WORK/pruned/{tgt}.keep{N}.pt, and usage.target.keep{N}.json.
    N = E is the original model without optimizer state (every expert kept in order), so its
    parameters, size and BLEU are the unpruned baseline measured the same way as the pruned rows.
@@ -92,7 +92,7 @@ def count_parameters(model_state: Dict[str, "torch.Tensor"]) -> Dict[str, int]:
 def per_expert_elements(model_state: dict, num_experts: int) -> Dict[str, int]:
     """{MoE layer prefix: elements of one expert's weights and its router rows}."""
     from moe_fairseq.checkpoint.format import is_expert_key
-    from moe_fairseq.checkpoint.prune import moe_layer_prefixes
+    from moe_fairseq.tools.prune import moe_layer_prefixes
 
     out = {}
     for prefix in moe_layer_prefixes(model_state):
@@ -119,7 +119,7 @@ def all_directions_parameters(pruned_total: int, per_expert: Dict[str, int], kee
 def prune_step(checkpoint: str, data: str, pairs: List[str], keeps: List[int], pruned_dir: Path,
                log=print, **prune_kwargs) -> Dict[int, dict]:
     """moe-prune --per target for every N, skipping an N whose report and checkpoints exist."""
-    from moe_fairseq.checkpoint.prune import groups_of, prune
+    from moe_fairseq.tools.prune import groups_of, prune
 
     reports = {}
     for keep in keeps:
@@ -141,7 +141,7 @@ def prune_step(checkpoint: str, data: str, pairs: List[str], keeps: List[int], p
 def moe_evaluate(path: str, data: str, pair: str, raw_dir: str, split: str, beam: int, batch_size: int,
                  out: str) -> dict:
     """moe-evaluate of one direction, as scripts/run_study.sh calls it (options before DATA)."""
-    from moe_fairseq.evaluate import main
+    from moe_fairseq.tools.evaluate import main
 
     rows = main(["--path", path, "--lang-pairs", pair, "--raw-dir", raw_dir, "--split", split, "--beam", str(beam),
                  "--batch-size", str(batch_size), "--cpu", "--out", out, data])
@@ -234,9 +234,9 @@ def build_table(checkpoint: str, pairs: List[str], keeps: List[int], pruned_dir:
                 reports: Dict[int, dict], bleu: Dict[int, Dict[str, dict]], source_state: dict) -> dict:
     import torch
 
-    from moe_fairseq.checkpoint.sharded import num_experts_of
+    from moe_fairseq.checkpoint.saved_args import saved_args
 
-    num_experts = num_experts_of(source_state)
+    num_experts = saved_args(source_state).num_experts
     per_expert = per_expert_elements(source_state["model"], num_experts)
     original = count_parameters(source_state["model"])
     rows = []
@@ -471,13 +471,12 @@ def run(args, evaluate=None, log=print) -> dict:
     import logging
 
     logging.getLogger("fairseq").setLevel(logging.WARNING)
-    import moe_fairseq.plugin  # noqa: F401  (checkpoint classes allowlisted, model registered)
-    from moe_fairseq.checkpoint.prune import parse_pairs, read_consolidated
-    from moe_fairseq.checkpoint.sharded import num_experts_of
+    from moe_fairseq.tools.prune import parse_pairs, read_consolidated
+    from moe_fairseq.checkpoint.saved_args import saved_args
 
     pairs = parse_pairs(args.lang_pairs)
     state = read_consolidated(args.checkpoint)
-    num_experts = num_experts_of(state)
+    num_experts = saved_args(state).num_experts
     keeps = parse_keeps(args.keeps, num_experts) if args.keeps else default_keeps(num_experts)
     record = read_record(args.record)
     work = Path(args.work)

@@ -6,7 +6,7 @@
       [--split test] [--beam 4] [--ks 1,2,4,8] [--cpu] [-- extra fairseq-generate args]
 
 E (experts per MoE layer) comes from the checkpoint's saved args (cfg['model'].moe_expert_count);
-k runs over 1, 2, 4, ..., E (and E itself).  For each k, `moe-evaluate` (moe_fairseq.evaluate)
+k runs over 1, 2, 4, ..., E (and E itself).  For each k, `moe-evaluate` (moe_fairseq.tools.evaluate)
 generates every direction with fairseq-generate `--moe-eval-top-k K` and scores it with
 sacrebleu against the raw references.  Works for the routers whose k can change at inference:
 random (SMoE-Dropout) and noisy_topk.
@@ -20,7 +20,6 @@ references named {split}.{src}-{tgt}.{tgt}, {split}.{tgt}-{src}.{tgt} (the wmt10
 or {split}.{tgt}.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq.atomic_files import atomic_write_json, atomic_write_text  # noqa: E402
-from moe_fairseq.evaluate import _as_list as as_list, _get, read_checkpoint_args  # noqa: E402
+from moe_fairseq.checkpoint.saved_args import arg, as_list, read_saved_args  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
 SLIMMABLE_ROUTERS = ("random", "noisy_topk")
@@ -57,12 +56,7 @@ def markdown(ks, pairs, table, signature):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("checkpoint", help="SMoE-Dropout (random router) or noisy_topk checkpoint")
@@ -76,17 +70,26 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--allow-missing", action="store_true", help="passed to moe-evaluate")
+    return p
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = build_parser()
     args = p.parse_args(argv)
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         p.error(f"no such checkpoint: {ckpt}")
     try:
-        model_args, task_args = read_checkpoint_args(ckpt)
+        saved = read_saved_args(str(ckpt))
     except MoEUsageError as e:
         raise SystemExit(f"slimmable_eval: error: {e}")
-    num_experts = int(_get(model_args, "moe_expert_count", 0) or 0)
-    router = "top1" if _get(model_args, "moe_top1_expert") else _get(model_args, "moe_router")
+    num_experts, router = saved.num_experts, saved.router
     if num_experts < 1:
         raise SystemExit(f"slimmable_eval: {ckpt} is a dense model (moe_expert_count={num_experts})")
     if router not in SLIMMABLE_ROUTERS:
@@ -96,7 +99,7 @@ def main(argv=None):
     bad = [k for k in ks if not 1 <= k <= num_experts]
     if bad:
         p.error(f"--ks {bad} outside 1..E={num_experts}")
-    pairs = args.lang_pairs.split(",") if args.lang_pairs else as_list(_get(task_args, "lang_pairs"))
+    pairs = args.lang_pairs.split(",") if args.lang_pairs else as_list(arg(saved.task, "lang_pairs"))
     if not pairs:
         p.error("--lang-pairs is required (the checkpoint does not name its directions)")
 
@@ -105,7 +108,7 @@ def main(argv=None):
     raw = Path(args.raw_dir)
     print(f"{ckpt}: {router} router, E={num_experts}; k in {ks}; directions {', '.join(pairs)}", flush=True)
 
-    from moe_fairseq.evaluate import main as moe_evaluate
+    from moe_fairseq.tools.evaluate import main as moe_evaluate
 
     table, rows_all, signature = {}, [], ""
     start = time.time()

@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 from moe_fairseq import plots  # noqa: E402
 from moe_fairseq.atomic_files import atomic_open, atomic_write_json, atomic_write_text, rewrite_section  # noqa: E402
-from moe_fairseq.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
+from moe_fairseq.tools.evaluate import align, find_references, parse_generate_output, read_lines  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 
 DIRECTIONS = ("en-de", "en-fr", "en-cs")
@@ -143,10 +143,10 @@ def slim_interval_checkpoints(save: Path) -> int:
     atomically (a crash leaves the old file)."""
     import torch
 
-    from moe_fairseq import fairseq_patches
+    from moe_fairseq.checkpoint.io import allow_checkpoint_types
     from moe_fairseq.checkpoint.sharded import atomic_save
 
-    fairseq_patches.install()  # the weights_only allowlist for fairseq checkpoints
+    allow_checkpoint_types()  # torch.load's weights_only check: the types fairseq checkpoints hold
 
     done = 0
     for path in sorted(save.glob("checkpoint_*_*.pt")):

@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from moe_fairseq.atomic_files import atomic_write_json  # noqa: E402
+from moe_fairseq.experiments import launch  # noqa: E402
 from moe_fairseq.moe.errors import MoEUsageError  # noqa: E402
 from moe_fairseq.moe.k_schedule import KSchedule  # noqa: E402
 
@@ -61,10 +62,7 @@ def parse_spec(spec):
 
 
 def config_args(name):
-    path = REPO / "configs" / "multi30k" / f"{name}.args"
-    if not path.is_file():
-        raise MoEUsageError(f"--configs: no config {path}")
-    return [tok for line in path.read_text().splitlines() if not line.startswith("#") for tok in line.split()]
+    return launch.config_args(REPO / "configs" / "multi30k" / f"{name}.args")
 
 
 def flag(args, name, default=None):

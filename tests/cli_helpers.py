@@ -3,10 +3,11 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from moe_fairseq.experiments.launch import free_port  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "moe_fairseq")
@@ -19,14 +20,6 @@ def cli(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{name} is not installed beside {sys.executable}")
     return str(path)
-
-
-def free_port() -> int:
-    """A TCP port free on localhost now, for a process group's rendezvous (torchrun
-    --master_port, init_process_group's tcp:// address)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(cmd, nproc=2):

@@ -33,3 +33,62 @@ def test_only_whole_file_modes(tmp_path):
     with pytest.raises(ValueError, match="mode 'w' or 'wb'"):
         with atomic_open(tmp_path / "x", "a"):
             pass
+
+
+def test_several_outputs_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    """Every temporary is complete before the first rename: a failure (here the fsync of the
+    second file) leaves every old file, no temporary and no directory this call created."""
+    from moe_fairseq import atomic_files
+
+    old = {name: f"old {name}\n" for name in ("a.en", "a.de")}
+    for name, text in old.items():
+        (tmp_path / name).write_text(text)
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync_fails_second(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic_files.os, "fsync", fsync_fails_second)
+    targets = [tmp_path / "a.en", tmp_path / "a.de", tmp_path / "new" / "deeper" / "b.en"]
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_files.atomic_outputs(targets, hidden=True) as handles:
+            for handle in handles:
+                handle.write("new\n")
+    assert {name: (tmp_path / name).read_text() for name in old} == old
+    assert sorted(os.listdir(tmp_path)) == ["a.de", "a.en"]
+    monkeypatch.undo()
+    with atomic_files.atomic_outputs(targets, hidden=True) as handles:
+        for handle in handles:
+            handle.write("new\n")
+    assert [t.read_text() for t in targets] == ["new\n"] * 3
+    assert sorted(os.listdir(tmp_path)) == ["a.de", "a.en", "new"]
+
+
+def test_temporary_names(tmp_path):
+    """`<file>.tmp<pid>` beside the target (checkpoint cleanup finds these), or a hidden name
+    for data directories, whose readers skip dot files."""
+    from moe_fairseq.atomic_files import atomic_outputs
+
+    for hidden in (False, True):
+        with atomic_outputs([tmp_path / "train.en"], hidden=hidden) as (handle,):
+            names = [n for n in os.listdir(tmp_path) if n != "train.en"]
+        assert len(names) == 1
+        if hidden:
+            assert names[0].startswith(".train.en.") and names[0].endswith(".tmp")
+        else:
+            assert names[0] == f"train.en.tmp{os.getpid()}"
+    assert os.listdir(tmp_path) == ["train.en"]
+
+
+def test_atomic_copy(tmp_path):
+    from moe_fairseq.atomic_files import atomic_copy
+
+    (tmp_path / "src.pt").write_bytes(bytes(range(256)) * 50)
+    (tmp_path / "dst.pt").write_bytes(b"old")
+    atomic_copy(tmp_path / "src.pt", tmp_path / "dst.pt")
+    assert (tmp_path / "dst.pt").read_bytes() == bytes(range(256)) * 50
+    assert sorted(os.listdir(tmp_path)) == ["dst.pt", "src.pt"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cli_helpers import REPO, cli, generate_cmd, hypotheses, make_tiny_corpus, run, train_cmd
-from moe_fairseq.checkpoint import average
-from moe_fairseq.checkpoint.reshard import reshard
+from moe_fairseq.tools import average
+from moe_fairseq.tools.reshard import reshard
 from moe_fairseq.moe.errors import MoEUsageError
 
 UPDATES = (2, 4, 6)
@@ -122,7 +122,7 @@ def test_a_failed_run_leaves_the_old_output_and_no_temporary_file(run_dir, tmp_p
     out = tmp_path / "avg.pt"
     out.write_bytes(b"old")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "moe_fairseq.checkpoint.average", "--inputs",
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "moe_fairseq.tools.average", "--inputs",
                            str(ckpt(run_dir, 2)), str(tmp_path / "broken.pt"), "--output", str(out)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

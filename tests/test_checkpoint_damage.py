@@ -12,10 +12,11 @@ import torch
 import moe_fairseq.plugin  # noqa: F401  (installs the patches: atomic torch_persistent_save and copy)
 from moe_fairseq.checkpoint import format as fmt
 from moe_fairseq.checkpoint import sharded
-from moe_fairseq.checkpoint.consolidate import cli_main as consolidate_main
-from moe_fairseq.checkpoint.reshard import cli_main as reshard_main
-from moe_fairseq.checkpoint.reshard import reshard
-from moe_fairseq.checkpoint.sharded import atomic_copy, atomic_save, resolve_experts, slice_shard, split_experts
+from moe_fairseq.tools.consolidate import cli_main as consolidate_main
+from moe_fairseq.tools.reshard import cli_main as reshard_main
+from moe_fairseq.tools.reshard import reshard
+from moe_fairseq.atomic_files import atomic_copy
+from moe_fairseq.checkpoint.sharded import atomic_save, resolve_experts, slice_shard, split_experts
 from moe_fairseq.moe.errors import MoEUsageError
 
 E = 4
@@ -229,12 +230,11 @@ def test_atomic_save_and_copy_keep_the_old_file_when_the_disk_is_full(tmp_path, 
     source = tmp_path / "checkpoint_1_8.pt"
     atomic_save({"model": {"x": torch.ones(1000)}}, str(source))
 
-    def copy_half(src, dst, *args, **kwargs):
-        with open(src, "rb") as f, open(dst, "wb") as g:
-            g.write(f.read()[:500])
+    def copy_half(source, target, *args, **kwargs):
+        target.write(source.read()[:500])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shutil, "copyfile", copy_half)
+    monkeypatch.setattr(shutil, "copyfileobj", copy_half)
     with pytest.raises(OSError, match="No space left"):
         atomic_copy(str(source), str(target))
     assert torch.equal(torch.load(target)["model"]["x"], torch.zeros(3))

@@ -4,7 +4,7 @@ import torch
 import pytest
 
 from moe_fairseq.checkpoint import format as fmt
-from moe_fairseq.checkpoint.consolidate import consolidate
+from moe_fairseq.tools.consolidate import consolidate
 from moe_fairseq.checkpoint.sharded import atomic_save, resolve_experts, slice_shard, split_experts
 from moe_fairseq.moe.errors import MoEUsageError
 

@@ -51,3 +51,14 @@ def test_setup_lists_every_console_script():
     assert sorted(s[0] for s in SCRIPTS) == ["moe-average", "moe-consolidate", "moe-evaluate", "moe-prepare",
                                             "moe-prune", "moe-reshard"]
     assert all(module == "moe_fairseq.console" for _, module, _ in SCRIPTS)
+
+
+@pytest.mark.parametrize("module", ["moe_fairseq.evaluate", "moe_fairseq.tools.evaluate", "moe_fairseq.tools.prune",
+                                    "moe_fairseq.tools.average", "moe_fairseq.tools.consolidate",
+                                    "moe_fairseq.tools.reshard"])
+def test_python_dash_m_runs_each_tool(module):
+    """`python -m moe_fairseq.evaluate` (configs/README.md) still runs moe-evaluate, and every
+    tool runs as `python -m moe_fairseq.tools.<name>`."""
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", module, "--help"], capture_output=True, text=True,
+                          env=clean_env(), cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_fairseq.evaluate import (align, find_references, markdown_table, parse_generate_output,
-                                  read_checkpoint_args, score)
+from moe_fairseq.checkpoint.saved_args import read_saved_args
+from moe_fairseq.tools.evaluate import align, find_references, markdown_table, parse_generate_output, score
 from moe_fairseq.moe.errors import MoEUsageError
 
 GENERATE_OUTPUT = """S-2\t__en__ a b
@@ -60,18 +60,22 @@ def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path):
 
     text = tmp_path / "checkpoint_last.pt"
     text.write_text("not a checkpoint")
-    with pytest.raises(MoEUsageError, match=r"checkpoint_last\.pt is not a readable torch checkpoint: ") as e:
-        read_checkpoint_args(text)
+    with pytest.raises(MoEUsageError, match=r"^--path \S*checkpoint_last\.pt cannot be read as a checkpoint \(") as e:
+        read_saved_args(str(text), "--path")
     assert "\n" not in str(e.value)
     truncated = tmp_path / "truncated.pt"
     torch.save({"cfg": {"model": {"arch": "x"}}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:40])
-    with pytest.raises(MoEUsageError, match=r"truncated\.pt is not a readable torch checkpoint"):
-        read_checkpoint_args(truncated)
+    with pytest.raises(MoEUsageError, match=r"truncated\.pt cannot be read as a checkpoint"):
+        read_saved_args(str(truncated), "--path")
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(2), tensor)
-    with pytest.raises(MoEUsageError, match=r"tensor\.pt holds a Tensor, not a fairseq checkpoint"):
-        read_checkpoint_args(tensor)
+    with pytest.raises(MoEUsageError, match=r"tensor\.pt is not a fairseq checkpoint"):
+        read_saved_args(str(tensor), "--path")
+    no_args = tmp_path / "no_args.pt"
+    torch.save({"model": {}}, no_args)
+    with pytest.raises(MoEUsageError, match=r"no_args\.pt holds neither cfg nor args"):
+        read_saved_args(str(no_args), "--path")
 
 
 def test_generate_command_carries_post_process_and_keeps_every_sentence(monkeypatch):
@@ -79,7 +83,7 @@ def test_generate_command_carries_post_process_and_keeps_every_sentence(monkeypa
     multilingual batch sampler from dropping the last sentences (12 -> 8 at the default 8)."""
     import subprocess
 
-    from moe_fairseq import evaluate
+    from moe_fairseq.tools import evaluate
 
     seen = []
 
@@ -96,7 +100,7 @@ def test_generate_command_carries_post_process_and_keeps_every_sentence(monkeypa
 
 
 def test_unknown_post_process_and_missing_references_are_one_line_errors(tmp_path):
-    from moe_fairseq.evaluate import main
+    from moe_fairseq.tools.evaluate import main
 
     ckpt = tmp_path / "c.pt"
     ckpt.write_text("x")
@@ -110,7 +114,7 @@ def test_wmt_sgm_test_set_is_read_through_moe_prepares_readers(tmp_path):
     """--pairs test:de-en:SRC.sgm,REF.sgm, asked for as en-de: sources and references swap."""
     import argparse
 
-    from moe_fairseq.evaluate import read_test_sets
+    from moe_fairseq.tools.evaluate import read_test_sets
 
     def sgm(path, kind, segs):
         path.write_text(f'<{kind} setid="newstest2018">\n<doc docid="a">\n'

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import ep_worker
 from cli_helpers import free_port
 from moe_fairseq.moe.all_to_all import A2AStats
-from moe_fairseq.moe.expert_parallel import GRAD_DIVISORS, expert_destination, expert_sharding
+from moe_fairseq.moe.expert_parallel import expert_destination, expert_sharding
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -51,7 +51,6 @@ def test_destinations():
     assert [expert_destination(g, r, 4, 2) for r in range(2) for g in range(4)] == [0, 0, 1, 1] * 2
     # E=2 over W=4 (R=2): expert g on ranks 2g, 2g+1; source r uses replica r % 2.
     assert [[expert_destination(g, r, 2, 4) for g in range(2)] for r in range(4)] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert GRAD_DIVISORS == ("world_size", "replicas", "none")
 
 
 def test_a2a_stats_counts_remote_bytes():

@@ -153,7 +153,7 @@ def test_expert_parallel_model_equals_consolidated_model(data, sharded_run, tmp_
 # Resharding, checked for values.  A corpus of 24 sentences per direction in batches of 8: an
 # epoch is 6 batches, 3 updates on 1 process (--update-freq 2) or on 2 ranks.  Stopping at the end
 # of an epoch keeps the data order of the uninterrupted run on either world size (resharding
-# inside an epoch moves to the next one: checkpoint/reshard.py).  No random draw anywhere
+# inside an epoch moves to the next one: tools/reshard.py).  No random draw anywhere
 # (DETERMINISTIC_MOE): 1 and 2 ranks train alike (test_expert_parallel_equivalence.py).
 ONE_PROCESS = ["--update-freq", "2"]
 # The gradient of a key projection's bias is zero up to rounding (softmax ignores it); Adam's

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from cli_helpers import USER_DIR, cli, generate_cmd, hypotheses, lang_pairs, make_tiny_corpus, run, train_cmd
-from moe_fairseq.checkpoint.reshard import reshard
+from moe_fairseq.tools.reshard import reshard
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ DEFAULTS = dict(
     moe_expert_count=0, moe_freq=0, encoder_moe_freq=None, decoder_moe_freq=None, moe_router="top2",
     moe_top1_expert=False, moe_top_k=2, moe_capacity_factor=None, moe_eval_capacity_factor=None,
     moe_dropless=False, moe_second_expert_policy="sampling", moe_normalize_gate_prob_before_dropping=False,
-    moe_gating_use_fp32=True, moe_gate_loss_wt=0.01, moe_z_loss_wt=0.0, moe_importance_loss_wt=0.01,
+    moe_gating_use_fp32=False, moe_gate_loss_wt=0.01, moe_z_loss_wt=0.0, moe_importance_loss_wt=0.01,
     moe_load_loss_wt=0.01, moe_jitter_eps=0.0, moe_expert_dropout=None, moe_expert_ffn_dim=None,
     moe_split_ffn=False, moe_gating_dropout=None, moe_local_drop=None, moe_gating_dropout_mode="gate_drop",
     moe_top_k_min=1, moe_top_k_max=None, moe_top_k_schedule="linear", moe_top_k_schedule_steps=1000,
@@ -77,3 +77,19 @@ def test_unknown_choice_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parse("--moe-router", "top3")
     assert "--moe-router: invalid choice: 'top3'" in capsys.readouterr().err
+
+
+def test_the_name_converter_is_argparses_rule():
+    """flag_dest / dest_flag (used by the config, the flags and the ranks' agreement check) agree
+    with the attribute argparse itself stores each MoE flag in, aliases included."""
+    from moe_fairseq.models.moe_args import add_flags
+    from moe_fairseq.moe.config import dest_flag, flag_dest
+
+    parser = argparse.ArgumentParser()
+    for scope in ("model", "task"):
+        add_flags(parser, scope)
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) == len(DEFAULTS) + 1  # + the task's --moe-eval-top-k
+    for action in actions:
+        (flag,) = action.option_strings
+        assert flag_dest(flag) == action.dest and dest_flag(action.dest) == flag

@@ -470,7 +470,7 @@ def test_wmt10_and_opus100_configs_train_on_prepared_data_and_evaluate_on_flores
         assert f"=== trained {name}" in proc.stdout, proc.stdout[-3000:]
     ckpt = tmp_path / "ckpt-opus100" / "checkpoint_last.pt"
     assert ckpt.is_file()
-    from moe_fairseq.evaluate import main as moe_evaluate
+    from moe_fairseq.tools.evaluate import main as moe_evaluate
 
     out = tmp_path / "scores"
     rows = moe_evaluate([str(opus_bin), "--path", str(ckpt), "--lang-pairs", "en-de", "--layout", "flores",

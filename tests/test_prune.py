@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from cli_helpers import REPO, cli, make_tiny_corpus, run, train_cmd
-from moe_fairseq.checkpoint import prune as prune_mod
-from moe_fairseq.checkpoint.prune import prune, select_experts
-from moe_fairseq.checkpoint.reshard import reshard
-from moe_fairseq.expert_usage import direction_batches, load_model
+from moe_fairseq.tools import prune as prune_mod
+from moe_fairseq.tools.prune import prune, select_experts
+from moe_fairseq.tools.reshard import reshard
+from moe_fairseq.tools.expert_usage import direction_batches, load_model
 from moe_fairseq.moe.collect import moe_layers
 from moe_fairseq.moe.errors import MoEUsageError
 
@@ -67,7 +67,7 @@ def net_input_for(path, data, pair="en-de", sentences=16):
 
 def test_the_tree_under_test_is_the_one_imported():
     import moe_fairseq
-    from moe_fairseq import evaluate
+    from moe_fairseq.tools import evaluate
 
     assert Path(moe_fairseq.__file__).resolve().parent == REPO / "moe_fairseq"
     assert Path(evaluate.USER_DIR) == REPO / "moe_fairseq"  # what moe-evaluate passes to fairseq-generate
@@ -296,7 +296,7 @@ def test_a_sharded_checkpoint_is_refused_with_the_consolidate_hint(data, trained
 
 def test_the_cli_prints_one_line_and_leaves_nothing(data, trained, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "moe_fairseq.checkpoint.prune", str(trained["top1"]),
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "moe_fairseq.tools.prune", str(trained["top1"]),
                            "--data", str(data), "--lang-pairs", "en-de", "--keep", "9", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1

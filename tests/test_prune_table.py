@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from cli_helpers import REPO, hypotheses, make_tiny_corpus, run, train_cmd
-from moe_fairseq.checkpoint.prune import prune_state, router_changes
+from moe_fairseq.tools.prune import prune_state, router_changes
 from moe_fairseq.checkpoint.sharded import atomic_save
-from moe_fairseq.expert_usage import load_model
+from moe_fairseq.tools.expert_usage import load_model
 from moe_fairseq.moe.errors import MoEUsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +96,7 @@ def test_parameters_and_sizes_are_those_of_the_pruned_models(setup, real_run):
 
 
 def test_bleu_is_moe_evaluates_and_keeping_every_expert_scores_the_original(setup, real_run):
-    from moe_fairseq.evaluate import main as evaluate
+    from moe_fairseq.tools.evaluate import main as evaluate
 
     data, ckpt, _ = setup
     table, out = real_run
@@ -131,7 +131,7 @@ def test_a_rerun_skips_finished_pieces_and_redoes_only_a_missing_one(setup, real
     def no_prune(*a, **k):
         raise AssertionError("pruned again")
 
-    monkeypatch.setattr("moe_fairseq.checkpoint.prune.prune", no_prune)
+    monkeypatch.setattr("moe_fairseq.tools.prune.prune", no_prune)
     calls = []
 
     def fake_evaluate(path, pair, eval_out):

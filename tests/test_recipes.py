@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cli_helpers import REPO, USER_DIR, make_tiny_corpus, run, train_cmd
+from moe_fairseq.experiments.launch import config_args
 
 CONFIGS = REPO / "configs"
 SCRIPTS = REPO / "scripts"
@@ -36,11 +37,6 @@ slow = pytest.mark.skipif(os.environ.get("MOE_FAST_TESTS") == "1",
 
 def config_path(setup, name):
     return CONFIGS / setup / f"{name}.args"
-
-
-def config_args(path):
-    """What `$(grep -v '^#' FILE)` gives the shell: whole-line comments dropped, whitespace split."""
-    return [tok for line in Path(path).read_text().splitlines() if not line.startswith("#") for tok in line.split()]
 
 
 def config_flags(path):
@@ -410,7 +406,7 @@ def test_slimmable_eval_refuses_a_fixed_k_router(tmp_path):
 
     ckpt = tmp_path / "top2.pt"
     model = argparse.Namespace(moe_expert_count=8, moe_router="top2", moe_top1_expert=False)
-    torch.save({"cfg": {"model": model, "task": argparse.Namespace(lang_pairs=["en-de"])}}, ckpt)
+    torch.save({"model": {}, "cfg": {"model": model, "task": argparse.Namespace(lang_pairs=["en-de"])}}, ckpt)
     with pytest.raises(SystemExit, match="fixed k"):
         load_script("slimmable_eval").main([str(ckpt), "--data", "x", "--raw-dir", "x", "--out", str(tmp_path / "o")])
 
@@ -418,7 +414,7 @@ def test_slimmable_eval_refuses_a_fixed_k_router(tmp_path):
 def test_slimmable_eval_default_ks_and_wmt10_reference_links(tmp_path):
     slim = load_script("slimmable_eval")
     assert slim.default_ks(4) == [1, 2, 4] and slim.default_ks(8) == [1, 2, 4, 8] and slim.default_ks(6) == [1, 2, 4, 6]
-    from moe_fairseq.evaluate import training_task_args
+    from moe_fairseq.tools.evaluate import training_task_args
 
     # the plugin's task with language tokens on both sides; languages sorted as fairseq infers them
     assert training_task_args(argparse_ns(task="translation_multi_moe", lang_pairs=["en-fr", "en-de"], langs=None,
@@ -433,7 +429,7 @@ def test_slimmable_eval_default_ks_and_wmt10_reference_links(tmp_path):
     raw.mkdir()
     for name in ("test.fr-en.fr", "test.fr-en.en"):
         (raw / name).write_text("x\n")
-    from moe_fairseq.evaluate import find_references
+    from moe_fairseq.tools.evaluate import find_references
 
     assert find_references(raw, "test", "en", "fr") == raw / "test.fr-en.fr"
     assert find_references(raw, "test", "fr", "en") == raw / "test.fr-en.en"
@@ -484,3 +480,10 @@ def test_wmt10_config_trains_expert_parallel_resumes_and_consolidates(corpus, tm
     w1 = [v for k, v in state["model"].items() if k.endswith("moe.experts.w1")]
     assert w1 and all(v.shape[0] == 8 for v in w1), "every expert in one file"
     assert state["optimizer_history"][-1]["num_updates"] == 4
+
+
+def test_a_missing_config_is_refused_in_one_line_naming_the_flag(tmp_path):
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    with pytest.raises(MoEUsageError, match=r"^--configs: no config \S*absent\.args$"):
+        config_args(tmp_path / "absent.args")

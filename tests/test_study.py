@@ -719,4 +719,4 @@ def test_run_study_archives_the_slimmable_curve_and_does_not_make_it_again(tmp_p
     # without the archived curve, the same machine does evaluate that checkpoint (and fails on it)
     (archive / "smoe_slimmable" / "slimmable.json").unlink()
     proc = subprocess.run(run, capture_output=True, text=True, env=env)
-    assert proc.returncode != 0 and "slimmable_eval: error: " in proc.stderr and "checkpoint_last.pt is not a readable torch checkpoint" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "slimmable_eval: error: " in proc.stderr and "checkpoint_last.pt cannot be read as a checkpoint" in proc.stderr, proc.stderr

@@ -23,26 +23,13 @@ from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
 from .format import (POINTER, SHARD_ROOT, is_expert_key, param_names_of, read_pointer, shard_paths,
                      tensor_shapes)
+from .saved_args import saved_args
 
 
 def atomic_save(obj, path: str):
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-
-
-def atomic_copy(src: str, dst: str):
-    """Copy src over dst as atomic_save writes: a temporary file beside dst, fsync, rename.  A
-    failed copy (a full disk) leaves dst as it was and no temporary file."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _optimizer_state_by_name(opt_state: Optional[dict], param_names: List[str], keep) -> Dict[str, dict]:
@@ -181,21 +168,12 @@ def _check_shapes(path: str, shard: dict, shapes: Dict[str, List[int]]):
                                     f"{list(value.shape)}, its checkpoint expects {list(expected)}")
 
 
-def num_experts_of(state: dict) -> int:
-    cfg = state.get("cfg")
-    model_cfg = cfg["model"] if cfg is not None and "model" in cfg else state.get("args")
-    value = getattr(model_cfg, "moe_expert_count", None)
-    if value is None and hasattr(model_cfg, "get"):
-        value = model_cfg.get("moe_expert_count")
-    return int(value or 0)
-
-
 def resolve_experts(state: dict, checkpoint_path: str, rank: int, world_size: int) -> dict:
     """Make `state` hold exactly the experts of `rank` in a job of `world_size` ranks, whatever
     world size wrote it (a sharded checkpoint of any W, or a consolidated single file)."""
     pointer = read_pointer(state, checkpoint_path)
     state.pop(POINTER, None)
-    num_experts = num_experts_of(state)
+    num_experts = saved_args(state).num_experts
     param_names = param_names_of(state, pointer)
     if pointer is not None:
         paths = shard_paths(checkpoint_path, pointer)

@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 
 import torch.distributed as dist
 
+from ..moe.config import dest_flag, flag_dest
 from ..moe.errors import MoEUsageError
 
 # fairseq's own flags that decide the model's structure or the order of collectives
@@ -26,16 +27,16 @@ AGREED_FAIRSEQ_FLAGS = ("seed", "arch", "encoder_layers", "decoder_layers", "enc
 
 def agreed_flag_values(args) -> List[Tuple[str, str]]:
     """(flag, repr(value)) of every flag the ranks must agree on, in a fixed order."""
-    from ..models.moe_args import ALIASES, _flag_fields
+    from ..models.moe_args import ALIASES, flag_fields
 
     out = []
     for scope in ("model", "task"):
-        for f in _flag_fields(scope):
+        for f in flag_fields(scope):
             out.append((f.metadata["flag"], repr(getattr(args, f.metadata["dest"], None))))
     for flag in ALIASES:
-        out.append((flag, repr(getattr(args, flag.lstrip("-").replace("-", "_"), None))))
+        out.append((flag, repr(getattr(args, flag_dest(flag), None))))
     for name in AGREED_FAIRSEQ_FLAGS:
-        out.append(("--" + name.replace("_", "-"), repr(getattr(args, name, None))))
+        out.append((dest_flag(name), repr(getattr(args, name, None))))
     return out
 
 

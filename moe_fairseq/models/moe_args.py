@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
-from ..moe.config import MoEConfig, option
+from ..moe.config import MoEConfig, flag_dest, option
 from ..moe.errors import MoEUsageError
 
 
@@ -26,8 +26,12 @@ class MoEModelOptions:
         None, "--encoder-moe-freq", "as --moe-freq, encoder only (overrides it)", metavar="N")
     decoder_moe_freq: Optional[int] = option(
         None, "--decoder-moe-freq", "as --moe-freq, decoder only (overrides it)", metavar="N")
+    # fairseq's moe branch switches fp32 gating on with this flag; here routing is always fp32
+    # (docs/reference.md, tests/test_precision.py), so the switch is accepted and changes nothing.
+    # Its default is False, the value every command line without it has always stored.
     moe_gating_use_fp32: bool = option(
-        True, "--moe-gating-use-fp32", "accepted for fairseq compatibility: routers always compute in fp32")
+        False, "--moe-gating-use-fp32", "accepted for fairseq moe-branch command lines and ignored: routers "
+                                        "always compute in fp32")
     moe_expert_ffn_dim: Optional[int] = option(
         None, "--moe-expert-ffn-dim", "hidden size of each expert (default: the FFN dim)")
     moe_split_ffn: bool = option(
@@ -51,10 +55,6 @@ ALIASES = {
 }
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
 def _argparse_type(annotation):
     """int for int and Optional[int], ...; None for str (argparse's default) and bool (a switch)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -62,7 +62,8 @@ def _argparse_type(annotation):
     return None if base in (str, bool) else base
 
 
-def _flag_fields(scope: str):
+def flag_fields(scope: str):
+    """The fields of MoEConfig and MoEModelOptions that are flags of `scope` ("model" or "task")."""
     for f in fields(MoEConfig) + fields(MoEModelOptions):
         if f.metadata["flag"] is not None and f.metadata["scope"] == scope:
             yield f
@@ -70,7 +71,7 @@ def _flag_fields(scope: str):
 
 def add_flags(group, scope: str = "model"):
     """Add the flags of `scope` ("model" or "task", see moe.config.option) to an argparse group."""
-    for f in _flag_fields(scope):
+    for f in flag_fields(scope):
         meta = f.metadata
         kwargs = dict(help=meta["help"])
         if f.type is bool:
@@ -93,8 +94,8 @@ def add_moe_args(parser):
 
 def set_moe_defaults(args):
     """Defaults applied by the architectures (fairseq's getattr idiom keeps explicit flags)."""
-    defaults = {f.metadata["dest"]: f.metadata["arg_default"] for f in _flag_fields("model")}
-    defaults.update((_dest(flag), False if alias.value is not None else None) for flag, alias in ALIASES.items())
+    defaults = {f.metadata["dest"]: f.metadata["arg_default"] for f in flag_fields("model")}
+    defaults.update((flag_dest(flag), False if alias.value is not None else None) for flag, alias in ALIASES.items())
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -108,7 +109,7 @@ def moe_config_from_args(args) -> MoEConfig:
         for flag, alias in ALIASES.items():
             if alias.field != f.name:
                 continue
-            given = getattr(args, _dest(flag), None)
+            given = getattr(args, flag_dest(flag), None)
             if alias.value is not None and given:  # a switch, given
                 value = alias.value
             elif alias.value is None and value is None:  # the field's own flag not given

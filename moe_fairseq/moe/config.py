@@ -17,6 +17,16 @@ from .routers import ROUTERS, SECOND_EXPERT_POLICIES, build_router
 from .routers.base import check_capacity_factor
 
 
+def flag_dest(flag: str) -> str:
+    """The attribute argparse stores a flag in: --moe-expert-count -> moe_expert_count."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def dest_flag(dest: str) -> str:
+    """The flag of an attribute, the inverse of flag_dest: moe_expert_count -> --moe-expert-count."""
+    return "--" + dest.replace("_", "-")
+
+
 def option(default, flag: Optional[str] = None, help: str = "", *, arg_default=MISSING, choices=None,
            check: Optional[Callable] = None, metavar: Optional[str] = None, inherit: Optional[str] = None,
            scope: str = "model", dest: Optional[str] = None):
@@ -32,7 +42,7 @@ def option(default, flag: Optional[str] = None, help: str = "", *, arg_default=M
       reads fairseq's own option, e.g. seed).
     """
     if dest is None and flag is not None:
-        dest = flag.lstrip("-").replace("-", "_")
+        dest = flag_dest(flag)
     return field(default=default, metadata=dict(
         flag=flag, help=help, arg_default=default if arg_default is MISSING else arg_default, choices=choices,
         check=check, metavar=metavar, inherit=inherit, scope=scope, dest=dest))

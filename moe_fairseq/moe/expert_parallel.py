@@ -56,9 +56,6 @@ import torch.distributed as dist
 from .all_to_all import A2AStats, all_to_all, exchange_counts
 from .comm import HostCounts
 
-GRAD_DIVISORS = ("world_size", "replicas", "none")
-
-
 def expert_sharding(num_experts: int, world_size: int) -> Tuple[int, int]:
     """(local experts per rank L, replicas per expert R) for E experts over W ranks."""
     if num_experts < 1 or world_size < 1:
@@ -236,37 +233,30 @@ class ExpertParallelComm:
         return all_to_all(y, handle.input_splits, handle.output_splits, self.group, self.stats)
 
 
-def all_reduce_expert_grads(module: torch.nn.Module, comm: ExpertParallelComm, divide_by: str = "world_size"):
+def all_reduce_expert_grads(module: torch.nn.Module, comm: ExpertParallelComm):
     """Reduce the gradients of the `expert = True` parameters of `module` after backward.
 
-    Sums them over `comm.replica_group()` (a no-op when R == 1), then divides by
-      "world_size" (default): W.  This matches fairseq's data-parallel convention: legacy_ddp
-          (like c10d DDP) divides every shared gradient by W and sums it, i.e. it holds the
-          mean over ranks of each rank's gradient of its own summed loss, (1/W) sum_r dL_r;
-          the trainer then multiplies every gradient by W / sample_size to get the gradient of
-          sum_r L_r / sample_size.  An expert's local gradient already sums over the tokens of
-          every rank that routed to it (the all-to-all backward brings them), so
-          (1/W) sum_r dL_r for an expert is (sum over its replicas) / W.  With this divisor
-          expert and shared gradients get the same scale, so the trainer's rescaling, gradient
-          clipping and the learning rate treat them alike.  (fairseq's MoE branch does the same
-          with a hook dividing by W / R plus FSDP's mean over the R replicas,
-          `--moe-normalize-expert-grad world_size`; Megatron and MegaBlocks also divide expert
-          gradients by the expert-parallel size.)
-      "replicas": R, the mean over the replicas (the data-parallel average applied to the
-          replica group only).  Expert gradients are then E times larger than under
-          "world_size" when R > 1 and W times larger when R == 1, as in fairseq's legacy_ddp
-          MoE training, which leaves expert gradients unscaled.
-      "none": the plain sum over the replicas: the exact gradient of sum_r L_r, for a
-          data-parallel side that sums instead of averaging.
+    Sums them over `comm.replica_group()` (a no-op when R == 1), then divides by W.  This
+    matches fairseq's data-parallel convention: legacy_ddp (like c10d DDP) divides every shared
+    gradient by W and sums it, i.e. it holds the mean over ranks of each rank's gradient of its
+    own summed loss, (1/W) sum_r dL_r; the trainer then multiplies every gradient by
+    W / sample_size to get the gradient of sum_r L_r / sample_size.  An expert's local gradient
+    already sums over the tokens of every rank that routed to it (the all-to-all backward brings
+    them), so (1/W) sum_r dL_r for an expert is (sum over its replicas) / W.  With this divisor
+    expert and shared gradients get the same scale, so the trainer's rescaling, gradient
+    clipping and the learning rate treat them alike.  (fairseq's MoE branch does the same with
+    a hook dividing by W / R plus FSDP's mean over the R replicas,
+    `--moe-normalize-expert-grad world_size`; Megatron and MegaBlocks also divide expert
+    gradients by the expert-parallel size.  The mean over the replicas alone, a division by R,
+    would leave them W / R times larger: E times when R > 1, W times when R == 1, as in
+    fairseq's legacy_ddp MoE training, which leaves expert gradients unscaled.)
 
     Call it on every rank of the expert-parallel group, once per update (after the last
     accumulated backward).  A missing gradient counts as zero, so ranks whose experts got no
     tokens still join the collective.  Every expert parameter of `module` is assumed to be
     sharded like `comm` (all MoE layers of a model share E and the group).
     """
-    if divide_by not in GRAD_DIVISORS:
-        raise ValueError(f"divide_by must be one of {', '.join(GRAD_DIVISORS)} (got {divide_by!r})")
-    divisor = {"world_size": comm.world_size, "replicas": comm.num_replicas, "none": 1}[divide_by]
+    divisor = comm.world_size
     params = [p for p in module.parameters() if getattr(p, "expert", False) and p.requires_grad]
     for p in params:
         if p.grad is None:

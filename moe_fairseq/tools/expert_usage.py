@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-USER_DIR = str(Path(__file__).resolve().parent)
+USER_DIR = str(Path(__file__).resolve().parents[1])  # the package: fairseq's --user-dir
 
 
 def layer_label(name: str) -> str:
@@ -23,7 +23,7 @@ def layer_label(name: str) -> str:
 
 def moe_layer_names(model) -> List[Tuple[str, "object"]]:
     """[(label, MoELayer)] in module order."""
-    from .moe.layer import MoELayer
+    from ..moe.layer import MoELayer
 
     return [(layer_label(n), m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
 
@@ -35,7 +35,8 @@ def load_model(path: str, data: str):
     second directory named moe_fairseq once this one is imported (and the saved one may be gone)."""
     from fairseq import checkpoint_utils
 
-    from . import plugin  # noqa: F401  (the model, task and checkpoint allowlist must be registered)
+    # the model and task must be registered; patch 6 merges a sharded checkpoint's experts
+    from .. import plugin  # noqa: F401
 
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task(
         [str(path)], arg_overrides={"data": data, "user_dir": USER_DIR})

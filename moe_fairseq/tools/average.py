@@ -27,9 +27,11 @@ from typing import List, Optional
 
 import torch
 
+from ..checkpoint.format import POINTER
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.saved_args import saved_args
+from ..checkpoint.sharded import atomic_save, resolve_experts
 from ..moe.errors import MoEUsageError
-from .io import read_checkpoint
-from .sharded import POINTER, atomic_save, num_experts_of, resolve_experts
 
 # the router weight of SMoE-Dropout (a buffer, never trained): ...moe.router.weight
 FROZEN_ROUTER = re.compile(r"(^|\.)moe\.router\.weight$")
@@ -90,9 +92,10 @@ def average_checkpoints(paths: List[str]) -> dict:
 
 def check_compatible(first: dict, state: dict, first_path: str, path: str):
     """Same experts, same tensors of the same shapes, same frozen routers."""
-    if num_experts_of(state) != num_experts_of(first):
-        raise MoEUsageError(f"--inputs: {path} has {num_experts_of(state)} experts per MoE layer, "
-                            f"{first_path} has {num_experts_of(first)}")
+    experts, first_experts = saved_args(state).num_experts, saved_args(first).num_experts
+    if experts != first_experts:
+        raise MoEUsageError(f"--inputs: {path} has {experts} experts per MoE layer, "
+                            f"{first_path} has {first_experts}")
     a, b = first["model"], state["model"]
     if set(a) != set(b):
         name = sorted(set(a) ^ set(b))[0]
@@ -149,8 +152,6 @@ def main(argv=None) -> List[str]:
 
 
 def cli_main(argv=None):
-    import moe_fairseq.plugin  # noqa: F401  (allowlists the types fairseq checkpoints hold)
-
     try:
         main(argv)
     except MoEUsageError as e:

@@ -10,11 +10,10 @@ import argparse
 import os
 import sys
 
-from .. import fairseq_patches
+from ..checkpoint.format import is_expert_key
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.sharded import atomic_save, resolve_experts
 from ..moe.errors import MoEUsageError
-from .format import is_expert_key
-from .io import read_checkpoint
-from .sharded import atomic_save, resolve_experts
 
 
 def consolidate(src: str, dst: str, keep_optimizer: bool = True) -> dict:
@@ -34,8 +33,6 @@ def cli_main(argv=None):
     p.add_argument("output", help="path of the consolidated checkpoint to write")
     p.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state (smaller file)")
     args = p.parse_args(argv)
-    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
-
     try:
         state = consolidate(args.checkpoint, args.output, keep_optimizer=not args.no_optimizer)
     except MoEUsageError as e:

@@ -15,21 +15,20 @@ import os
 import shutil
 import sys
 
-from .. import fairseq_patches
+from ..checkpoint.format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer,
+                                 shard_meta, shard_path, tensor_shapes)
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.saved_args import saved_args
+from ..checkpoint.sharded import atomic_save, remove_unreferenced_shards, resolve_experts, slice_shard, split_experts
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
-from .format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer, shard_meta, shard_path,
-                     tensor_shapes)
-from .io import read_checkpoint
-from .sharded import (atomic_save, num_experts_of, remove_unreferenced_shards, resolve_experts, slice_shard,
-                      split_experts)
 
 
 def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_last.pt"):
     """Every input is read and checked (resolve_experts) before anything is written; if a write
     fails, what this call wrote is removed again, so a failure leaves no partial output."""
     state = read_checkpoint(src)
-    num_experts = num_experts_of(state)
+    num_experts = saved_args(state).num_experts
     if not num_experts:
         raise MoEUsageError(f"{src} has no MoE layers (moe_expert_count is 0)")
     try:
@@ -78,8 +77,6 @@ def cli_main(argv=None):
     p.add_argument("--world-size", type=int, required=True, help="ranks of the run that will continue")
     p.add_argument("--name", default="checkpoint_last.pt", help="file name in out_dir (checkpoint_last.pt)")
     args = p.parse_args(argv)
-    fairseq_patches.install()  # torch.load of fairseq checkpoints needs the type allowlist
-
     try:
         path = reshard(args.checkpoint, args.out_dir, args.world_size, args.name)
     except MoEUsageError as e:

@@ -7,7 +7,7 @@ for NLLB-200's MoE: most experts are rarely used by one language, so keeping the
 costs little BLEU and most of the memory.
 
 Measuring.  CKPT runs teacher-forced in evaluation mode on the --split (valid) data of every
-direction (moe_fairseq.expert_usage, the code behind scripts/plot_expert_usage.py), and each
+direction (moe_fairseq.tools.expert_usage, the code behind scripts/plot_expert_usage.py), and each
 MoE layer counts the slots the router gives each expert: a top-2 token counts twice; capacity
 is switched off while measuring, so the router's own choices are counted, not what a batch's
 capacity happened to leave; padding is never counted.
@@ -53,36 +53,13 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..checkpoint.format import POINTER, is_expert_key
+from ..checkpoint.io import read_checkpoint
+from ..checkpoint.saved_args import as_list, saved_args
+from ..checkpoint.sharded import atomic_save
 from ..moe.errors import MoEUsageError
-from .io import read_checkpoint
-from .sharded import POINTER, atomic_save, is_expert_key, num_experts_of
 
 PER = ("target", "pair")
-
-
-def _holders(state: dict) -> list:
-    """The saved argument namespaces (legacy args, cfg.model, cfg.task) that fairseq reads back."""
-    cfg = state.get("cfg") or {}
-    return [h for h in (state.get("args"), cfg.get("model"), cfg.get("task")) if h is not None]
-
-
-def saved_arg(state: dict, name: str, default=None):
-    for holder in _holders(state):
-        value = holder.get(name) if isinstance(holder, dict) else getattr(holder, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def set_saved_args(state: dict, **values):
-    """Set each value in every saved namespace (model and task args are separate copies in a
-    fairseq 0.12 checkpoint, and both are read back)."""
-    for holder in _holders(state):
-        for name, value in values.items():
-            if isinstance(holder, dict):
-                holder[name] = value
-            else:
-                setattr(holder, name, value)
 
 
 def read_consolidated(path: str) -> dict:
@@ -91,13 +68,9 @@ def read_consolidated(path: str) -> dict:
     if POINTER in state:
         raise MoEUsageError(f"{path} is expert-sharded (its experts are in {state[POINTER]['dir']}): run "
                             f"`moe-consolidate {path} model.pt` first and prune model.pt")
-    if not num_experts_of(state):
+    if not saved_args(state).num_experts:
         raise MoEUsageError(f"{path} has no MoE layers (moe_expert_count is 0): nothing to prune")
     return state
-
-
-def router_of(state: dict) -> str:
-    return "top1" if saved_arg(state, "moe_top1_expert", False) else saved_arg(state, "moe_router", "top2")
 
 
 def check_keep(keep: int, num_experts: int):
@@ -108,10 +81,11 @@ def check_keep(keep: int, num_experts: int):
 
 def router_changes(state: dict, keep: int) -> Dict[str, object]:
     """Saved arguments that must change for N = keep experts (see the module docstring)."""
-    router, changes = router_of(state), {}
+    saved = saved_args(state)
+    router, changes = saved.router, {}
 
     def at_most(name, limit):
-        value = saved_arg(state, name)
+        value = saved.get(name)
         if value is not None and value > limit:
             changes[name] = limit
 
@@ -124,7 +98,7 @@ def router_changes(state: dict, keep: int) -> Dict[str, object]:
         at_most("moe_top_k_max", keep)
         at_most("moe_top_k_min", keep)
         at_most("moe_eval_top_k", keep)
-    if saved_arg(state, "moe_split_ffn", False):
+    if saved.get("moe_split_ffn", False):
         hidden = {tuple(v.shape)[2] for k, v in state["model"].items() if k.endswith("moe.experts.w1")}
         if len(hidden) != 1:
             raise MoEUsageError(f"--moe-split-ffn with expert sizes {sorted(hidden)} in encoder and decoder cannot "
@@ -148,7 +122,7 @@ def prune_state(state: dict, kept: Dict[str, List[int]], changes: Dict[str, obje
     """A new checkpoint state with only the kept experts of each layer (prefix -> expert ids).
 
     Tensors that do not depend on the experts are shared with `state`, not copied."""
-    num_experts = num_experts_of(state)
+    num_experts = saved_args(state).num_experts
     keep = len(next(iter(kept.values())))
     model = {}
     for name, tensor in state["model"].items():
@@ -173,7 +147,7 @@ def prune_state(state: dict, kept: Dict[str, List[int]], changes: Dict[str, obje
     out["args"] = copy.deepcopy(state.get("args"))
     # the optimizer's moments belong to the unpruned experts; an inference checkpoint needs none
     out["last_optimizer_state"] = None
-    set_saved_args(out, moe_expert_count=keep, **changes)
+    saved_args(out).set(moe_expert_count=keep, **changes)
     out["moe_pruned"] = meta
     return out
 
@@ -199,12 +173,11 @@ def parse_pairs(text: str) -> List[str]:
 
 def check_directions(state: dict, data: str, pairs: List[str], split: str):
     """Every direction's languages are the checkpoint's and its --split data exists."""
-    from ..evaluate import _as_list
     from ..tasks.translation_multi_moe import check_data_dir
 
-    # saved as a list in the task args and as the command line's string in the model args
-    langs = set(_as_list(saved_arg(state, "langs")))
-    langs |= {lang for pair in _as_list(saved_arg(state, "lang_pairs")) for lang in pair.split("-")}
+    saved = saved_args(state)
+    langs = set(as_list(saved.get("langs")))
+    langs |= {lang for pair in as_list(saved.get("lang_pairs")) for lang in pair.split("-")}
     for pair in pairs:
         unknown = [lang for lang in pair.split("-") if langs and lang not in langs]
         if unknown:
@@ -218,9 +191,9 @@ def check_directions(state: dict, data: str, pairs: List[str], split: str):
 def measure_counts(path: str, data: str, pairs: List[str], split: str, sentences: Optional[int],
                    batch_size: int, eval_top_k: Optional[int]) -> Dict[str, Dict[str, List[float]]]:
     """{layer prefix: {direction: [slots per expert]}}, capacity off (the router's choices)."""
-    from ..expert_usage import direction_batches, layer_label, load_model, measure
     from ..models.transformer_moe import apply_eval_overrides
     from ..moe.collect import moe_layers
+    from .expert_usage import direction_batches, layer_label, load_model, measure
 
     model, cfg = load_model(path, data)
     apply_eval_overrides(model, eval_top_k)
@@ -240,10 +213,10 @@ def prune(checkpoint: str, data: str, lang_pairs: str, keep: int, out_dir: str, 
         raise MoEUsageError(f"--per must be one of {', '.join(PER)} (got {per!r})")
     pairs = parse_pairs(lang_pairs)
     state = read_consolidated(checkpoint)
-    num_experts = num_experts_of(state)
+    num_experts, router = saved_args(state).num_experts, saved_args(state).router
     check_keep(keep, num_experts)
-    if eval_top_k is not None and router_of(state) not in ("noisy_topk", "random"):
-        raise MoEUsageError(f"--moe-eval-top-k applies to the noisy_topk and random routers, not {router_of(state)}")
+    if eval_top_k is not None and router not in ("noisy_topk", "random"):
+        raise MoEUsageError(f"--moe-eval-top-k applies to the noisy_topk and random routers, not {router}")
     changes = router_changes(state, keep)
     check_directions(state, data, pairs, split)
     groups = groups_of(pairs, per)
@@ -254,7 +227,7 @@ def prune(checkpoint: str, data: str, lang_pairs: str, keep: int, out_dir: str, 
     counts = measure_counts(checkpoint, data, pairs, split, sentences, batch_size, eval_top_k)
     report = {"checkpoint": os.path.abspath(checkpoint), "data": data, "split": split,
               "sentences_per_direction": sentences, "per": per, "keep": keep, "experts": num_experts,
-              "router": router_of(state), "changes": changes,
+              "router": router, "changes": changes,
               "rule": "per layer, the N experts with the largest routed share (slots, capacity off) summed over "
                       "the group's directions; ties to the lower expert id; kept in expert order",
               "groups": {}}
@@ -328,8 +301,6 @@ def cli_main(argv=None):
     import logging
 
     logging.getLogger("fairseq").setLevel(logging.WARNING)
-    import moe_fairseq.plugin  # noqa: F401  (registers the model and task, allowlists checkpoint types)
-
     try:
         prune(args.checkpoint, args.data, args.lang_pairs, args.keep, args.out, args.per, args.split,
               args.sentences, args.batch_size, args.moe_eval_top_k)

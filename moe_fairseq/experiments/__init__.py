@@ -1,0 +1,1 @@
+"""What the experiment scripts of scripts/ (benchmarks, the study) and the tests share."""
