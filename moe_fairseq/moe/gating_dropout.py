@@ -35,7 +35,9 @@ local_topk        the router still runs, but only over the rank's own experts: w
                   load over all E experts (zero off the rank), no all-to-all bytes; the entropy
                   is that of the restricted distribution.  k must not exceed L (refused when the
                   layer is built); the random router's k schedule applies as usual, bounded by
-                  its k_max (--moe-top-k-max).  With one process every expert is local (L = E):
+                  its k_max (--moe-top-k-max).  With L = 1 (top1 with one expert per rank, or
+                  replicated experts) every token goes to that expert with gate 1: the step then
+                  trains the router through its z-loss only, like Gate-Drop with a router.  With one process every expert is local (L = E):
                   a dropped step is then exactly a routed step (same routing, gates, losses and
                   random draws); only moe_gating_dropped records that the decision fired.
 """
