@@ -1,4 +1,5 @@
-"""Gating Dropout (Liu et al., ICML 2022): the per-step, per-layer decision to skip the router.
+"""Gating Dropout (Liu et al., ICML 2022): the per-step, per-layer decision to route without the
+all-to-all, and what a dropped step does.
 
 Every rank of an expert-parallel group must take the same decision or the all-to-all calls
 mismatch and training hangs.  fairseq's NLLB branch has rank 0 draw and broadcast it on every
@@ -37,7 +38,8 @@ local_topk        the router still runs, but only over the rank's own experts: w
                   layer is built); the random router's k schedule applies as usual, bounded by
                   its k_max (--moe-top-k-max).  With L = 1 (top1 with one expert per rank, or
                   replicated experts) every token goes to that expert with gate 1: the step then
-                  trains the router through its z-loss only, like Gate-Drop with a router.  With one process every expert is local (L = E):
+                  trains the router through its z-loss only (a balance loss over one expert is
+                  constant).  With one process every expert is local (L = E):
                   a dropped step is then exactly a routed step (same routing, gates, losses and
                   random draws); only moe_gating_dropped records that the decision fired.
 """
