@@ -35,8 +35,8 @@ class MoELayer(nn.Module):
     in evaluation mode only if asked for (`eval_aux`, `collect_stats=True`).
 
     Gating Dropout (training only): with probability `gating_dropout` a whole step of this
-    layer routes without the all-to-all, decided from (seed, update number, layer index) so every rank
-    agrees without communicating.  `gate_drop`: token s of this rank goes to local expert
+    layer routes without the all-to-all, decided from (seed, update number, layer index) so
+    every rank agrees without communicating.  `gate_drop`: token s of this rank goes to local expert
     s mod L (L experts on this rank: a balanced round-robin, no router, so no all-to-all), and
     its output is not scaled by a gate.  `gate_expert_drop`: the layer returns zeros, so the
     residual connection alone carries the token.  `local_topk`: the router chooses among this
