@@ -170,7 +170,7 @@ def test_gate_expert_drop_outputs_zeros():
     assert layer.aux.stats.tokens_per_expert.tolist() == [0] * E
 
 
-@pytest.mark.parametrize("mode", ["gate_drop", "gate_expert_drop"])
+@pytest.mark.parametrize("mode", ["gate_drop", "gate_expert_drop", "local_topk"])
 def test_not_fired_step_and_eval_route_normally(mode):
     E, M = 4, 5
     layer = make_layer(E=E, M=M, mode=mode, p=0.5, layer_index=1, seed=3)
