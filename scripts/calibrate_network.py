@@ -15,8 +15,8 @@ intra-op thread per rank, scripts/emulated_cluster.py):
          launcher's NNODES / NODE_RANK / MASTER_ADDR come from the harness), with
          scripts/timed_fairseq_train.py timing each update.
 
-Within one run the 8 settings (gate_drop and gate_expert_drop at p = 0, 0.1, 0.3, 0.5) take
-turns in blocks of updates (step_timing.setting_for_update), so they share the machine's load;
+Within one run the 12 settings (gate_drop, gate_expert_drop and local_topk at p = 0, 0.1, 0.3,
+0.5; step_timing.SETTINGS) take turns in blocks of updates (step_timing.setting_for_update), so they share the machine's load;
 every timed fairseq-train update trains on the same batch (timed_fairseq_train.py).  Runs are
 repeated in --rounds, the rates in a different order each round; medians over rounds are
 reported.  The all-to-all share is the time spent inside all_to_all_single (count
@@ -120,6 +120,10 @@ def node_layer(argv) -> None:
                                   "dropped_layers": step_timing.dropped_layers([layer], update),
                                   "moe_layers": 1, "tokens": tokens}) + "\n")
             out.flush()
+    # Both ranks finish before either tears down: rank 0 hosts the TCP store, and a rank still
+    # talking to it when rank 0 exits aborts ("terminate called without an active exception",
+    # status 134; about one run in five here), as tests/ep_worker.py's run_jobs explains.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -233,8 +237,9 @@ def summarize_run(d):
 
 def fit_expert_share(entry) -> float:
     """Least-squares share e of the compute time that dropping scales, from one link's measured
-    (pooled) speedups at p > 0, both modes: 1 / speedup = (1 - s)(1 - e (1 - scale(p))) + s (1 - p)
-    at the share s (cost_model.speedup_from_share), linear in e."""
+    (pooled) speedups at p > 0, every mode: 1 / speedup = (1 - s)(1 - e (1 - scale(p))) + s (1 - p)
+    at the share s (cost_model.speedup_from_share), linear in e.  local_topk scales no compute
+    (scale = 1), so its points add nothing to the fit."""
     s, xy, xx = entry["a2a_share"], 0.0, 0.0
     for mode in step_timing.MODES:
         for p in step_timing.RATES[1:]:
@@ -348,8 +353,8 @@ def build_parser():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--block", type=int, default=2, help="consecutive updates per setting")
     p.add_argument("--warmup", type=int, default=3, help="train level: p = 0 updates before timing")
-    p.add_argument("--layer-cycles", type=int, default=4, help="layer level: cycles over the 8 settings per run")
-    p.add_argument("--train-cycles", type=int, default=2, help="train level: cycles over the 8 settings per run")
+    p.add_argument("--layer-cycles", type=int, default=4, help="layer level: cycles over the 12 settings per run")
+    p.add_argument("--train-cycles", type=int, default=2, help="train level: cycles over the 12 settings per run")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more fairseq-train flags (last)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--work-dir", required=True)

@@ -19,7 +19,8 @@ Model (assumptions, stated so they can be argued with):
   in the decoder) + 2 M F FFN, times k for a MoE FFN.
 - Gating Dropout at rate p: a dropped layer-step issues no all-to-all, so expected a2a time is
   (1 - p) of baseline.  gate_drop sends each token to one local expert instead of k
-  (expert compute x (1 - p + p/k)); gate_expert_drop skips the experts (x (1 - p)).
+  (expert compute x (1 - p + p/k)); gate_expert_drop skips the experts (x (1 - p)); local_topk
+  keeps k experts per token, on the token's own rank (x 1: only the all-to-all is saved).
 Outputs a table, optional JSON and PNG (a2a share of the step vs nodes; speedup vs p).
 """
 import argparse
@@ -28,9 +29,15 @@ import json
 
 def expert_compute_scale(p, mode="gate_drop", k=2):
     """Expected expert compute at Gating Dropout rate p, as a fraction of p = 0's: a dropped
-    layer-step sends each token to one local expert instead of k (gate_drop) or to none
-    (gate_expert_drop)."""
-    return (1 - p + p / k) if mode == "gate_drop" else (1 - p)
+    layer-step sends each token to one local expert instead of k (gate_drop), to none
+    (gate_expert_drop), or to k local experts (local_topk: the same compute)."""
+    if mode == "gate_drop":
+        return 1 - p + p / k
+    if mode == "gate_expert_drop":
+        return 1 - p
+    if mode == "local_topk":
+        return 1.0
+    raise ValueError(f"mode must be gate_drop, gate_expert_drop or local_topk (got {mode!r})")
 
 
 def speedup_from_share(a2a_share, p, mode="gate_drop", k=2, expert_share=0.0):

@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 
 from moe_fairseq.moe.gating_dropout import gating_dropout_fires  # noqa: E402
 
-MODES = ("gate_drop", "gate_expert_drop")
+MODES = ("gate_drop", "gate_expert_drop", "local_topk")  # every --moe-gating-dropout-mode
 RATES = (0.0, 0.1, 0.3, 0.5)
 SETTINGS: List[Tuple[str, float]] = [(mode, p) for mode in MODES for p in RATES]
 

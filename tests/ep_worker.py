@@ -275,6 +275,78 @@ def gating_dropout(rank, world, num_experts, mode="gate_drop", p=0.3, updates=20
         layer.zero_grad()
 
 
+def local_topk(rank, world, num_experts, router="top2", capacity_factor=None, dropless=False, p=0.5, seed=5,
+               tokens=None, expect_drops=False, updates=8):
+    """Gating Dropout's local_topk: a dropped update issues no all-to-all and equals, on each rank,
+    a routed update of a one-process layer of L experts made of this rank's router rows and
+    experts (outputs, input / router / expert gradients, losses, load, same noise); the other
+    ranks' router rows get zero gradient.  A routed update issues the usual 5 all-to-alls."""
+    cfg = MoEConfig(num_experts=num_experts, router=router, capacity_factor=capacity_factor, dropless=dropless,
+                    gating_dropout=p, gating_dropout_mode="local_topk", seed=seed)
+    comm = ExpertParallelComm(num_experts)
+    L, first = comm.num_local_experts, comm.local_expert_ids()[0]
+    torch.manual_seed(seed)
+    ep = build_moe_layer(cfg, M, F, layer_index=1, comm=comm).train()
+    cfg_local = MoEConfig(num_experts=L, router=router, capacity_factor=capacity_factor, dropless=dropless, seed=seed)
+    ref = build_moe_layer(cfg_local, M, F).train()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in ep.router.parameters():  # noisy_topk starts at zero: a router that routes
+            t.normal_(0, 1, generator=g)
+    ref.router.load_state_dict({k: v[first:first + L] for k, v in ep.router.state_dict().items()})
+    ref.experts.load_state_dict(ep.experts.state_dict())
+    ep, ref = ep.to(DEVICE), ref.to(DEVICE)
+    x, target = batch(rank, tokens[rank] if tokens else 24, seed)
+    kinds, drops = [], 0
+    for u in range(updates):
+        ep.set_num_updates(u)
+        calls = comm.all_to_all_calls
+        out_ep, gx_ep, aux_ep = step(ep, x, target, rank, seed + u)
+        issued = comm.all_to_all_calls - calls
+        dropped = ep.gating_dropped()
+        kinds.append(dropped)
+        if not dropped:
+            assert issued == 5, f"routed update {u} issued {issued} all-to-alls"
+            all_reduce_expert_grads(ep, comm)
+        else:
+            assert issued == 0, f"dropped update {u} issued {issued} all-to-alls"
+            out_ref, gx_ref, aux_ref = step(ref, x, target, rank, seed + u)
+            close(out_ep, out_ref, f"output (update {u})")
+            close(gx_ep, gx_ref, "input gradient")
+            for name, t in ep.router.named_parameters():
+                g = grad(t)
+                close(g[first:first + L], grad(dict(ref.router.named_parameters())[name]), f"router gradient {name}")
+                assert torch.count_nonzero(g) == torch.count_nonzero(g[first:first + L]), "other ranks' rows moved"
+            for name in EXPERT_PARAMS:
+                close(grad(getattr(ep.experts, name)), grad(getattr(ref.experts, name)), f"expert gradient {name}")
+            assert aux_ep.losses.keys() == aux_ref.losses.keys() and aux_ep.losses
+            for k in aux_ref.losses:
+                close(aux_ep.losses[k].detach(), aux_ref.losses[k].detach(), f"loss {k}")
+            st = aux_ep.stats
+            assert float(st.gating_dropped) == 1 and float(st.a2a_bytes) == 0
+            load = st.tokens_per_expert
+            assert torch.equal(load[first:first + L], aux_ref.stats.tokens_per_expert) and int(load.sum()) == int(
+                aux_ref.stats.tokens_per_expert.sum()), "load off this rank's experts"
+            drops += int(st.dropped_by_capacity)
+            ref.zero_grad()
+        ep.zero_grad()
+    assert any(kinds) and not all(kinds), kinds
+    if expect_drops:
+        total = torch.tensor([float(drops)], device=DEVICE)
+        dist.all_reduce(total)
+        assert total.item() > 0, "the capacity scenario dropped nothing on a dropped update"
+    # k larger than a rank's experts: refused when the layer is built, in one line naming the flags
+    try:
+        build_moe_layer(MoEConfig(num_experts=world, router="top2", gating_dropout=p, gating_dropout_mode="local_topk"),
+                        M, F, comm=ExpertParallelComm(world))
+    except ValueError as exc:
+        assert str(exc) == (f"--moe-gating-dropout-mode local_topk routes each token to k=2 (--moe-router top2) of its "
+                            f"rank's experts, but --moe-expert-count={world} over {world} rank(s) leaves 1 per rank; "
+                            f"use gate_drop or more experts"), str(exc)
+    else:
+        raise AssertionError("top2 with one expert per rank was not refused")
+
+
 def bad_sharding(rank, world, num_experts):
     try:
         ExpertParallelComm(num_experts)
@@ -444,6 +516,7 @@ def peer_timeout(rank, world, hold):
 
 
 SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "gating_dropout": gating_dropout,
+             "local_topk": local_topk,
              "bad_sharding": bad_sharding, "checkpointing": checkpointing, "host_syncs": host_syncs,
              "own_group": own_group, "generation_in_step": generation_in_step, "group_timeouts": group_timeouts,
              "peer_timeout": peer_timeout}
@@ -452,7 +525,7 @@ SCENARIOS = {"equivalence": equivalence, "exchange_layout": exchange_layout, "ga
 def suite(world: int, quick: bool = False) -> list:
     """The scenarios a GPU check runs on `world` ranks: two local experts per rank, one per rank,
     replicated experts (when W is even), uneven and empty batches, a rank whose tokens all stay
-    local, capacity drops, Gating Dropout in both modes, activation checkpointing, the host-sync
+    local, capacity drops, Gating Dropout in its three modes, activation checkpointing, the host-sync
     budget, the all-to-alls' own group and its timeout, and ranks generating different lengths."""
     if world < 2:
         raise ValueError(f"expert parallelism needs 2 or more processes (got {world})")
@@ -473,6 +546,9 @@ def suite(world: int, quick: bool = False) -> list:
              ("equivalence", dict(num_experts=world, router="top1", capacity_factor=0.5, expect_drops=True)),
              ("gating_dropout", dict(num_experts=2 * world, mode="gate_drop")),
              ("gating_dropout", dict(num_experts=2 * world, mode="gate_expert_drop", p=0.5)),
+             ("gating_dropout", dict(num_experts=2 * world, mode="local_topk", p=0.5)),
+             ("local_topk", dict(num_experts=2 * world, router="top2", dropless=True, tokens=uneven)),
+             ("local_topk", dict(num_experts=2 * world, router="top1", capacity_factor=0.5, expect_drops=True)),
              ("checkpointing", dict(num_experts=2 * world, dropout=0.0)),
              ("host_syncs", dict(num_experts=2 * world)), ("own_group", dict(num_experts=2 * world)),
              ("generation_in_step", dict(num_experts=2 * world, steps=tuple(range(world, 0, -1)))),

@@ -22,8 +22,10 @@ ROUTERS = [dict(router="top1", jitter_eps=0.1, z_loss_weight=1e-3), dict(router=
            dict(router="top2", second_expert_policy="random"), dict(router="noisy_topk"),
            dict(router="random", top_k_min=1, top_k_max=3, top_k_schedule_steps=10),
            dict(router="top2", gating_dropout=0.5, gating_dropout_mode="gate_drop"),
-           dict(router="top2", gating_dropout=0.5, gating_dropout_mode="gate_expert_drop")]
-IDS = ["top1_jitter", "top2_sampling", "top2_random", "noisy_topk", "random", "gate_drop", "gate_expert_drop"]
+           dict(router="top2", gating_dropout=0.5, gating_dropout_mode="gate_expert_drop"),
+           dict(router="top2", gating_dropout=0.5, gating_dropout_mode="local_topk")]
+IDS = ["top1_jitter", "top2_sampling", "top2_random", "noisy_topk", "random", "gate_drop", "gate_expert_drop",
+       "local_topk"]
 
 
 def make_cfg(dropout):
@@ -86,8 +88,9 @@ def test_checkpointed_encoder_layer_equals_plain(router_kw, dropout):
     ckpt = make_layer("encoder", router_kw, dropout, checkpoint=True)
     out, losses, stats, grads, calls, left = train_step(plain)
     c_out, c_losses, c_stats, c_grads, c_calls, c_left = train_step(ckpt)
-    gated = ckpt.fc1.moe.gating_dropped()
-    assert (calls, c_calls) == ((0, 0) if gated else (1, 2))  # the router ran again in backward
+    # local_topk's dropped step still runs the (restricted) router; the other modes' do not
+    routes = not ckpt.fc1.moe.gating_dropped() or ckpt.fc1.moe.gating_dropout_mode == "local_topk"
+    assert (calls, c_calls) == ((1, 2) if routes else (0, 0))  # the router ran again in backward
     assert torch.equal(out, c_out)
     assert grads.keys() == c_grads.keys()
     for name in grads:

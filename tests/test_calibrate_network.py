@@ -26,14 +26,16 @@ from test_emulated_cluster import _SKIP  # noqa: E402
 def brute_force_speedup(layers, a2a, expert, other, p, mode, k=2):
     """Expected step time over every combination of per-layer drop decisions (each with
     probability p), each layer owning a2a / layers of all-to-all and expert / layers of expert
-    compute; speedup = p = 0 step time / expected step time."""
+    compute; a dropped layer keeps 1 of its k experts per token (gate_drop), none
+    (gate_expert_drop) or all k (local_topk); speedup = p = 0 step time / expected step time."""
+    kept = {"gate_drop": 1 / k, "gate_expert_drop": 0.0, "local_topk": 1.0}[mode]
     expected = 0.0
     for drops in itertools.product((False, True), repeat=layers):
         prob, t = 1.0, other
         for dropped in drops:
             prob *= p if dropped else 1 - p
             if dropped:
-                t += expert / layers * (1 / k if mode == "gate_drop" else 0.0)
+                t += expert / layers * kept
             else:
                 t += a2a / layers + expert / layers
         expected += prob * t
@@ -115,7 +117,8 @@ def test_summarize_run_pools_updates_on_a_line(tmp_path):
     """Steps whose time is exactly routed - saving x (dropped fraction): the pooled line recovers
     routed and saving per mode, whatever p each step ran at; a step's time is the slower rank's;
     the share is a2a / step time over the routed steps."""
-    routed, saving = {"gate_drop": 4.0, "gate_expert_drop": 5.0}, {"gate_drop": 1.5, "gate_expert_drop": 3.0}
+    routed = {"gate_drop": 4.0, "gate_expert_drop": 5.0, "local_topk": 4.5}
+    saving = {"gate_drop": 1.5, "gate_expert_drop": 3.0, "local_topk": 1.0}
     update = 0
     recs = {0: [], 1: []}
     for mode, p in step_timing.SETTINGS * 2:
@@ -144,8 +147,9 @@ def test_summarize_run_pools_updates_on_a_line(tmp_path):
 def test_timed_fairseq_train_records_the_schedule(tmp_path):
     data = make_tiny_corpus(tmp_path / "data", targets=("de",), n_train=200)
     out = tmp_path / "rank{rank}.jsonl"
-    cmd = train_cmd(data, tmp_path / "ckpt", "--moe-freq", "1", "--no-save", "--disable-validation", max_update=11,
-                    targets=("de",))
+    updates = 3 + len(step_timing.SETTINGS)  # the warm-up, then every setting once (every mode)
+    cmd = train_cmd(data, tmp_path / "ckpt", "--moe-freq", "1", "--no-save", "--disable-validation",
+                    max_update=updates, targets=("de",))
     cmd[0] = str(REPO / "scripts" / "timed_fairseq_train.py")
     env = dict(STEP_TIMING_OUT=str(out), STEP_TIMING_WARMUP="3", STEP_TIMING_BLOCK="1", STEP_TIMING_FIXED_BATCH="1",
                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -153,8 +157,9 @@ def test_timed_fairseq_train_records_the_schedule(tmp_path):
                           env={**__import__("os").environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "rank0.jsonl").read_text().splitlines()]
-    assert [r["update"] for r in recs] == list(range(11))
-    assert [(r["mode"], r["p"]) for r in recs] == [step_timing.setting_for_update(u, 3, 1) for u in range(11)]
+    assert [r["update"] for r in recs] == list(range(updates))
+    assert [(r["mode"], r["p"]) for r in recs] == [step_timing.setting_for_update(u, 3, 1) for u in range(updates)]
+    assert {r["mode"] for r in recs} == set(step_timing.MODES)
     assert len({r["tokens"] for r in recs}) == 1, "STEP_TIMING_FIXED_BATCH: every update must see the same batch"
     # the drop count is the layers' own decision at that update and rate
     from moe_fairseq.moe.gating_dropout import gating_dropout_fires

@@ -35,6 +35,7 @@ ROUTER_RUNS = {
     "gate_drop": ["--moe-router", "top2", "--moe-gating-dropout", "0.5", "--moe-gating-dropout-mode", "gate_drop"],
     "gate_expert_drop": ["--moe-router", "top1", "--moe-gating-dropout", "0.5",
                          "--moe-gating-dropout-mode", "gate_expert_drop"],
+    "local_topk": ["--moe-router", "top2", "--moe-gating-dropout", "0.5", "--moe-gating-dropout-mode", "local_topk"],
 }
 
 
@@ -49,7 +50,7 @@ def test_each_router_trains_and_writes_a_checkpoint(data, tmp_path, name):
     assert any(".moe.experts.w1" in k for k in keys), "no MoE layer in the checkpoint"
     if name == "random":
         assert any(k.endswith("moe.router.weight") for k in keys), "the frozen router must be saved"
-    if name in ("gate_drop", "gate_expert_drop"):
+    if name in ("gate_drop", "gate_expert_drop", "local_topk"):
         dropped = [float(v) for v in re.findall(r"moe_gating_dropped=([0-9.]+)", log)]
         assert dropped and 0 < max(dropped), "gating dropout never fired at p=0.5"
     if name == "noisy_topk":

@@ -85,7 +85,11 @@ def test_w2_bad_sharding_and_gating_dropout():
     spawn(2,
           ("bad_sharding", dict(num_experts=3)),
           ("gating_dropout", dict(num_experts=4, mode="gate_drop")),
-          ("gating_dropout", dict(num_experts=4, mode="gate_expert_drop", p=0.5)))
+          ("gating_dropout", dict(num_experts=4, mode="gate_expert_drop", p=0.5)),
+          ("gating_dropout", dict(num_experts=4, mode="local_topk", p=0.5)),
+          ("local_topk", dict(num_experts=4, router="top2", tokens=[19, 0])),
+          ("local_topk", dict(num_experts=4, router="top1", capacity_factor=0.5, expect_drops=True)),
+          ("local_topk", dict(num_experts=4, router="noisy_topk", tokens=[13, 27])))
 
 
 # ------------------------------------------------------------------ W = 4

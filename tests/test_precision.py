@@ -34,7 +34,7 @@ DEVICE = os.environ.get("MOE_TEST_DEVICE", "cpu")
 # CPU autocast is bf16 (fp16 autocast on CPU is not what fairseq's --amp does); CUDA's is fp16.
 AUTOCAST = {"cpu": [torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}[DEVICE]
 ROUTED = ["top1", "top2_sampling", "top2_all", "top2_random", "noisy_topk", "random"]
-GATING_DROPOUT = ["gate_drop", "gate_expert_drop"]
+GATING_DROPOUT = ["gate_drop", "gate_expert_drop", "local_topk"]
 
 
 def build(kind, seed=0):

@@ -94,7 +94,8 @@ class MoEConfig:
         arg_default=None, check=check_rate, metavar="P")
     gating_dropout_mode: str = option(
         "gate_drop", "--moe-gating-dropout-mode",
-        "gate_drop: tokens go to a local expert; gate_expert_drop: the layer is skipped", choices=GATING_DROPOUT_MODES)
+        "gate_drop: tokens go to a local expert; gate_expert_drop: the layer is skipped; local_topk: the router's "
+        "top-k among this rank's experts", choices=GATING_DROPOUT_MODES)
     top_k_min: int = option(1, "--moe-top-k-min", "random router: k at update 0 (1)")
     top_k_max: Optional[int] = option(  # None: all experts
         None, "--moe-top-k-max", "random router: final k (default: all experts)")

@@ -1,4 +1,5 @@
 """The MoE feed-forward layer: route -> plan -> dispatch -> (all-to-all) -> experts -> back -> combine."""
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -7,11 +8,11 @@ import torch
 import torch.nn as nn
 
 from . import decode
-from .comm import LocalComm
+from .comm import LocalComm, host_counts
 from .dispatch import combine, dispatch, plan_dispatch
 from .experts import FFNExperts, compute_dtype
 from .gating_dropout import MODES as GATING_DROPOUT_MODES
-from .gating_dropout import check_rate, gating_dropout_fires
+from .gating_dropout import check_local_topk, check_rate, gating_dropout_fires
 from .routers import Router
 from .stats import RoutingStats, entropy_sum
 from .errors import MoEUsageError
@@ -34,11 +35,13 @@ class MoELayer(nn.Module):
     in evaluation mode only if asked for (`eval_aux`, `collect_stats=True`).
 
     Gating Dropout (training only): with probability `gating_dropout` a whole step of this
-    layer skips the router, decided from (seed, update number, layer index) so every rank
-    agrees without communicating.  `gate_drop`: token s of this rank goes to local expert
+    layer routes without the all-to-all, decided from (seed, update number, layer index) so
+    every rank agrees without communicating.  `gate_drop`: token s of this rank goes to local expert
     s mod L (L experts on this rank: a balanced round-robin, no router, so no all-to-all), and
     its output is not scaled by a gate.  `gate_expert_drop`: the layer returns zeros, so the
-    residual connection alone carries the token.
+    residual connection alone carries the token.  `local_topk`: the router chooses among this
+    rank's experts only (Router.restricted_to), so nothing leaves the rank; the exact rule, its
+    losses and statistics are in moe/gating_dropout.py.
     """
 
     def __init__(self, router: Router, experts: FFNExperts, layer_index: int = 0, comm=None,
@@ -56,6 +59,8 @@ class MoELayer(nn.Module):
         if gating_dropout_mode not in GATING_DROPOUT_MODES:
             raise MoEUsageError(f"--moe-gating-dropout-mode must be one of {', '.join(GATING_DROPOUT_MODES)} "
                              f"(got {gating_dropout_mode!r})")
+        if gating_dropout_mode == "local_topk":
+            check_local_topk(router, experts.num_local, router.num_experts, self.comm.world_size)
         self.gating_dropout_mode = gating_dropout_mode
         self.seed = seed
         self.num_updates = 0
@@ -90,7 +95,10 @@ class MoELayer(nn.Module):
         else:
             rows, tokens = None, flat
         if self.gating_dropped():
-            out = self._forward_gating_dropout(tokens)
+            if self.gating_dropout_mode == "local_topk":
+                out = self._forward_local_topk(tokens)
+            else:
+                out = self._forward_gating_dropout(tokens)
         elif decode.applies(self, tokens, self.wants_aux()):
             with decode.one_intra_op_thread():
                 out = self._forward_decode_step(tokens)
@@ -135,6 +143,33 @@ class MoELayer(nn.Module):
         self.aux = MoEAux(dict(routing.losses), stats)
         return out
 
+    def _forward_local_topk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A local_topk dropped step (training only): the router restricted to this rank's L
+        experts numbers its choices 0..L-1, so the plan is over the local experts and the rows
+        go straight to them, with no communicator call (no all-to-all, no count exchange)."""
+        first, num_local = self.comm.local_expert_ids()[0], self.experts.num_local
+        self.router.compute_aux = self.wants_aux()
+        with self.router.restricted_to(first, num_local):
+            routing = self.router(tokens)
+        dtype = compute_dtype(tokens)
+        plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, num_local, read_counts=host_counts)
+        sent = dispatch(tokens if tokens.dtype == dtype else tokens.to(dtype), plan)
+        out = combine(self.experts(sent, plan.counts_list, plan.counts), plan, tokens.shape[0])
+        if out.dtype != tokens.dtype:
+            out = out.to(tokens.dtype)
+        stats = None
+        if self.collect_stats is not False:
+            # Logged like gate_drop's step: the load over all E experts (zero off this rank),
+            # moe_gating_dropped = 1 and no all-to-all bytes.
+            local = LocalComm(num_local)
+            stats = self.routing_stats(tokens, routing, plan, sent.element_size(), local)
+            per_expert = plan.counts.new_zeros(self.router.num_experts)
+            per_expert.narrow(0, first, num_local).copy_(plan.counts.detach())
+            stats = dataclasses.replace(stats, tokens_per_expert=per_expert, gating_dropped=torch.ones_like(
+                stats.gating_dropped))
+        self.aux = MoEAux(dict(routing.losses), stats)  # the router's losses over the local experts
+        return out
+
     def _forward_decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """A decoder step (decode.applies): the router's ids and gates alone (decode_route), then
         the experts of the few rows directly (decode.few_rows_ffn); no losses or statistics are
@@ -144,7 +179,7 @@ class MoELayer(nn.Module):
         self.aux = MoEAux()
         return decode.few_rows_ffn(self.experts, tokens, expert_index, gate)
 
-    def routing_stats(self, tokens, routing, plan, elem_size: int) -> RoutingStats:
+    def routing_stats(self, tokens, routing, plan, elem_size: int, comm=None) -> RoutingStats:
         # Every field a device tensor made by a kernel (new_full, reductions): no copy from the
         # host, so statistics cost no sync until the criterion reads all layers' at once.
         elem = elem_size * tokens.shape[1]
@@ -156,7 +191,7 @@ class MoELayer(nn.Module):
             dropped_by_capacity=routing.dropped_by_capacity.detach(),
             gate_entropy_sum=entropy_sum(routing.probs, tokens.device),
             gating_dropped=scalar(0.0),
-            a2a_bytes=self.comm.remote_rows(plan.counts) * (2 * elem),
+            a2a_bytes=(comm or self.comm).remote_rows(plan.counts) * (2 * elem),
         )
 
     def _forward_gating_dropout(self, tokens: torch.Tensor) -> torch.Tensor:

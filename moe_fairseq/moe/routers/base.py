@@ -1,6 +1,7 @@
 """What every router returns, and the pieces routers share."""
+import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,10 @@ class Router(nn.Module):
     # True for routers whose evaluation keeps every slot unless capacity drops it (then a
     # dropless evaluation dispatches exactly S * k slots, known without reading `keep`).
     eval_keeps_all_slots = False
+    # True for routers that honour `restricted_to` (read their weight through `routed_rows` and
+    # count experts with `routed_experts`): Gating Dropout's local_topk mode needs it.
+    restrictable = False
+    k_flag = "--moe-top-k"  # the flag that sets the router's (largest training) k, for error messages
 
     def __init__(self, model_dim: int, num_experts: int, k: int,
                  capacity_factor: Optional[float] = None,
@@ -67,6 +72,41 @@ class Router(nn.Module):
         self.compute_aux = True
         self.eval_k = None
         self.set_eval_k(eval_k)
+        self.restriction: Optional[Tuple[int, int]] = None  # (first, count) inside restricted_to
+
+    @contextlib.contextmanager
+    def restricted_to(self, first: int, count: int):
+        """Route over experts [first, first + count) only, as a router of `count` experts whose
+        weight rows are those experts' rows: softmax, top-k, gates, capacity and auxiliary losses
+        all over that block, and expert_index numbered inside it (0 = expert `first`).  A softmax
+        over the block's logits is the softmax over all logits with the others masked to -inf,
+        so the gates are the router's usual ones restricted to the block.  Gating Dropout's
+        local_topk mode uses it with this rank's experts (MoELayer)."""
+        if not self.restrictable:
+            raise MoEUsageError(f"--moe-router {getattr(self, 'name', type(self).__name__)} cannot route over a "
+                                f"subset of the experts (--moe-gating-dropout-mode local_topk)")
+        if not (0 <= first and 1 <= count and first + count <= self.num_experts):
+            raise MoEUsageError(f"experts [{first}, {first + count}) are not a block of the "
+                                f"{self.num_experts} experts of the router")
+        if self.current_k() > count:
+            raise MoEUsageError(f"k={self.current_k()} ({self.k_flag}) exceeds the {count} expert(s) to route over "
+                                f"(--moe-gating-dropout-mode local_topk)")
+        self.restriction = (first, count)
+        try:
+            yield
+        finally:
+            self.restriction = None
+
+    def routed_experts(self) -> int:
+        """Experts this call routes over: all, or the block of restricted_to."""
+        return self.num_experts if self.restriction is None else self.restriction[1]
+
+    def routed_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The rows of an (E, M) router weight that take part in this call (a view, so the
+        other rows get an exact zero gradient)."""
+        if self.restriction is None:
+            return weight
+        return weight.narrow(0, *self.restriction)
 
     @classmethod
     def from_config(cls, cfg, model_dim: int) -> "Router":
@@ -116,12 +156,13 @@ class Router(nn.Module):
         cf = self.current_capacity_factor()
         if cf is None:
             return keep, keep.new_zeros((), dtype=torch.long)
-        capacity = expert_capacity(expert_index.shape[0], self.num_experts, k_for_capacity, cf)
+        num_experts = self.routed_experts()  # restricted_to: capacity shared over the block only
+        capacity = expert_capacity(expert_index.shape[0], num_experts, k_for_capacity, cf)
         if capacity >= expert_index.shape[0]:
             # A token sends at most one slot to an expert, so no expert can receive more than
             # S slots: this capacity drops nothing (large eval capacity factors, small E).
             return keep, keep.new_zeros((), dtype=torch.long)
-        new_keep = apply_capacity(expert_index, keep, self.num_experts, capacity)
+        new_keep = apply_capacity(expert_index, keep, num_experts, capacity)
         return new_keep, (keep.sum() - new_keep.sum())
 
 

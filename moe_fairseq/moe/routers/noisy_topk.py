@@ -20,6 +20,7 @@ class NoisyTopKRouter(Router):
     eval_keeps_all_slots = True
 
     variable_k = True
+    restrictable = True
 
     def __init__(self, model_dim, num_experts, k=2, capacity_factor=None, eval_capacity_factor=None,
                  importance_loss_weight=0.01, load_loss_weight=0.01, noise_eps=1e-2, eval_k=None):
@@ -36,11 +37,11 @@ class NoisyTopKRouter(Router):
                    importance_loss_weight=cfg.importance_loss_weight, load_loss_weight=cfg.load_loss_weight)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        k, num_experts = self.current_k(), self.num_experts
-        clean = fp32_logits(x, self.w_gate)
+        k, num_experts = self.current_k(), self.routed_experts()
+        clean = fp32_logits(x, self.routed_rows(self.w_gate))
         noisy_training = self.training
         if noisy_training:
-            sigma = F.softplus(fp32_logits(x, self.w_noise)) + self.noise_eps
+            sigma = F.softplus(fp32_logits(x, self.routed_rows(self.w_noise))) + self.noise_eps
             logits = clean + torch.randn_like(clean) * sigma
         else:
             logits = clean

@@ -22,6 +22,8 @@ class RandomRouter(Router):
     eval_keeps_all_slots = True
 
     variable_k = True
+    restrictable = True
+    k_flag = "--moe-top-k-max"
 
     def __init__(self, model_dim, num_experts, schedule: KSchedule, capacity_factor=None,
                  eval_capacity_factor=None, eval_k=None, generator=None):
@@ -44,7 +46,7 @@ class RandomRouter(Router):
         # The weight is a buffer without requires_grad, so it gets no gradient; but the gates
         # still depend on x, and the layer's backward must include that path (as in the
         # reference code, which freezes the gate's weight, not its input): no torch.no_grad here.
-        logits = fp32_logits(x, self.weight)
+        logits = fp32_logits(x, self.routed_rows(self.weight))
         top_values, expert_index = logits.topk(k, dim=1)
         gates = torch.softmax(top_values, dim=1)
         all_kept = torch.ones_like(expert_index, dtype=torch.bool)

@@ -13,6 +13,7 @@ class SoftmaxRouter(Router):
     balance_loss = None  # f(probs, top1) -> unweighted loss
     default_capacity_factors = (1.0, 2.0)  # they drop tokens past capacity by default, as in their papers
     eval_keeps_all_slots = True
+    restrictable = True
 
     def __init__(self, model_dim, num_experts, k, capacity_factor, eval_capacity_factor,
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):
@@ -26,7 +27,7 @@ class SoftmaxRouter(Router):
         if self.training and self.jitter_eps > 0:
             # Jitter the router's input only (Switch): the experts see the clean x.
             x = x * torch.empty_like(x).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        logits = fp32_logits(x, self.wg.weight)
+        logits = fp32_logits(x, self.routed_rows(self.wg.weight))
         return logits, torch.softmax(logits, dim=-1)
 
     def aux_losses(self, logits, probs, top1):

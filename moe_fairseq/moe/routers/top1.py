@@ -12,6 +12,7 @@ class Top1Router(SoftmaxRouter):
     """Expert = argmax of the fp32 softmax, gate = its probability (not renormalised)."""
 
     balance_loss = staticmethod(switch_balance_loss)
+    k_flag = "--moe-router top1"
 
     def __init__(self, model_dim, num_experts, capacity_factor=1.0, eval_capacity_factor=2.0,
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):

@@ -17,6 +17,7 @@ class Top2Router(SoftmaxRouter):
     training only, so generation is deterministic."""
 
     balance_loss = staticmethod(gshard_balance_loss)
+    k_flag = "--moe-router top2"
 
     def __init__(self, model_dim, num_experts, capacity_factor=1.0, eval_capacity_factor=2.0,
                  second_expert_policy="sampling", normalize_gate_prob_before_dropping=False,
