@@ -87,10 +87,10 @@ import os
 import torch
 import torch.distributed as dist
 
+from .atomic_files import atomic_copy
 from .checkpoint.io import allow_checkpoint_types
 from .checkpoint.format import (PARAM_NAMES, POINTER, new_run_id, optimizer_param_names, point_to_shards, shard_meta,
                                 shard_path, tensor_shapes)
-from .atomic_files import atomic_copy
 from .checkpoint.sharded import (atomic_save, remove_stale_temporaries, remove_unreferenced_shards, resolve_experts,
                                  split_experts)
 from .cli_errors import install_excepthook

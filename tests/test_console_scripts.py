@@ -59,6 +59,9 @@ def test_setup_lists_every_console_script():
 def test_python_dash_m_runs_each_tool(module):
     """`python -m moe_fairseq.evaluate` (configs/README.md) still runs moe-evaluate, and every
     tool runs as `python -m moe_fairseq.tools.<name>`."""
+    spec = f"import importlib.util; print(importlib.util.find_spec({module!r}).origin)"
+    where = subprocess.run([sys.executable, "-c", spec], capture_output=True, text=True, env=clean_env(), cwd=REPO)
+    assert where.stdout.strip().startswith(str(REPO / "moe_fairseq")), where.stdout + where.stderr  # not another install's
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", module, "--help"], capture_output=True, text=True,
                           env=clean_env(), cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]
