@@ -117,9 +117,9 @@ def parse_case(text):
 class OursImpl:
     """Our layer; capacity_factor None = dropless; bf16 = under torch.autocast(cpu, bf16)."""
 
-    def __init__(self, name, S, E, M, F, k, capacity_factor=None, bf16=False):
+    def __init__(self, name, S, E, M, F, k, capacity_factor=None, bf16=False, gemm=None):
         self.name, self.bf16 = name, bf16
-        self.module = base.build_ours(moe_pkg, S, E, M, F, k, capacity_factor, None, "cpu").train()
+        self.module = base.build_ours(moe_pkg, S, E, M, F, k, capacity_factor, gemm, "cpu").train()
         self.x = torch.randn(S, M, requires_grad=True)
 
     def step(self):
@@ -218,7 +218,7 @@ def peers_available():
     return out
 
 
-def build_impls(S, E, M, F, k, peers):
+def build_impls(S, E, M, F, k, peers, bf16_gemm_baseline=None):
     """Every implementation of one case, in round order; `peers` lists the peers to include."""
     torch.manual_seed(0)
     impls = [OursImpl("ours", S, E, M, F, k)]
@@ -228,11 +228,15 @@ def build_impls(S, E, M, F, k, peers):
         impls += [OursImpl("ours_cf1", S, E, M, F, k, capacity_factor=1.0)]
         torch.manual_seed(0)
         impls += [DeepSpeedImpl(S, E, M, F, k)]
-    if "torchtitan" in peers:
+    if "torchtitan" in peers or bf16_gemm_baseline:
         torch.manual_seed(0)
         impls += [OursImpl("ours_bf16", S, E, M, F, k, bf16=True)]
+    if "torchtitan" in peers:
         torch.manual_seed(0)
         impls += [TorchtitanImpl(S, E, M, F, k)]
+    if bf16_gemm_baseline:
+        torch.manual_seed(0)
+        impls += [OursImpl(f"ours_bf16_gemm_{bf16_gemm_baseline}", S, E, M, F, k, bf16=True, gemm=bf16_gemm_baseline)]
     return impls
 
 
@@ -245,6 +249,8 @@ def build_one(name, S, E, M, F, k):
         return OursImpl(name, S, E, M, F, k, capacity_factor=1.0)
     if name == "ours_bf16":
         return OursImpl(name, S, E, M, F, k, bf16=True)
+    if name.startswith("ours_bf16_gemm_"):  # ours in bf16 with a fixed GEMM mode (--bf16-gemm-baseline)
+        return OursImpl(name, S, E, M, F, k, bf16=True, gemm=name[len("ours_bf16_gemm_"):])
     if name == "floor":
         return FloorImpl(OursImpl("ours", S, E, M, F, k))
     return {"deepspeed": DeepSpeedImpl, "torchtitan": TorchtitanImpl}[name](S, E, M, F, k)
@@ -318,7 +324,7 @@ PAIRS = [
 
 def run_case(S, E, args, peers):
     load_before = os.getloadavg()[0]
-    impls = build_impls(S, E, args.model_dim, args.ffn_dim, args.k, peers)
+    impls = build_impls(S, E, args.model_dim, args.ffn_dim, args.k, peers, args.bf16_gemm_baseline)
     times, cpu = time_rounds(impls, args.warmup, args.repeats)
     names = [impl.name for impl in impls]
     del impls
@@ -331,7 +337,11 @@ def run_case(S, E, args, peers):
                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), repeats=args.repeats, warmup=args.warmup,
                   load_before=round(load_before, 2), load_after=round(os.getloadavg()[0], 2))
     rows = []
-    for peer, impl, ours, setup in PAIRS:
+    pairs = list(PAIRS)
+    if args.bf16_gemm_baseline:
+        name = f"ours_bf16_gemm_{args.bf16_gemm_baseline}"
+        pairs.append((name, name, "ours_bf16", "top2, dropless, bf16 autocast"))
+    for peer, impl, ours, setup in pairs:
         if impl not in times or ours not in times:
             continue
         rows.append(make_row(peer, S, E, args.k, times[impl], times[ours], ours_setup=setup,
@@ -355,6 +365,31 @@ def markdown_table(rows):
                      f"| {r['ms_peer']:.1f} | {r['ms_ours']:.1f} | {r['paired_ratio']:.2f}x "
                      f"| {base.fmt(r.get('paired_ratio_cpu'), '{:.2f}x')} "
                      f"| {base.fmt(r.get('peak_mb_peer'), '{:.0f}')} | {base.fmt(r.get('peak_mb_ours'), '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+def wide_table(rows):
+    """One line per (S, E): ours against its floor and each peer, paired ratios (wall; CPU)."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["experts"], r["tokens"]), {})[(r["peer"], r.get("ours_setup", ""))] = r
+    lines = ["| E | S | ours fp32 (ms) | floor (ms) | not expert GEMMs | ours cf 1 (ms) | DeepSpeed (ms) "
+             "| DeepSpeed / ours | ours bf16 (ms) | torchtitan (ms) | torchtitan / ours bf16 | torchtitan / ours fp32 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def pair(r):
+        return "null" if r is None else f"{r['paired_ratio']:.2f}x; {r['paired_ratio_cpu']:.2f}x"
+
+    for (E, S), case in sorted(by_case.items()):
+        floor = case.get(("expert_gemms_alone", "top2, dropless, fp32"))
+        ds = case.get(("deepspeed", "top2, capacity factor 1.0, fp32"))
+        tt16 = case.get(("torchtitan", "top2, dropless, bf16 autocast"))
+        tt32 = case.get(("torchtitan", "top2, dropless, fp32"))
+        ms = lambda r, key: "null" if r is None else f"{r[key]:.0f}"  # noqa: E731
+        share = "null" if floor is None else f"{100 * (1 - floor['paired_ratio_cpu']):.0f}%"
+        lines.append(f"| {E} | {S} | {ms(floor, 'ms_ours')} | {ms(floor, 'ms_peer')} | {share} | {ms(ds, 'ms_ours')} "
+                     f"| {ms(ds, 'ms_peer')} | {pair(ds)} | {ms(tt16, 'ms_ours')} | {ms(tt16, 'ms_peer')} "
+                     f"| {pair(tt16)} | {pair(tt32)} |")
     return "\n".join(lines)
 
 
@@ -382,10 +417,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peers", nargs="*", default=["deepspeed", "torchtitan"], choices=["deepspeed", "torchtitan"],
                    help="peers to include (each skipped with a note when it does not import)")
+    p.add_argument("--bf16-gemm-baseline", choices=["loop", "bmm"],
+                   help="also time ours in bf16 with this fixed GEMM mode (e.g. loop: the rule before the "
+                        "aligned mode), paired with ours in bf16 under the automatic choice")
     p.add_argument("--skip-peak-mem", action="store_true")
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"], default="passive",
                    help="OMP_WAIT_POLICY for every implementation (see bench_moe_layer.py)")
     p.add_argument("--json", metavar="PATH", help="write the rows here (a list, see ROW_KEYS)")
+    p.add_argument("--print-table", metavar="PATH", help="print the tables of a rows file, run nothing")
     p.add_argument("--_peak-worker", dest="peak_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.case = args.case or [parse_case(c) for c in DEFAULT_CASES]
@@ -394,6 +433,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.print_table:
+        with open(args.print_table) as f:
+            rows = check_rows(json.load(f))
+        print(markdown_table(rows) + "\n\n" + wide_table(rows))
+        return rows
     if args.peak_worker:
         E, tokens = args.case[0]
         print(json.dumps(peak_worker(args.peak_worker, tokens[0], E, args.model_dim, args.ffn_dim, args.k,
@@ -416,7 +460,7 @@ def main(argv=None):
                                                f"{r['paired_ratio']:.2f}x (CPU {r['paired_ratio_cpu']:.2f}x)" for r in case_rows)
                   + f" ({time.time() - t0:.0f} s)", flush=True)
     print(f"load after: {os.getloadavg()}")
-    print(markdown_table(rows))
+    print(markdown_table(rows) + "\n\n" + wide_table(rows))
     if args.json:
         base.atomic_write_json(args.json, check_rows(rows))
     return rows
