@@ -369,12 +369,15 @@ def markdown_table(rows):
 
 
 def wide_table(rows):
-    """One line per (S, E): ours against its floor and each peer, paired ratios (wall; CPU)."""
+    """One line per (S, E): ours against its floor and each peer.  Times are medians of process
+    CPU time (the work done: on a loaded machine wall time adds the wait for a core); ratios are
+    paired, wall time; CPU time."""
     by_case = {}
     for r in rows:
         by_case.setdefault((r["experts"], r["tokens"]), {})[(r["peer"], r.get("ours_setup", ""))] = r
-    lines = ["| E | S | ours fp32 (ms) | floor (ms) | not expert GEMMs | ours cf 1 (ms) | DeepSpeed (ms) "
-             "| DeepSpeed / ours | ours bf16 (ms) | torchtitan (ms) | torchtitan / ours bf16 | torchtitan / ours fp32 |",
+    lines = ["| E | S | ours fp32 (CPU ms) | floor (CPU ms) | not expert GEMMs | ours cf 1 (CPU ms) | DeepSpeed (CPU ms) "
+             "| DeepSpeed / ours | ours bf16 (CPU ms) | torchtitan (CPU ms) | torchtitan / ours bf16 "
+             "| torchtitan / ours fp32 |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def pair(r):
@@ -387,8 +390,9 @@ def wide_table(rows):
         tt32 = case.get(("torchtitan", "top2, dropless, fp32"))
         ms = lambda r, key: "null" if r is None else f"{r[key]:.0f}"  # noqa: E731
         share = "null" if floor is None else f"{100 * (1 - floor['paired_ratio_cpu']):.0f}%"
-        lines.append(f"| {E} | {S} | {ms(floor, 'ms_ours')} | {ms(floor, 'ms_peer')} | {share} | {ms(ds, 'ms_ours')} "
-                     f"| {ms(ds, 'ms_peer')} | {pair(ds)} | {ms(tt16, 'ms_ours')} | {ms(tt16, 'ms_peer')} "
+        lines.append(f"| {E} | {S} | {ms(floor, 'cpu_ms_ours')} | {ms(floor, 'cpu_ms_peer')} | {share} "
+                     f"| {ms(ds, 'cpu_ms_ours')} | {ms(ds, 'cpu_ms_peer')} | {pair(ds)} | {ms(tt16, 'cpu_ms_ours')} "
+                     f"| {ms(tt16, 'cpu_ms_peer')} "
                      f"| {pair(tt16)} | {pair(tt32)} |")
     return "\n".join(lines)
 

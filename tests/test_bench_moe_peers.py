@@ -129,7 +129,7 @@ def test_bf16_gemm_baseline_and_tables(bench, tmp_path, capsys):
     assert [(r["peer"], r["ours_setup"]) for r in rows] == [
         ("expert_gemms_alone", "top2, dropless, fp32"), ("ours_bf16_gemm_loop", "top2, dropless, bf16 autocast")]
     capsys.readouterr()
-    floor = dict(rows[0], paired_ratio_cpu=0.75, ms_ours=100.0, ms_peer=80.0)
+    floor = dict(rows[0], paired_ratio_cpu=0.75, cpu_ms_ours=100.0, cpu_ms_peer=80.0)
     path = tmp_path / "floor.json"
     path.write_text(json.dumps([floor]))
     assert bench.main(["--print-table", str(path)]) == [floor]
