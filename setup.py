@@ -24,8 +24,12 @@ setup(
         "matplotlib",
         "tensorboardX",
     ],
-    # data: `moe-prepare --wmt10` fetches the corpora with mtdata
-    extras_require={"test": ["pytest>=7"], "data": ["mtdata>=0.4"]},
+    # data: `moe-prepare --wmt10` fetches the corpora with mtdata.
+    # bench-peers: the MoE layers scripts/bench_moe_peers.py compares with, never needed by the
+    # plugin; install them in an environment of their own (they may ask for another torch).
+    # triton: torchtitan 0.3 imports it at import time, and only CUDA builds of torch bring it.
+    extras_require={"test": ["pytest>=7"], "data": ["mtdata>=0.4"],
+                    "bench-peers": ["deepspeed>=0.19", "torchtitan>=0.3", "triton>=3"]},
     entry_points={
         # moe_fairseq.console silences fairscale's import-time FutureWarnings, then runs the
         # module's cli_main

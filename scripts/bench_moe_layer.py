@@ -366,7 +366,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="capacity factor of our router (default: dropless)")
-    p.add_argument("--gemm", choices=["auto", "loop", "bmm", "grouped"], default=None,
+    p.add_argument("--gemm", choices=["auto", "loop", "bmm", "grouped", "aligned"], default=None,
                    help="our experts' GEMM mode (default: the layer's own choice, auto)")
     p.add_argument("--baseline", metavar="DIR",
                    help="also time the layer library in DIR (another checkout's moe_fairseq/moe), interleaved")

@@ -151,7 +151,7 @@ def test_expert_init_does_not_depend_on_the_world_size():
 
 
 # --------------------------------------------------------------------------- GEMM modes
-MODES = ["loop", "bmm", "grouped"]
+MODES = ["loop", "bmm", "grouped", "aligned"]
 SPLITS = [[3, 0, 2, 4], [0, 0, 0, 5], [1, 0, 0, 0], [1, 1, 1, 1], [7, 1, 0, 2], [2, 3]]  # [2, 3]: fewer counts than experts
 
 
@@ -195,7 +195,7 @@ def test_gemm_modes_against_brute_force(mode, counts, activation):
             assert all(float(p.grad[e].abs().max()) == 0 for p in experts.parameters())
 
 
-@pytest.mark.parametrize("mode", ["loop", "bmm"])
+@pytest.mark.parametrize("mode", ["loop", "bmm", "aligned"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_gemm_modes_gradcheck_float64(mode, dropout):
     E, M, F = 3, 3, 4
@@ -232,7 +232,7 @@ def test_gemm_modes_agree_with_each_other(dropout):
         y = experts(x, counts)
         (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
         results[mode] = [y, x.grad] + [p.grad for p in experts.parameters()]
-    for mode in ("bmm", "grouped"):
+    for mode in ("bmm", "grouped", "aligned"):
         for a, b in zip(results[mode], results["loop"]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -260,6 +260,28 @@ def test_gemm_modes_under_autocast_bf16(mode):
         err = float((a.float() - b).norm() / b.norm().clamp_min(1e-12))
         assert err < 1.5e-2
     assert float((out[True][0].float() - out[False][0]).abs().max()) > 0  # really rounded
+
+
+def test_aligned_mode_layout():
+    """Each expert's block starts at a multiple of ALIGN_ROWS and holds its rows first, then zero
+    rows up to the next multiple; an empty expert has no block; unpad returns the rows."""
+    from moe_fairseq.moe.experts import ALIGN_ROWS, _Groups
+
+    A = ALIGN_ROWS
+    counts = [3, 0, A + 1, A]
+    n = sum(counts)
+    groups = _Groups(counts, 4, n, torch.device("cpu"), "aligned")
+    assert groups.groups == [(0, 0, A), (2, A, 2 * A), (3, 3 * A, A)]
+    expected_pos = list(range(3)) + list(range(A, 2 * A + 1)) + list(range(3 * A, 4 * A))
+    assert groups.pos.tolist() == expected_pos
+    x = torch.arange(1, n + 1, dtype=torch.float32).unsqueeze(1)
+    padded = groups.pad(x)
+    assert padded.shape == (4 * A, 1)
+    assert padded[expected_pos].squeeze(1).tolist() == x.squeeze(1).tolist()
+    assert float(padded.sum()) == float(x.sum())  # every other row is zero
+    torch.testing.assert_close(groups.unpad(padded), x)
+    g = torch.ones(4 * A, 2)
+    assert groups.bias_grad(g)[:, 0].tolist() == [A, 0, 2 * A, A]  # a block's rows, padding included
 
 
 def test_grouped_mode_takes_counts_on_the_device():
@@ -292,6 +314,10 @@ def test_auto_mode_rule_and_bad_mode():
     assert experts.gemm_mode(cpu, torch.float32, [15, 1, 1, 1]) == "loop"  # 42 > 10 per expert
     assert experts.gemm_mode(cpu, torch.float32, [8, 0, 1, 1]) == "loop"  # an empty expert: the loop skips it
     assert experts.gemm_mode(cpu, torch.float32, [2, 2, 2]) == "loop"  # fewer counts than experts
+    # half precision on CPU: the aligned loop, whatever the padding (oneDNN builds a kernel per shape)
+    for dtype in (torch.bfloat16, torch.float16):
+        for counts in ([2, 2, 2, 2], [5, 3, 3, 3], [8, 0, 1, 1], [2, 2, 2]):
+            assert experts.gemm_mode(cpu, dtype, counts) == "aligned"
     assert not experts.takes_device_counts(cpu, torch.float32)  # on CPU the host copy is free
     experts.gemm = "grouped"
     assert experts.takes_device_counts(cpu, torch.float32)

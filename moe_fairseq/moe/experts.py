@@ -34,7 +34,7 @@ _ACTIVATION_BACKWARD = {
 }
 
 
-GEMM_MODES = ("auto", "loop", "bmm", "grouped")
+GEMM_MODES = ("auto", "loop", "bmm", "grouped", "aligned")
 
 
 class _Groups:
@@ -47,6 +47,9 @@ class _Groups:
              the output gradient, so they add nothing to any weight or bias gradient.
     grouped: torch._grouped_mm with the cumulative counts as offsets, one call per GEMM, no
              padding; the counts may stay on the device (no host sync).
+    aligned: the loop, on a copy of the rows in which each expert's block is zero-padded up to a
+             multiple of ALIGN_ROWS rows: the GEMMs then take one of a few shapes that recur from
+             step to step (half precision on CPU, see ALIGN_ROWS).  Padding rows are zero as in bmm.
     """
 
     def __init__(self, counts, num_experts: int, n: int, device, mode: str, counts_t=None):
@@ -61,7 +64,17 @@ class _Groups:
         if mode == "loop":
             self.groups = [(e, start, c) for e, (start, c) in enumerate(zip(_starts(counts), counts)) if c > 0]
         self._row_expert = None
-        if mode == "bmm":
+        self.padded = mode in ("bmm", "aligned")  # the GEMMs see a zero-padded copy of the rows
+        if mode == "aligned":
+            # Expert e's block starts at a multiple of ALIGN_ROWS and has its rows rounded up to one.
+            blocks = [-(-c // ALIGN_ROWS) * ALIGN_ROWS for c in counts]
+            self.groups = [(e, start, b) for e, (start, b) in enumerate(zip(_starts(blocks), blocks)) if b > 0]
+            self.padded_rows = sum(blocks)
+            self._blocks_t = torch.tensor(blocks, dtype=torch.long, device=device)
+            # Row i of expert e moves from e's start among the rows to e's block start.
+            shift = torch.tensor([b - c for b, c in zip(_starts(blocks), _starts(counts))], device=device)
+            self.pos = torch.arange(n, device=device) + shift[self.row_expert]
+        elif mode == "bmm":
             self.capacity = max(counts)
             starts = torch.cumsum(self.counts_t, 0) - self.counts_t
             # Row i of expert e (i-th overall, r-th of its expert) sits at e * C + r.
@@ -91,7 +104,9 @@ class _Groups:
         return self._row_expert
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, d) rows -> (E, C, d) zero-padded block (bmm mode)."""
+        """(N, d) rows -> the zero-padded copy: (E, C, d) in bmm mode, (padded rows, d) in aligned mode."""
+        if self.mode == "aligned":
+            return t.new_zeros(self.padded_rows, t.shape[1]).index_copy_(0, self.pos, t)
         out = t.new_zeros(self.num_experts * self.capacity, t.shape[1])
         return out.index_copy_(0, self.pos, t).view(self.num_experts, self.capacity, t.shape[1])
 
@@ -137,7 +152,11 @@ class _Groups:
         """Per expert, the sum of its rows of `g`: (E, d)."""
         if self.mode == "bmm":
             return g.sum(1)
-        return g.new_zeros(self.num_experts, g.shape[-1]).index_add_(0, self.row_expert, g)
+        row_expert = self.row_expert
+        if self.mode == "aligned":  # padding rows of g are zero: summed with their block's expert
+            row_expert = torch.repeat_interleave(torch.arange(len(self._blocks_t), device=self.device),
+                                                 self._blocks_t, output_size=self.padded_rows)
+        return g.new_zeros(self.num_experts, g.shape[-1]).index_add_(0, row_expert, g)
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -152,7 +171,7 @@ class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, groups: _Groups, activation, dropout_p: float):
         is_relu = activation is F.relu
-        x_in = groups.pad(x) if groups.mode == "bmm" else x
+        x_in = groups.pad(x) if groups.padded else x
         pre = groups.rows_mm(x_in, w1, b1)  # (N, F), or (E, C, F) padded
         if is_relu:
             h = pre.relu_()
@@ -162,13 +181,13 @@ class _GroupedFFN(torch.autograd.Function):
         scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
         if dropout_p > 0:
             mask = x.new_empty(x.shape[0], w1.shape[2]).bernoulli_(1.0 - dropout_p)
-            if groups.mode == "bmm":
+            if groups.padded:
                 mask = groups.pad(mask)
             h.mul_(mask).mul_(scale)
             if is_relu:
                 mask = None  # not needed: see below
         y = groups.rows_mm(h, w2, b2)
-        if groups.mode == "bmm":
+        if groups.padded:
             y = groups.unpad(y)
         ctx.groups, ctx.activation, ctx.scale = groups, activation, scale
         # For relu, h (after dropout) alone gives both d/dw2 and the derivative mask: h > 0
@@ -188,7 +207,7 @@ class _GroupedFFN(torch.autograd.Function):
         x, w1, w2, h, pre, mask = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         groups = ctx.groups
-        padded = groups.mode == "bmm"
+        padded = groups.padded
         # zero at padding: padding rows add nothing below
         gy_in = groups.pad(gy.contiguous()) if padded else gy.contiguous()
         gb2 = groups.bias_grad(gy_in) if need_b2 else None
@@ -229,6 +248,15 @@ BMM_MAX_PAD_ROWS = 10
 # 1.07-1.19x slower than the loop there (docs/benchmarks.md, decoder steps); the 1.3x matches
 # the break-even at 32 rows per expert above.
 BMM_MAX_PAD_SHARE = 0.3
+# gemm="auto" on CPU in half precision (bf16, fp16): the aligned loop.  There torch runs the
+# GEMMs through oneDNN, which builds a kernel for every new GEMM shape (then caches it); with each
+# expert's row count new at every step, the plain loop paid about 10 ms of CPU time per expert
+# GEMM for that, more than the GEMM itself (bf16 experts' forward + backward, 16 experts of
+# ~1000 rows, M = 512, F = 2048: 1650 ms loop, 635 ms aligned; docs/benchmarks.md, "MoE layer
+# against DeepSpeed-MoE and torchtitan").  Rows rounded up to a multiple of ALIGN_ROWS give a
+# few shapes that recur and hit the cache, for at most ALIGN_ROWS - 1 padding rows per expert
+# (16, 32 and 64 measured alike).  fp32 GEMMs run in MKL, which builds nothing per shape.
+ALIGN_ROWS = 32
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, model_dim: int, hidden_dim: int) -> bool:
@@ -363,8 +391,8 @@ class FFNExperts(nn.Module):
                 and grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim))
 
     def gemm_mode(self, device: torch.device, dtype: torch.dtype, counts) -> str:
-        """The GEMM mode of one call: `self.gemm` unless "auto"; see BMM_MAX_PAD_ROWS and
-        BMM_MAX_PAD_SHARE for auto."""
+        """The GEMM mode of one call: `self.gemm` unless "auto"; see BMM_MAX_PAD_ROWS,
+        BMM_MAX_PAD_SHARE and ALIGN_ROWS for auto."""
         mode = self.gemm
         if mode not in GEMM_MODES:
             raise MoEUsageError(f"FFNExperts.gemm must be one of {', '.join(GEMM_MODES)} (got {mode!r})")
@@ -380,6 +408,8 @@ class FFNExperts(nn.Module):
             if device.type == "cuda" and grouped_mm_supported(device, dtype, self.model_dim, self.hidden_dim):
                 return "grouped"  # counts stay on the GPU: no host sync
             counts = counts.tolist()
+        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            return "aligned"
         n, e = sum(counts), len(counts)
         pad = e * max(counts) - n if counts else 0
         if e == self.num_local and min(counts) > 0 and pad <= min(BMM_MAX_PAD_ROWS * e, BMM_MAX_PAD_SHARE * n):
