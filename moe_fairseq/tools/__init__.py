@@ -1,0 +1,1 @@
+"""Offline tools that read and write whole checkpoints (moe-quantize)."""
