@@ -89,7 +89,7 @@ def quantize(src: str, dst: str) -> dict:
     if is_int8_state(state["model"]):
         raise MoEUsageError(f"{src} is already an int8 checkpoint")
     model, args = build_fp32(state, src)
-    fp32_bytes = sum(v.numel() * v.element_size() for v in {id(v): v for v in model.state_dict().values()}.values())
+    fp32_bytes = _bytes(model.state_dict())
     to_int8_(model)
     setattr(args, INT8_FLAG, True)
     if not isinstance(model, TransformerMoEModel):
@@ -101,9 +101,18 @@ def quantize(src: str, dst: str) -> dict:
     if isinstance(out.get("args"), argparse.Namespace):  # the legacy copy of the config, if any
         out["args"] = args
     atomic_save(out, dst)
-    tensors = {id(v): v for v in out["model"].values()}.values()  # tied tensors are saved once
-    return {"fp32_mb": fp32_bytes / 2 ** 20, "int8_mb": sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20,
+    tensors = _unique(out["model"])
+    return {"fp32_mb": fp32_bytes / 2 ** 20, "int8_mb": _bytes(out["model"]) / 2 ** 20,
             "int8_tensors": sum(1 for t in tensors if t.dtype == torch.int8)}
+
+
+def _unique(state: dict):
+    """The tensors of a state dict, each storage once (torch.save writes a tied weight once)."""
+    return list({(t.untyped_storage().data_ptr(), t.storage_offset()): t for t in state.values()}.values())
+
+
+def _bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in _unique(state))
 
 
 def cli_main(argv=None):
