@@ -90,6 +90,36 @@ def test_int8_linear_error_within_the_bound(kind):
         assert err.max() > 0.02 * bound.max()
 
 
+@pytest.mark.parametrize("term", ["activations", "weights"])
+def test_int8_linear_error_bound_is_attained(term):
+    """Inputs whose rounding errors all point the same way bring the error above 90% of the bound:
+    either term of the bound is needed at full size (halving either would be exceeded here).
+    activations: weights exactly on their grid (+-1), every activation 0.49 of a step above a level
+    but one at the top of the range.  weights: activations exactly on their grid (all equal), every
+    weight of row 0 but one 0.49 of a step above level 0."""
+    K = 64
+    if term == "activations":
+        w = torch.ones(2, K)
+        w[1] = -1
+        s_x = 1.0 / ACT_QMAX
+        x = torch.full((1, K), 0.49 * s_x)
+        x[0, 0] = ACT_QMAX * s_x
+    else:
+        w = torch.zeros(2, K)
+        w[:, 0] = 1.0
+        w[0, 1:] = 0.49 / 127
+        x = torch.ones(1, K)
+    linear = torch.nn.Linear(K, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    int8 = Int8Linear.from_float(linear)
+    with torch.no_grad():
+        err = (int8(x) - linear(x)).abs()[0]
+    bound = error_bound(x, int8.weight_int8, int8.weight_scale)[0]
+    assert torch.all(err <= bound * (1 + 1e-4))
+    assert err[0] > 0.9 * bound[0], (err, bound)
+
+
 def test_int8_linear_reloads_and_repacks():
     torch.manual_seed(3)
     a, b = Int8Linear.from_float(torch.nn.Linear(8, 4)), Int8Linear.from_float(torch.nn.Linear(8, 4))
