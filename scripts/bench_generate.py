@@ -246,7 +246,7 @@ def attribute(variant, batches, generator, top_ops=12):
     timer = FFNTimer(variant.model, profile=True)
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            decode(variant, batches, generator)
+            profiled_seconds = decode(variant, batches, generator)[0]
     finally:
         timer.remove()
     ops, calls = {}, 0
@@ -257,7 +257,28 @@ def attribute(variant, batches, generator, top_ops=12):
                 ops[child.name] = ops.get(child.name, 0.0) + child.cpu_time_total / 1000
     out["ffn_ops_ms_per_call"] = {name: round(ms / max(1, calls), 4)
                                   for name, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]}
+    out.update(step_profile(prof, profiled_seconds, top_ops))
     return out
+
+
+# Operators that multiply by a weight matrix, fp32 or int8 (the linear layers, the experts' GEMMs).
+GEMM_OPS = ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "aten::_weight_int8pack_mm")
+
+
+def step_profile(prof, seconds, top_ops=12) -> dict:
+    """Where the time of a profiled pass (`seconds` of wall-clock) goes, per decoder step (the
+    pass's time over its decoder steps: the encoder and the search included): the operators' own
+    CPU time, the weight GEMMs (GEMM_OPS) apart from the rest, and the time between operators
+    (Python: fairseq's generator and modules, the plugin's routing code; and waiting for a core)."""
+    averages = prof.key_averages()
+    steps = max(1, sum(e.count for e in averages if e.key == "EnsembleModel: forward_decoder"))
+    own = {e.key: e.self_cpu_time_total / 1000 for e in averages if not e.key.startswith("EnsembleModel")}
+    gemm = sum(own.get(name, 0.0) for name in GEMM_OPS)
+    in_ops = sum(own.values())
+    return {"decoder_steps": steps, "step_ms": 1000 * seconds / steps, "step_gemm_ms": gemm / steps,
+            "step_other_ops_ms": (in_ops - gemm) / steps, "step_between_ops_ms": (1000 * seconds - in_ops) / steps,
+            "ops_ms_per_step": {name: round(ms / steps, 4)
+                                for name, ms in sorted(own.items(), key=lambda kv: -kv[1])[:top_ops]}}
 
 
 def run(args):
