@@ -5,6 +5,7 @@
       [--configs dense,moe_top2,smoe_dropout] [--checkpoints NAME=CKPT,...] [--pair en-de] \
       [--split test] [--sentences 128] [--batch-sizes 1,16,128] [--beams 1,5] [--smoe-ks 1,2,4,8] \
       [--fixed-len 20] [--repeats 5] [--threads 2] [--model-args "--encoder-layers 1 ..."]
+      [--system-rows ROWS.json [--bleu-raw-dir RAW] [--bleu-pairs en-de,en-fr,en-cs] [--rss]]
 
 Models.  Each of --configs (configs/multi30k/NAME.args) is built with random initialisation
 (seed 1) from its config, exactly as fairseq-train would build it: `dense` is the dense twin of
@@ -31,11 +32,24 @@ of wall-clock time.  Reported per (model, B, beam): the median over rounds of to
 sentences/s, every round's value, and against --reference (default `dense`): the median over
 rounds of (model / reference in that round) and the ratio of the medians.
 
+Timing.  Beside wall-clock time each round records this process's CPU seconds (tokens per
+CPU-second: on a host whose cores are shared, what the decoding itself cost, without the time it
+waited for a core) and the load average after each round.
+
+Systems (--system-rows, e.g. fp32 and int8 checkpoints of moe-quantize).  One row per
+(checkpoint, batch, beam): median tokens/s, the paired ratio to --reference, the file size, with
+--bleu-raw-dir sacrebleu BLEU per direction of --bleu-pairs on the whole --split (moe-evaluate,
+beam 5), and with --rss the resident memory of a fresh process that loads the checkpoint and
+translates the sentences once at the largest batch and beam (after, and the high-water mark).
+
 Attribution (--attribute).  After the timed rounds, one more pass per (model, B, beam) with
 forward hooks on every layer's fc1 and fc2 gives the seconds spent inside the FFN sub-layers
 (a MoE layer takes fc1's place), encoder and decoder apart, and ms per call; a second pass under
 torch.profiler lists the operators inside those sub-layers by CPU time per call.  So a MoE
 model's shortfall against its dense twin can be put where it is: in its FFN sub-layers, or not.
+The same profiled pass splits a decoder step (the pass over its decoder steps) into the weight
+GEMMs (fp32 or int8), the other operators, and the time between operators (Python, and waiting
+for a core).
 
 Writes the JSON to --out and prints a markdown table.  Run it on a quiet machine: nothing else
 should be running (docs/benchmarks.md).
@@ -272,7 +286,10 @@ def step_profile(prof, seconds, top_ops=12) -> dict:
     (Python: fairseq's generator and modules, the plugin's routing code; and waiting for a core)."""
     averages = prof.key_averages()
     steps = max(1, sum(e.count for e in averages if e.key == "EnsembleModel: forward_decoder"))
-    own = {e.key: e.self_cpu_time_total / 1000 for e in averages if not e.key.startswith("EnsembleModel")}
+    # record_function ranges (fairseq's, --attribute's own) are not operators: their own time is
+    # time between the operators inside them
+    own = {e.key: e.self_cpu_time_total / 1000 for e in averages
+           if not e.key.startswith("EnsembleModel") and e.key != "ffn_sublayer"}
     gemm = sum(own.get(name, 0.0) for name in GEMM_OPS)
     in_ops = sum(own.values())
     return {"decoder_steps": steps, "step_ms": 1000 * seconds / steps, "step_gemm_ms": gemm / steps,
