@@ -167,5 +167,15 @@ def test_bad_inputs_are_one_line_errors(moe, data, tmp_path):
         assert str(e.value).startswith("moe-quantize: error: ") and message in str(e.value), e.value
         assert "\n" not in str(e.value)
     assert not (tmp_path / "o.pt").exists()
+    # the tools that average, prune and reshard fp32 weights refuse an int8 checkpoint
+    from moe_fairseq.checkpoint.average import average_checkpoints
+    from moe_fairseq.checkpoint.prune import read_consolidated
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    for tool, call in (("moe-reshard", lambda: reshard(str(int8), str(tmp_path / "r"), world_size=2)),
+                       ("moe-average", lambda: average_checkpoints([str(int8), str(fp32)])),
+                       ("moe-prune", lambda: read_consolidated(str(int8)))):
+        with pytest.raises(MoEUsageError, match=f"is an int8 checkpoint \\(moe-quantize\\): {tool} works on fp32"):
+            call()
     proc = run([*QUANTIZE, sharded, tmp_path / "o.pt"], check=False)  # the console script: one line, no traceback
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "moe-consolidate" in proc.stderr

@@ -28,6 +28,7 @@ from typing import List, Optional
 import torch
 
 from ..moe.errors import MoEUsageError
+from .format import refuse_int8
 from .io import read_checkpoint
 from .sharded import POINTER, atomic_save, num_experts_of, resolve_experts
 
@@ -52,6 +53,7 @@ def last_n_checkpoints(directory: str, n: int, update_based: bool, upper_bound: 
 
 def load_consolidated(path: str) -> dict:
     state = read_checkpoint(path, "--inputs:")
+    refuse_int8(state, path, "moe-average")
     if POINTER in state:
         state = resolve_experts(state, path, rank=0, world_size=1)  # every expert, in one state
     return state

@@ -54,6 +54,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..moe.errors import MoEUsageError
+from .format import refuse_int8
 from .io import read_checkpoint
 from .sharded import POINTER, atomic_save, is_expert_key, num_experts_of
 
@@ -88,6 +89,7 @@ def set_saved_args(state: dict, **values):
 def read_consolidated(path: str) -> dict:
     """The checkpoint's state, refusing what cannot be pruned, each with a one-line reason."""
     state = read_checkpoint(path)
+    refuse_int8(state, path, "moe-prune")
     if POINTER in state:
         raise MoEUsageError(f"{path} is expert-sharded (its experts are in {state[POINTER]['dir']}): run "
                             f"`moe-consolidate {path} model.pt` first and prune model.pt")

@@ -18,8 +18,8 @@ import sys
 from .. import fairseq_patches
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
-from .format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer, shard_meta, shard_path,
-                     tensor_shapes)
+from .format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer, refuse_int8, shard_meta,
+                     shard_path, tensor_shapes)
 from .io import read_checkpoint
 from .sharded import (atomic_save, num_experts_of, remove_unreferenced_shards, resolve_experts, slice_shard,
                       split_experts)
@@ -29,6 +29,7 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
     """Every input is read and checked (resolve_experts) before anything is written; if a write
     fails, what this call wrote is removed again, so a failure leaves no partial output."""
     state = read_checkpoint(src)
+    refuse_int8(state, src, "moe-reshard")
     num_experts = num_experts_of(state)
     if not num_experts:
         raise MoEUsageError(f"{src} has no MoE layers (moe_expert_count is 0)")

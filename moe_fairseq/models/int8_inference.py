@@ -71,10 +71,6 @@ def to_int8_(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_int8_state(model_state: dict) -> bool:
-    return any(k.endswith(("weight_int8", "w1_int8")) for k in model_state)
-
-
 @register_model(INT8_ARCH)
 class TransformerInt8Model(TransformerModel):
     """fairseq's transformer with int8 weights, for inference (written by moe-quantize)."""

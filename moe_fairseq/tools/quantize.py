@@ -18,7 +18,7 @@ import sys
 import torch
 
 from .. import fairseq_patches
-from ..checkpoint.format import PARAM_NAMES, read_pointer
+from ..checkpoint.format import PARAM_NAMES, is_int8_state, read_pointer
 from ..checkpoint.io import read_checkpoint
 from ..checkpoint.sharded import atomic_save
 from ..moe.errors import MoEUsageError
@@ -77,7 +77,7 @@ def build_fp32(state: dict, path: str):
 
 def quantize(src: str, dst: str) -> dict:
     """Write the int8 checkpoint of `src` to `dst`; returns {fp32_mb, int8_mb, int8_tensors}."""
-    from ..models.int8_inference import INT8_ARCH, INT8_FLAG, is_int8_state, to_int8_
+    from ..models.int8_inference import INT8_ARCH, INT8_FLAG, to_int8_
     from ..models.transformer_moe import TransformerMoEModel
 
     if os.path.abspath(src) == os.path.abspath(dst):
