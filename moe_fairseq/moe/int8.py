@@ -4,15 +4,17 @@ Every weight matrix is stored as int8 with one fp32 scale per output channel (sy
 w ~ q * scale[n], q in [-127, 127], scale[n] = max_k |w[n, k]| / 127), a quarter of its fp32
 bytes.  Biases, layer norms and routers stay fp32.
 
-Kernel (measured on the shapes of the Multi30k models, docs/benchmarks.md, "int8 inference"):
-torch's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`, fbgemm, what
+Kernel: torch's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`, fbgemm, what
 `torch.ao.quantization.quantize_dynamic` runs) for every call.  It quantizes each call's
-activations to 8 bits (one scale per call, computed on the fly) and multiplies int8 by int8
-with int32 accumulation.  Against it: `torch.ops.aten._weight_int8pack_mm` keeps the
-activations in bf16 (weight-only) but has no vectorised fp32 path (20-100x slower than fp32 in
-torch 2.13) and its bf16 path measured 2-10x slower than the dynamic kernel from 5 rows on;
-at 1-2 rows the two were level.  With the weights out of cache (a decoder step reads every
-layer's), the dynamic kernel beat fp32 `addmm` at every row count from 1 to 160.
+activations to 7 bits (one affine scale per call, computed on the fly: REDUCE_RANGE) and
+multiplies int8 by int8 into int32.  Measured against the alternatives on the shapes of the
+Multi30k models (scripts/bench_int8_kernels.py; docs/benchmarks.md, "int8 inference"): with the
+weights out of cache, as in a decoder step that reads every layer's weights once, it was level
+with fp32 addmm at 1-5 rows and 1.3-2.2x faster from 20 rows on, 2.2-4x on the output
+projection (8 MB in fp32) up to 160 rows.  `torch.ops.aten._weight_int8pack_mm` (weight-only,
+bf16 activations; its fp32 path is not vectorised in torch 2.13) was level with it at 1-5 rows
+and 2-6x slower from 20 rows on.  torch marks its quantized tensor types deprecated (a warning
+silenced in `prepack`); the packed weight is still what its int8 CPU GEMM takes.
 
 Error: with s_x the activation scale of a call and scale[n] the weight scale of channel n,
 |y[n] - y_fp32[n]| <= s_x / 2 * sum_k |q[n, k] * scale[n]| + scale[n] / 2 * sum_k |x[k]|
