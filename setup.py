@@ -40,6 +40,7 @@ setup(
             "moe-average=moe_fairseq.console:average",
             "moe-evaluate=moe_fairseq.console:evaluate",
             "moe-prepare=moe_fairseq.console:prepare",
+            "moe-quantize=moe_fairseq.console:quantize",
         ]
     },
 )

@@ -5,6 +5,7 @@
       [--configs dense,moe_top2,smoe_dropout] [--checkpoints NAME=CKPT,...] [--pair en-de] \
       [--split test] [--sentences 128] [--batch-sizes 1,16,128] [--beams 1,5] [--smoe-ks 1,2,4,8] \
       [--fixed-len 20] [--repeats 5] [--threads 2] [--model-args "--encoder-layers 1 ..."]
+      [--system-rows ROWS.json [--bleu-raw-dir RAW] [--bleu-pairs en-de,en-fr,en-cs] [--rss]]
 
 Models.  Each of --configs (configs/multi30k/NAME.args) is built with random initialisation
 (seed 1) from its config, exactly as fairseq-train would build it: `dense` is the dense twin of
@@ -31,11 +32,24 @@ of wall-clock time.  Reported per (model, B, beam): the median over rounds of to
 sentences/s, every round's value, and against --reference (default `dense`): the median over
 rounds of (model / reference in that round) and the ratio of the medians.
 
+Timing.  Beside wall-clock time each round records this process's CPU seconds (tokens per
+CPU-second: on a host whose cores are shared, what the decoding itself cost, without the time it
+waited for a core) and the load average after each round.
+
+Systems (--system-rows, e.g. fp32 and int8 checkpoints of moe-quantize).  One row per
+(checkpoint, batch, beam): median tokens/s, the paired ratio to --reference, the file size, with
+--bleu-raw-dir sacrebleu BLEU per direction of --bleu-pairs on the whole --split (moe-evaluate,
+beam 5), and with --rss the resident memory of a fresh process that loads the checkpoint and
+translates the sentences once at the largest batch and beam (after, and the high-water mark).
+
 Attribution (--attribute).  After the timed rounds, one more pass per (model, B, beam) with
 forward hooks on every layer's fc1 and fc2 gives the seconds spent inside the FFN sub-layers
 (a MoE layer takes fc1's place), encoder and decoder apart, and ms per call; a second pass under
 torch.profiler lists the operators inside those sub-layers by CPU time per call.  So a MoE
 model's shortfall against its dense twin can be put where it is: in its FFN sub-layers, or not.
+The same profiled pass splits a decoder step (the pass over its decoder steps) into the weight
+GEMMs (fp32 or int8), the other operators, and the time between operators (Python, and waiting
+for a core).
 
 Writes the JSON to --out and prints a markdown table.  Run it on a quiet machine: nothing else
 should be running (docs/benchmarks.md).
@@ -167,17 +181,19 @@ def generator_args(beam, fixed_len):
 
 
 def decode(variant, batches, generator):
-    """(seconds, sentences, tokens) of translating `batches` once."""
+    """(seconds, sentences, tokens, cpu seconds) of translating `batches` once.  CPU seconds are
+    this process's (all its threads): on a loaded host they leave out the time it waited for a
+    core, which wall-clock time counts."""
     import torch
 
     sentences = tokens = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for batch in batches:
             hypos = variant.task.inference_step(generator, [variant.model], batch)
             sentences += len(hypos)
             tokens += sum(len(h[0]["tokens"]) for h in hypos)
-    return time.perf_counter() - start, sentences, tokens
+    return time.perf_counter() - start, sentences, tokens, time.process_time() - cpu_start
 
 
 class FFNTimer:
@@ -228,7 +244,7 @@ def attribute(variant, batches, generator, top_ops=12):
 
     timer = FFNTimer(variant.model)
     try:
-        seconds, _, _ = decode(variant, batches, generator)
+        seconds, _, _, _ = decode(variant, batches, generator)
     finally:
         timer.remove()
     out = {"seconds": seconds,
@@ -239,7 +255,7 @@ def attribute(variant, batches, generator, top_ops=12):
     timer = FFNTimer(variant.model, profile=True)
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            decode(variant, batches, generator)
+            profiled_seconds = decode(variant, batches, generator)[0]
     finally:
         timer.remove()
     ops, calls = {}, 0
@@ -250,7 +266,31 @@ def attribute(variant, batches, generator, top_ops=12):
                 ops[child.name] = ops.get(child.name, 0.0) + child.cpu_time_total / 1000
     out["ffn_ops_ms_per_call"] = {name: round(ms / max(1, calls), 4)
                                   for name, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]}
+    out.update(step_profile(prof, profiled_seconds, top_ops))
     return out
+
+
+# Operators that multiply by a weight matrix, fp32 or int8 (the linear layers, the experts' GEMMs).
+GEMM_OPS = ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "aten::_weight_int8pack_mm")
+
+
+def step_profile(prof, seconds, top_ops=12) -> dict:
+    """Where the time of a profiled pass (`seconds` of wall-clock) goes, per decoder step (the
+    pass's time over its decoder steps: the encoder and the search included): the operators' own
+    CPU time, the weight GEMMs (GEMM_OPS) apart from the rest, and the time between operators
+    (Python: fairseq's generator and modules, the plugin's routing code; and waiting for a core)."""
+    averages = prof.key_averages()
+    steps = max(1, sum(e.count for e in averages if e.key == "EnsembleModel: forward_decoder"))
+    # record_function ranges (fairseq's, --attribute's own) are not operators: their own time is
+    # time between the operators inside them
+    own = {e.key: e.self_cpu_time_total / 1000 for e in averages
+           if not e.key.startswith("EnsembleModel") and e.key != "ffn_sublayer"}
+    gemm = sum(own.get(name, 0.0) for name in GEMM_OPS)
+    in_ops = sum(own.values())
+    return {"decoder_steps": steps, "step_ms": 1000 * seconds / steps, "step_gemm_ms": gemm / steps,
+            "step_other_ops_ms": (in_ops - gemm) / steps, "step_between_ops_ms": (1000 * seconds - in_ops) / steps,
+            "ops_ms_per_step": {name: round(ms / steps, 4)
+                                for name, ms in sorted(own.items(), key=lambda kv: -kv[1])[:top_ops]}}
 
 
 def run(args):
@@ -267,24 +307,21 @@ def run(args):
         for beam in args.beams:
             generators[v.label, beam] = v.task.build_generator([v.model], generator_args(beam, args.fixed_len))
     settings = [(b, beam) for b in args.batch_sizes for beam in args.beams]
-    records = {(v.label, b, beam): {"seconds": [], "tokens_per_s": [], "sentences_per_s": []}
+    records = {(v.label, b, beam): {"seconds": [], "tokens_per_s": [], "sentences_per_s": [], "cpu_seconds": [],
+                                    "tokens_per_cpu_s": []}
                for v in variants for b, beam in settings}
     for v in variants:  # warm-up: one batch of every setting
         v.activate()
         for b, beam in settings:
             decode(v, batches[v.label, b][:1], generators[v.label, beam])
+    args.load_average_rounds = []
     for r in range(args.repeats):
         for b, beam in settings:
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for v in order:
                 v.activate()
-                seconds, sentences, tokens = decode(v, batches[v.label, b], generators[v.label, beam])
-                rec = records[v.label, b, beam]
-                rec.update(sentences=sentences, tokens=tokens)
-                rec["seconds"].append(seconds)
-                rec["tokens_per_s"].append(tokens / seconds)
-                rec["sentences_per_s"].append(sentences / seconds)
-                rec["eval_top_k_used"] = sorted({active_k(router) for router in routers_of(v.model)})
+                record(records[v.label, b, beam], v, *decode(v, batches[v.label, b], generators[v.label, beam]))
+        args.load_average_rounds.append(list(os.getloadavg()))
         print(f"round {r + 1}/{args.repeats} done", flush=True)
     rows = summarise(records, variants, settings, args.reference)
     if args.attribute:
@@ -294,6 +331,16 @@ def run(args):
             b, beam = row["batch_sentences"], row["beam"]
             row["attribution"] = attribute(v, batches[v.label, b], generators[v.label, beam])
     return variants, rows
+
+
+def record(rec, variant, seconds, sentences, tokens, cpu_seconds):
+    rec.update(sentences=sentences, tokens=tokens)
+    rec["seconds"].append(seconds)
+    rec["tokens_per_s"].append(tokens / seconds)
+    rec["sentences_per_s"].append(sentences / seconds)
+    rec["cpu_seconds"].append(cpu_seconds)
+    rec["tokens_per_cpu_s"].append(tokens / max(cpu_seconds, 1e-9))
+    rec["eval_top_k_used"] = sorted({active_k(router) for router in routers_of(variant.model)})
 
 
 def summarise(records, variants, settings, reference):
@@ -308,14 +355,88 @@ def summarise(records, variants, settings, reference):
                    "tokens": rec["tokens"], "eval_top_k_used": rec["eval_top_k_used"],
                    "tokens_per_s_median": statistics.median(rec["tokens_per_s"]),
                    "sentences_per_s_median": statistics.median(rec["sentences_per_s"]),
-                   "tokens_per_s_all": rec["tokens_per_s"], "seconds_all": rec["seconds"]}
+                   "tokens_per_s_all": rec["tokens_per_s"], "seconds_all": rec["seconds"],
+                   "tokens_per_cpu_s_median": statistics.median(rec["tokens_per_cpu_s"]),
+                   "cpu_seconds_all": rec["cpu_seconds"]}
             if reference is not None:
                 ref = records[reference, b, beam]["tokens_per_s"]
                 row["ratio_to_reference_paired_median"] = statistics.median(
                     [x / y for x, y in zip(rec["tokens_per_s"], ref)])
                 row["ratio_to_reference_of_medians"] = row["tokens_per_s_median"] / statistics.median(ref)
+                row["cpu_ratio_to_reference_paired_median"] = statistics.median(
+                    [x / y for x, y in zip(rec["tokens_per_cpu_s"], records[reference, b, beam]["tokens_per_cpu_s"])])
             rows.append(row)
     return rows
+
+
+def checkpoint_paths(args) -> dict:
+    return dict(item.split("=", 1) for item in filter(None, (args.checkpoints or "").split(",")))
+
+
+def bleu_per_direction(path, args) -> dict:
+    """sacrebleu BLEU of the whole --split per direction of --bleu-pairs: moe-evaluate (beam 5,
+    fairseq-generate with the plugin), as the study scores its checkpoints."""
+    from moe_fairseq.evaluate import main as evaluate_main
+
+    rows = evaluate_main([args.data, "--path", path, "--lang-pairs", args.bleu_pairs, "--raw-dir", args.bleu_raw_dir,
+                          "--split", args.split, "--beam", "5", "--cpu"])
+    return {row["direction"]: row["bleu"] for row in rows}
+
+
+def rss_probe(path, args) -> dict:
+    """Resident memory of a fresh process that loads `path` and translates the timed sentences
+    once at the largest batch and beam: {"rss_mb": after, "peak_rss_mb": the high-water mark}."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--rss-probe", path, "--data", args.data, "--pair", args.pair, "--split",
+           args.split, "--sentences", str(args.sentences), "--batch-sizes", str(max(args.batch_sizes)),
+           "--beams", str(max(args.beams)), "--threads", str(args.threads), "--fixed-len", str(args.fixed_len)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {path} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def probe_main(args):
+    """The child of rss_probe: load, translate once, print VmRSS and VmHWM (MB) as JSON."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, cfg = load_model(args.rss_probe, args.data)
+    variant = Variant("probe", model, cfg.task)
+    variant.task = direction_task(argparse.Namespace(task=cfg.task), args.data, args.pair, args.split)
+    batches = sentence_batches(variant.task.dataset(args.split), args.sentences, args.batch_sizes[0])
+    decode(variant, batches, variant.task.build_generator([model], generator_args(args.beams[0], args.fixed_len)))
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kb = {key: int(status[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+    print(json.dumps({"rss_mb": round(kb["VmRSS"] / 1024, 1), "peak_rss_mb": round(kb["VmHWM"] / 1024, 1)}))
+
+
+def system_rows(rows, args) -> list:
+    """One row per (checkpoint, batch, beam) in the form of docs/bench_int8.json: tokens/s (median
+    of the rounds), its paired ratio to --reference, BLEU per direction, file size and memory."""
+    facts = {}
+    for name, path in checkpoint_paths(args).items():
+        facts[name] = {"file_mb": round(os.path.getsize(path) / 2 ** 20, 2),
+                       "bleu": bleu_per_direction(path, args) if args.bleu_raw_dir else None,
+                       **(rss_probe(path, args) if args.rss else {"rss_mb": None, "peak_rss_mb": None})}
+    out = []
+    for r in rows:
+        if r["model"] not in facts:
+            continue
+        row = {"system": r["model"], "batch": r["batch_sentences"], "beam": r["beam"],
+               "tokens_per_s": round(r["tokens_per_s_median"], 1)}
+        if args.reference:
+            row[f"ratio_to_{args.reference}"] = round(r["ratio_to_reference_paired_median"], 3)
+        row.update(facts[r["model"]])
+        row["tokens_per_cpu_s"] = round(r["tokens_per_cpu_s_median"], 1)
+        if args.reference:
+            row[f"cpu_ratio_to_{args.reference}"] = round(r["cpu_ratio_to_reference_paired_median"], 3)
+        out.append(row)
+    return out
 
 
 def markdown(rows, reference):
@@ -335,7 +456,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", required=True, help="data-bin directory with the --split data of --pair")
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--out", help="JSON file to write (required but with --rss-probe)")
     p.add_argument("--configs", default="dense,moe_top2,smoe_dropout",
                    help="configs/multi30k/NAME.args to build with random initialisation ('' for none)")
     p.add_argument("--checkpoints", help="NAME=PATH,... trained checkpoints to time as well")
@@ -359,6 +480,16 @@ def build_parser():
     p.add_argument("--general-path", action="store_true",
                    help="also time every MoE model with its decoder steps on the general dispatch (label NAME_general): "
                         "the decoder-step path of moe/decode.py against what it replaces, in the same rounds")
+    p.add_argument("--system-rows", metavar="JSON",
+                   help="also write one row per (checkpoint, batch, beam) to this file: tokens/s, the paired ratio "
+                        "to --reference, BLEU (--bleu-raw-dir), file size and memory (--rss)")
+    p.add_argument("--bleu-raw-dir", help="with --system-rows: score each checkpoint with moe-evaluate (beam 5) "
+                                          "on the whole --split, references in this directory")
+    p.add_argument("--bleu-pairs", default="en-de,en-fr,en-cs", help="directions scored with --bleu-raw-dir")
+    p.add_argument("--rss", action="store_true",
+                   help="with --system-rows: each checkpoint's resident memory in a fresh process after "
+                        "translating the sentences once at the largest batch and beam")
+    p.add_argument("--rss-probe", metavar="CKPT", help=argparse.SUPPRESS)  # the child of --rss
     return p
 
 
@@ -376,7 +507,14 @@ def main(argv=None):
         import logging
 
         logging.getLogger("fairseq").setLevel(logging.WARNING)
+        if args.rss_probe:
+            return probe_main(args)
+        if not args.out:
+            raise MoEUsageError("--out is required")
+        if (args.bleu_raw_dir or args.rss) and not args.system_rows:
+            raise MoEUsageError("--bleu-raw-dir and --rss go with --system-rows")
         variants, rows = run(args)
+        systems = system_rows(rows, args) if args.system_rows else None
     except MoEUsageError as e:
         sys.exit(f"bench_generate: error: {e}")
     import torch
@@ -388,13 +526,17 @@ def main(argv=None):
             "configs": args.configs, "checkpoints": args.checkpoints, "model_args": args.model_args,
             "models": [v.describe() for v in variants], "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_average": list(os.getloadavg()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average": list(os.getloadavg()), "load_average_rounds": args.load_average_rounds,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(args.out)
     atomic_write_json(out, {"meta": meta, "results": rows})
     print(markdown(rows, args.reference))
     print(f"wrote {out}")
-    return {"meta": meta, "results": rows}
+    if systems is not None:
+        atomic_write_json(Path(args.system_rows), systems)
+        print(f"wrote {args.system_rows}")
+    return {"meta": meta, "results": rows, "systems": systems}
 
 
 if __name__ == "__main__":

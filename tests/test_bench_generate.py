@@ -80,6 +80,11 @@ def test_attribution_times_the_ffn_sublayers_of_dense_and_moe(data, tmp_path):
         assert a["encoder_ffn_calls"] == 3 and a["decoder_ffn_calls"] == 3 * (LENGTH + 1)
         assert 0 < a["encoder_ffn_seconds"] + a["decoder_ffn_seconds"] < a["seconds"]
         assert a["ffn_ops_ms_per_call"] and all(ms >= 0 for ms in a["ffn_ops_ms_per_call"].values())
+        # the whole pass per decoder step: 3 batches of L + 1 steps; weight GEMMs, other operators and
+        # the time between operators add up to the step
+        assert a["decoder_steps"] == 3 * (LENGTH + 1)
+        assert a["step_gemm_ms"] > 0 and a["step_other_ops_ms"] > 0
+        assert a["step_gemm_ms"] + a["step_other_ops_ms"] + a["step_between_ops_ms"] == pytest.approx(a["step_ms"])
     ops = {r["model"]: set(r["attribution"]["ffn_ops_ms_per_call"]) for r in result["results"]}
     assert "aten::linear" in ops["dense"] and ops["moe_top2"] != ops["dense"]
 
@@ -145,3 +150,41 @@ def test_decode_path_generates_what_the_general_path_generates(data, tmp_path, m
     saved = json.loads(out.read_text())
     assert sorted(r["model"] for r in saved["results"]) == ["dense", "moe_top2", "moe_top2_general"]
     assert saved["meta"]["general_path"] is True
+
+
+def test_system_rows_of_fp32_and_int8_checkpoints(data, tmp_path):
+    """--system-rows: one row per (checkpoint, batch, beam) with the paired ratio to --reference,
+    BLEU per direction (moe-evaluate), file size and the memory of a fresh process; CPU seconds
+    beside wall-clock in every round."""
+    from moe_fairseq.tools.quantize import quantize
+
+    save = tmp_path / "top2"
+    run(train_cmd(data, save, "--moe-router", "top2", "--moe-dropless", max_update=2))
+    fp32, int8 = save / "checkpoint_last.pt", tmp_path / "int8.pt"
+    quantize(str(fp32), str(int8))
+    out, rows_out = tmp_path / "bench.json", tmp_path / "rows.json"
+    result = bench().main(common(data, out) + [
+        "--configs", "", "--checkpoints", f"moe_fp32={fp32},moe_int8={int8}", "--reference", "moe_fp32",
+        "--repeats", "2", "--beams", "2", "--system-rows", str(rows_out), "--bleu-raw-dir", str(data.parent / "raw"),
+        "--bleu-pairs", "en-de", "--rss"])
+    rows = json.loads(rows_out.read_text())
+    assert rows == result["systems"]
+    assert [(r["system"], r["batch"], r["beam"]) for r in rows] == [
+        ("moe_fp32", 1, 2), ("moe_int8", 1, 2), ("moe_fp32", 4, 2), ("moe_int8", 4, 2)]
+    raw = {(r["model"], r["batch_sentences"]): r for r in result["results"]}
+    for r in rows:
+        assert {"system", "batch", "beam", "tokens_per_s", "ratio_to_moe_fp32", "bleu", "file_mb", "rss_mb"} <= set(r)
+        timed = raw[r["system"], r["batch"]]
+        assert r["tokens_per_s"] == round(statistics.median(timed["tokens_per_s_all"]), 1)
+        assert r["ratio_to_moe_fp32"] == (1.0 if r["system"] == "moe_fp32" else
+                                          round(timed["ratio_to_reference_paired_median"], 3))
+        assert set(r["bleu"]) == {"en-de"} and 0 <= r["bleu"]["en-de"] <= 100
+        path = fp32 if r["system"] == "moe_fp32" else int8
+        assert r["file_mb"] == round(path.stat().st_size / 2 ** 20, 2)
+        assert 0 < r["rss_mb"] <= r["peak_rss_mb"]
+        assert len(timed["cpu_seconds_all"]) == 2 and all(0 < c for c in timed["cpu_seconds_all"])
+        assert r["tokens_per_cpu_s"] == round(statistics.median(
+            [timed["tokens"] / c for c in timed["cpu_seconds_all"]]), 1)
+    assert len(result["meta"]["load_average_rounds"]) == 2
+    with pytest.raises(SystemExit, match="--bleu-raw-dir and --rss go with --system-rows"):
+        bench().main(common(data, out) + ["--configs", "", "--checkpoints", f"a={fp32}", "--reference", "", "--rss"])

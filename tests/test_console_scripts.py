@@ -49,7 +49,7 @@ def test_the_filter_is_targeted():
 
 def test_setup_lists_every_console_script():
     assert sorted(s[0] for s in SCRIPTS) == ["moe-average", "moe-consolidate", "moe-evaluate", "moe-prepare",
-                                            "moe-prune", "moe-reshard"]
+                                            "moe-prune", "moe-quantize", "moe-reshard"]
     assert all(module == "moe_fairseq.console" for _, module, _ in SCRIPTS)
 
 

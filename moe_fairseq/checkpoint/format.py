@@ -40,6 +40,22 @@ def is_expert_key(name: str) -> bool:
     return EXPERT_KEY.search(name) is not None
 
 
+# An int8 checkpoint (moe-quantize, models/int8_inference.py) holds its weight matrices under
+# these suffixes, int8 with fp32 scales beside them.
+INT8_SUFFIXES = (".weight_int8", ".w1_int8", ".w2_int8")
+
+
+def is_int8_state(model_state: dict) -> bool:
+    return any(k.endswith(INT8_SUFFIXES) for k in model_state)
+
+
+def refuse_int8(state: dict, path: str, tool: str):
+    """The checkpoint tools average, prune and reshard fp32 weights: an int8 one is refused."""
+    if is_int8_state(state.get("model", {})):
+        raise MoEUsageError(f"{path} is an int8 checkpoint (moe-quantize): {tool} works on fp32 checkpoints; "
+                            f"run it on the fp32 one, then quantize")
+
+
 def optimizer_param_names(model, criterion) -> List[str]:
     """Names of the parameters in the order of the optimizer's slots (fairseq's trainer builds
     the optimizer from model then criterion parameters that require grad)."""

@@ -19,6 +19,7 @@ from fairseq.models.transformer.transformer_legacy import (
 from ..distributed.agreement import check_ranks_agree
 from ..moe.config import MoEConfig
 from ..moe.layer import build_moe_layer
+from .int8_inference import INT8_FLAG, to_int8_
 from .moe_args import add_moe_args, moe_config_from_args, moe_layer_indices, set_moe_defaults
 from .moe_transformer_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
 from ..moe.errors import MoEUsageError
@@ -109,6 +110,8 @@ class TransformerMoEModel(TransformerModel):
         # The MoE config (moe_eval_top_k included) reaches every router when it is built; the
         # task applies its own --moe-eval-top-k (generation) afterwards.
         model = super().build_model(args, task)
+        if getattr(args, INT8_FLAG, False):  # a checkpoint written by moe-quantize
+            to_int8_(model)
         from ..moe.collect import moe_layers
 
         checkpointed = [m for m in model.modules() if getattr(m, "checkpoint_activations", False)]

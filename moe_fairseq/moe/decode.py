@@ -27,6 +27,8 @@ import itertools
 
 import torch
 
+from .experts import FFNExperts
+
 # A call of at most this many tokens is a decoder step.  Measured on the 2-core host
 # (docs/benchmarks.md, "Decoding"): one thread is faster for a MoE layer call up to 64-80
 # rows; 32 leaves room for hosts whose threads are cheaper to wake.
@@ -45,7 +47,7 @@ def applies(layer, tokens: torch.Tensor, want_aux: bool) -> bool:
             and layer.comm.world_size == 1
             and layer.router.eval_keeps_all_slots and layer.router.current_capacity_factor() is None
             and not torch.is_autocast_enabled("cpu")
-            and tokens.dtype == experts.w1.dtype)
+            and tokens.dtype == experts.weight_dtype)
 
 
 @contextlib.contextmanager
@@ -64,15 +66,16 @@ def one_intra_op_thread():
 
 def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """out[s] = sum_j gate[s, j] * FFN_{expert_index[s, j]}(x[s]) for the S rows of x, with every
-    expert of `experts` (an FFNExperts) local.  Inference only: no autograd, no dropout."""
+    expert of `experts` (an FFNExperts, or int8.Int8FFNExperts) local.  Inference only: no
+    autograd, no dropout."""
     n, k = expert_index.shape
     ids = expert_index.reshape(-1).tolist()  # a handful of ints: the one host read
-    w1, b1, w2, b2 = experts.w1, experts.b1, experts.w2, experts.b2
-    relu = experts.activation is torch.nn.functional.relu
-    if n == 1:
+    if n == 1 and isinstance(experts, FFNExperts):
         # One token (greedy search at batch 1): its k experts are distinct (Routing), each runs
         # on the row, and the outputs are summed with the gates read as host scalars, in fp32
         # as dispatch.combine: the fewest kernels a MoE call can launch.
+        w1, b1, w2, b2 = experts.w1, experts.b1, experts.w2, experts.b2
+        relu = experts.activation is torch.nn.functional.relu
         out = None
         for e, g in zip(ids, gate.reshape(-1).tolist()):
             h = torch.addmm(b1[e], x, w1[e])
@@ -82,21 +85,13 @@ def few_rows_ffn(experts, x: torch.Tensor, expert_index: torch.Tensor, gate: tor
     # Slots grouped by expert (stable: each expert's rows in token order).
     order = sorted(range(n * k), key=ids.__getitem__)
     rows = x.index_select(0, torch.tensor([i // k for i in order], device=x.device))
-    h = x.new_empty(n * k, w1.shape[2])
-    y = x.new_empty(n * k, w2.shape[2])
     runs = []  # (expert, first, last + 1) position of each expert's rows
     start = 0
     for e, group in itertools.groupby(ids[i] for i in order):
         end = start + sum(1 for _ in group)
         runs.append((e, start, end))
-        torch.addmm(b1[e], rows[start:end], w1[e], out=h[start:end])
         start = end
-    if relu:
-        h.relu_()
-    else:
-        h = experts.activation(h)
-    for e, start, end in runs:
-        torch.addmm(b2[e], h[start:end], w2[e], out=y[start:end])
+    y = experts.runs_ffn(rows, runs)
     if order != list(range(n * k)):
         inverse = [0] * (n * k)
         for position, slot in enumerate(order):

@@ -382,6 +382,25 @@ class FFNExperts(nn.Module):
             return x.new_zeros(0, self.model_dim) + 0 * self.b2.sum()
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the activations the decoder-step path hands it (its weights')."""
+        return self.w1.dtype
+
+    def runs_ffn(self, rows: torch.Tensor, runs) -> torch.Tensor:
+        """Inference on rows grouped by expert, runs = [(expert, start, end)]: each expert's
+        output on its rows (moe/decode.py's decoder steps).  Written in place: one GEMM per
+        expert and layer, the activation once over all rows."""
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        h = rows.new_empty(rows.shape[0], self.hidden_dim)
+        y = rows.new_empty(rows.shape[0], self.model_dim)
+        for e, start, end in runs:
+            torch.addmm(b1[e], rows[start:end], w1[e], out=h[start:end])
+        h = h.relu_() if self.activation is F.relu else self.activation(h)
+        for e, start, end in runs:
+            torch.addmm(b2[e], h[start:end], w2[e], out=y[start:end])
+        return y
+
     def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether forward would use the grouped GEMM, which reads the split sizes on the
         device: on CUDA where torch._grouped_mm supports the dtype, or when set explicitly."""

@@ -38,7 +38,7 @@ def generate_in_step(generate: Callable[[], T], decoder_layers: Sequence[MoELaye
     try:
         first = decoder_layers[0]
         dim = first.experts.model_dim
-        param = first.experts.w1
+        param = first.experts.b1  # fp32 or int8 experts alike: the dtype and device of the activations
         nothing = torch.empty(0, dim, dtype=param.dtype, device=param.device)
         with torch.no_grad():
             while True:

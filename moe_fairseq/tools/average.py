@@ -32,6 +32,7 @@ from ..checkpoint.io import read_checkpoint
 from ..checkpoint.saved_args import saved_args
 from ..checkpoint.sharded import atomic_save, resolve_experts
 from ..moe.errors import MoEUsageError
+from ..checkpoint.format import refuse_int8
 
 # the router weight of SMoE-Dropout (a buffer, never trained): ...moe.router.weight
 FROZEN_ROUTER = re.compile(r"(^|\.)moe\.router\.weight$")
@@ -54,6 +55,7 @@ def last_n_checkpoints(directory: str, n: int, update_based: bool, upper_bound: 
 
 def load_consolidated(path: str) -> dict:
     state = read_checkpoint(path, "--inputs:")
+    refuse_int8(state, path, "moe-average")
     if POINTER in state:
         state = resolve_experts(state, path, rank=0, world_size=1)  # every expert, in one state
     return state

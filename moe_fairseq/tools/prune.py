@@ -58,6 +58,7 @@ from ..checkpoint.io import read_checkpoint
 from ..checkpoint.saved_args import as_list, saved_args
 from ..checkpoint.sharded import atomic_save
 from ..moe.errors import MoEUsageError
+from ..checkpoint.format import refuse_int8
 
 PER = ("target", "pair")
 
@@ -65,6 +66,7 @@ PER = ("target", "pair")
 def read_consolidated(path: str) -> dict:
     """The checkpoint's state, refusing what cannot be pruned, each with a one-line reason."""
     state = read_checkpoint(path)
+    refuse_int8(state, path, "moe-prune")
     if POINTER in state:
         raise MoEUsageError(f"{path} is expert-sharded (its experts are in {state[POINTER]['dir']}): run "
                             f"`moe-consolidate {path} model.pt` first and prune model.pt")

@@ -22,12 +22,14 @@ from ..checkpoint.saved_args import saved_args
 from ..checkpoint.sharded import atomic_save, remove_unreferenced_shards, resolve_experts, slice_shard, split_experts
 from ..moe.errors import MoEUsageError
 from ..moe.expert_parallel import expert_sharding
+from ..checkpoint.format import refuse_int8
 
 
 def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_last.pt"):
     """Every input is read and checked (resolve_experts) before anything is written; if a write
     fails, what this call wrote is removed again, so a failure leaves no partial output."""
     state = read_checkpoint(src)
+    refuse_int8(state, src, "moe-reshard")
     num_experts = saved_args(state).num_experts
     if not num_experts:
         raise MoEUsageError(f"{src} has no MoE layers (moe_expert_count is 0)")
