@@ -376,7 +376,7 @@ def checkpoint_paths(args) -> dict:
 def bleu_per_direction(path, args) -> dict:
     """sacrebleu BLEU of the whole --split per direction of --bleu-pairs: moe-evaluate (beam 5,
     fairseq-generate with the plugin), as the study scores its checkpoints."""
-    from moe_fairseq.evaluate import main as evaluate_main
+    from moe_fairseq.tools.evaluate import main as evaluate_main
 
     rows = evaluate_main([args.data, "--path", path, "--lang-pairs", args.bleu_pairs, "--raw-dir", args.bleu_raw_dir,
                           "--split", args.split, "--beam", "5", "--cpu"])

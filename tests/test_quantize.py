@@ -13,8 +13,8 @@ import torch
 
 import moe_fairseq.plugin  # noqa: F401  (registers the models; allowlists checkpoint types for torch.load)
 from cli_helpers import REPO, USER_DIR, cli, generate_cmd, hypotheses, lang_pairs, make_tiny_corpus, run, train_cmd
-from moe_fairseq.checkpoint.consolidate import consolidate
-from moe_fairseq.checkpoint.reshard import reshard
+from moe_fairseq.tools.consolidate import consolidate
+from moe_fairseq.tools.reshard import reshard
 from moe_fairseq.tools import quantize as quantize_tool
 
 QUANTIZE = [sys.executable, "-c", "import sys; from moe_fairseq.console import quantize; "
@@ -55,7 +55,7 @@ def dense(data, tmp_path_factory):
 
 def bleu_of_generate(data, path, task_flags):
     """fairseq-generate (with --user-dir) on en-de, hypotheses scored by sacrebleu."""
-    from moe_fairseq.evaluate import align, parse_generate_output, score
+    from moe_fairseq.tools.evaluate import align, parse_generate_output, score
 
     cmd = [cli("fairseq-generate"), data, "--user-dir", USER_DIR, *task_flags, "--lang-pairs", lang_pairs(),
            "--source-lang", "en", "--target-lang", "de", "--path", path, "--gen-subset", "test", "--beam", "2",

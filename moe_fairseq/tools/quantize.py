@@ -17,7 +17,6 @@ import sys
 
 import torch
 
-from .. import fairseq_patches
 from ..checkpoint.format import PARAM_NAMES, is_int8_state, read_pointer
 from ..checkpoint.io import read_checkpoint
 from ..checkpoint.sharded import atomic_save
@@ -122,8 +121,7 @@ def cli_main(argv=None):
     p.add_argument("checkpoint", help="a single-file fp32 checkpoint (moe-consolidate a sharded one first)")
     p.add_argument("output", help="path of the int8 checkpoint to write")
     args = p.parse_args(argv)
-    fairseq_patches.install()  # the plugin's model registered, torch.load's allowlist
-    from .. import plugin  # noqa: F401
+    from .. import plugin  # noqa: F401  (the plugin's model registered, its patches installed)
 
     try:
         info = quantize(args.checkpoint, args.output)
