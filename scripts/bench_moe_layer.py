@@ -241,11 +241,16 @@ def measure_peak(impl_name, S, E, M, F, k, threads, capacity_factor):
            "--threads", str(threads)]
     if capacity_factor is not None:
         cmd += ["--capacity-factor", str(capacity_factor)]
+    return run_peak_worker(cmd, impl_name)
+
+
+def run_peak_worker(cmd, name):
+    """The peak memory (MB) a worker process prints as its last line, or None when it failed."""
     try:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         value = json.loads(out)
     except (subprocess.CalledProcessError, IndexError, ValueError) as e:
-        print(f"  peak memory of {impl_name} failed: {e}", file=sys.stderr)
+        print(f"  peak memory of {name} failed: {e}", file=sys.stderr)
         return None
     return None if value is None else round(value, 1)
 

@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -280,13 +279,7 @@ def measure_peak(name, S, E, M, F, k, threads):
     cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), "--_peak-worker", name,
            "--omp-wait-policy", base.OMP_WAIT_POLICY, "--case", f"{E}:{S}", "--model-dim", str(M),
            "--ffn-dim", str(F), "--k", str(k), "--threads", str(threads)]
-    try:
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        value = json.loads(out)
-    except (subprocess.CalledProcessError, IndexError, ValueError) as e:
-        print(f"  peak memory of {name} failed: {e}", file=sys.stderr)
-        return None
-    return None if value is None else round(value, 1)
+    return base.run_peak_worker(cmd, name)
 
 
 def timed_step(impl):

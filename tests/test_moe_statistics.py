@@ -117,9 +117,9 @@ LOSSES = [  # per batch: the losses of each of the two MoE layers
 STATS = [[LAYER_A, LAYER_B], [LAYER_B, LAYER_C]]
 
 
-def run_criterion(method):
+def run_criterion(method="average", **options):
     crit = MoELabelSmoothedCrossEntropyCriterion(Task, sentence_avg=False, label_smoothing=EPS,
-                                                 moe_gate_loss_combine_method=method)
+                                                 moe_gate_loss_combine_method=method, **options)
     outs = []
     for i, target in enumerate(TARGETS):
         logits, sample = hand_batch(i, target)
@@ -197,15 +197,7 @@ def test_per_layer_summary_by_hand():
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_criterion_logs_each_layer_only_when_asked(per_layer):
-    crit = MoELabelSmoothedCrossEntropyCriterion(Task, sentence_avg=False, label_smoothing=EPS,
-                                                 moe_log_per_layer=per_layer)
-    logs = []
-    for i, target in enumerate(TARGETS):
-        logits, sample = hand_batch(i, target)
-        logs.append(crit(HandModel(logits, list(zip(LOSSES[i], STATS[i]))), sample)[2])
-    with metrics.aggregate(new_root=True) as agg:
-        crit.reduce_metrics(logs)
-        logged = agg.get_smoothed_values()
+    _, logged = run_criterion(moe_log_per_layer=per_layer)
     per_layer_keys = {k for k in logged if k.startswith("moe_layer")}
     if not per_layer:
         assert per_layer_keys == set()
