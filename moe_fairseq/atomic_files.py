@@ -52,9 +52,13 @@ def atomic_outputs(paths, mode: str = "w", hidden: bool = False):
     if mode not in MODES:
         raise ValueError(f"atomic_outputs writes whole files: mode 'w' or 'wb' (got {mode!r})")
     paths = [os.fspath(p) for p in paths]
-    created = _missing_directories(paths)
-    for directory in created:
-        os.mkdir(directory)
+    created = []
+    for directory in _missing_directories(paths):
+        try:
+            os.mkdir(directory)
+            created.append(directory)
+        except FileExistsError:  # made meanwhile by another process, e.g. the other ranks
+            pass  # writing their shards into the same directory: theirs, not ours to remove
     temps, handles, done = [], [], False
     try:
         for path in paths:

@@ -92,3 +92,29 @@ def test_atomic_copy(tmp_path):
     atomic_copy(tmp_path / "src.pt", tmp_path / "dst.pt")
     assert (tmp_path / "dst.pt").read_bytes() == bytes(range(256)) * 50
     assert sorted(os.listdir(tmp_path)) == ["dst.pt", "src.pt"]
+
+
+def test_a_directory_another_process_creates_meanwhile_is_used_and_kept(tmp_path, monkeypatch):
+    """Ranks write their shards into one new directory at the same time: the directory may appear
+    between the check and the mkdir.  The write must go on, and a later failure must not remove
+    the directory (the other rank's file may be in it)."""
+    import moe_fairseq.atomic_files as af
+
+    shard_dir = tmp_path / "moe_shards" / "e1-u3"
+    real_mkdir = os.mkdir
+
+    def racing_mkdir(path, *args, **kwargs):
+        if os.fspath(path) == str(shard_dir):
+            real_mkdir(path, *args, **kwargs)  # the other rank was first
+        return real_mkdir(path, *args, **kwargs)  # FileExistsError here
+
+    monkeypatch.setattr(af.os, "mkdir", racing_mkdir)
+    with atomic_open(shard_dir / "rank-0-of-2.pt", "wb") as f:
+        f.write(b"shard 0")
+    assert (shard_dir / "rank-0-of-2.pt").read_bytes() == b"shard 0"
+    other = tmp_path / "moe_shards" / "e1-u4"
+    with pytest.raises(RuntimeError):
+        with atomic_open(other / "rank-1-of-2.pt", "wb"):
+            (other / "rank-0-of-2.pt").write_bytes(b"the other rank's")  # directory exists: made "meanwhile"
+            raise RuntimeError("disk full")
+    assert (other / "rank-0-of-2.pt").read_bytes() == b"the other rank's"
