@@ -223,6 +223,12 @@ def peak_worker(impl_name, S, E, M, F, k, threads, capacity_factor):
     # fairscale, E times the dense FFN's): subtracted, so what remains is activation and
     # temporary memory.
     grad_kb = sum(p.numel() * p.element_size() for p in impl.module.parameters()) / 1024.0
+    return step_peak_mb(impl, grad_kb)
+
+
+def step_peak_mb(impl, grad_kb):
+    """Peak RSS (MB) of one impl.step() above the RSS before it, minus grad_kb (model state);
+    None where /proc/self/clear_refs cannot reset the peak."""
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:

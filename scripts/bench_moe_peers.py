@@ -264,15 +264,7 @@ def peak_worker(name, S, E, M, F, k, threads):
     impl = build_one(name, S, E, M, F, k)
     base.zero_grads(impl)
     grad_kb = sum(p.numel() * p.element_size() for p in impl.module.parameters() if p.requires_grad) / 1024.0
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    before = base._status_kb("VmRSS")
-    impl.step()
-    return (base._status_kb("VmHWM") - before - grad_kb) / 1024.0
+    return base.step_peak_mb(impl, grad_kb)
 
 
 def measure_peak(name, S, E, M, F, k, threads):
