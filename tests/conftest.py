@@ -1,6 +1,7 @@
 """Test setup shared by the unit tests of the layer library.
 
-Makes the checkout importable without installation and offers a one-thread fixture.
+Makes the checkout importable without installation and offers a one-thread fixture and the toy
+router of tests/toy_router.py, registered for one test only.
 """
 import os
 import sys
@@ -22,3 +23,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def toy_router():
+    """Import tests/toy_router.py (which registers it), and unregister it afterwards so the
+    other tests see the built-in routers only (the registry is global to the process)."""
+    import importlib
+
+    from moe_fairseq.moe.routers import ROUTERS
+
+    module = importlib.import_module("toy_router")
+    yield module.RoundRobinRouter
+    ROUTERS.pop("toy_round_robin", None)
+    sys.modules.pop("toy_router", None)

@@ -432,7 +432,7 @@ def test_local_topk_noisy_and_random_routers_restricted():
     assert k == 3
 
 
-def test_local_topk_refusals():
+def test_local_topk_refusals(toy_router):
     # k larger than the experts of a rank: refused when the layer is built, naming the flags
     with pytest.raises(ValueError) as err:
         MoELayer(Top2Router(5, 2), FFNExperts(1, 5, 6), comm=RankComm(2, 0, 2), gating_dropout=0.3,
@@ -445,9 +445,7 @@ def test_local_topk_refusals():
     with pytest.raises(ValueError, match=r"k=4 \(--moe-top-k-max\) .* --moe-expert-count=8 over 4 rank\(s\) leaves 2"):
         MoELayer(RandomRouter(5, 8, KSchedule(1, 4, 10)), FFNExperts(2, 5, 6), comm=RankComm(8, 1, 4),
                  gating_dropout=0.3, gating_dropout_mode="local_topk")
-    # a router that cannot be restricted (tests/toy_router.py)
-    import toy_router  # noqa: F401  (registers toy_round_robin)
-
+    # a router that cannot be restricted (tests/toy_router.py, registered by the fixture)
     with pytest.raises(ValueError, match="--moe-router toy_round_robin cannot"):
         build_moe_layer(MoEConfig(num_experts=4, router="toy_round_robin", gating_dropout=0.3,
                                   gating_dropout_mode="local_topk"), 5, 6)

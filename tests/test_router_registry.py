@@ -1,8 +1,6 @@
 """The router registry: the built-in routers by name, and a new router added in one file with
 one decorator (tests/toy_router.py) that the config, the layer and the flags then accept."""
 import argparse
-import importlib
-import sys
 
 import pytest
 import torch
@@ -12,16 +10,6 @@ from moe_fairseq.moe.errors import MoEUsageError
 from moe_fairseq.moe.routers import ROUTERS, NoisyTopKRouter, RandomRouter, Top1Router, Top2Router, register_router
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def toy_router():
-    """Import tests/toy_router.py (which registers it), and unregister it afterwards so the
-    other tests see the built-in routers only."""
-    module = importlib.import_module("toy_router")
-    yield module.RoundRobinRouter
-    ROUTERS.pop("toy_round_robin")
-    sys.modules.pop("toy_router")
 
 
 def test_builtin_routers_are_registered_in_order():
