@@ -6,6 +6,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..aux_mode import AuxMode
 from ..capacity import apply_capacity, expert_capacity
 from ..errors import MoEUsageError
 from .registry import ROUTERS
@@ -67,9 +68,6 @@ class Router(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.num_updates = 0
-        # False when the caller wants neither auxiliary losses nor statistics (the layer sets it
-        # per call: generation needs neither): routers then skip computing them.
-        self.compute_aux = True
         self.eval_k = None
         self.set_eval_k(eval_k)
         self.restriction: Optional[Tuple[int, int]] = None  # (first, count) inside restricted_to
@@ -108,6 +106,14 @@ class Router(nn.Module):
             return weight
         return weight.narrow(0, *self.restriction)
 
+    def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
+        """The Routing of the S rows of x (S, M).  aux_mode (given by the layer): with NONE a
+        router skips its losses and any probabilities kept for statistics only.  The same code
+        serves every caller: a decoder step (moe/decode.py) takes expert_index and gate of an
+        evaluation call with NONE, so building the rest must stay cheap there (no capacity
+        applies in that case: limit_capacity returns the keep it was given)."""
+        raise NotImplementedError
+
     @classmethod
     def from_config(cls, cfg, model_dim: int) -> "Router":
         """The router for a validated MoEConfig (cfg.capacity_factors() gives the capacity)."""
@@ -136,15 +142,6 @@ class Router(nn.Module):
         if self.training:
             return self.training_k()
         return self.eval_k if self.eval_k is not None else self.k
-
-    def decode_route(self, x: torch.Tensor):
-        """(expert_index, gate) of an evaluation call that wants no losses, statistics or
-        capacity (decode.applies): what `forward` would return for them.  A decoder step routes
-        a handful of rows, so building the rest of a Routing (keep, probs, capacity, losses) is
-        most of the router's cost there; a router overrides this with just the ops its
-        evaluation needs, and tests/test_decode.py holds every override equal to `forward`."""
-        routing = self(x)
-        return routing.expert_index, routing.gate
 
     def current_capacity_factor(self) -> Optional[float]:
         return self.capacity_factor if self.training else self.eval_capacity_factor

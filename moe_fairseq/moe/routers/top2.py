@@ -1,6 +1,7 @@
 """GShard top-2 router (Lepikhin et al., 2021), with fairseq's MoE-branch options."""
 import torch
 
+from ..aux_mode import AuxMode
 from ..errors import MoEUsageError
 from ..losses import gshard_balance_loss
 from .base import Routing
@@ -39,7 +40,7 @@ class Top2Router(SoftmaxRouter):
                    balance_loss_weight=cfg.gate_loss_weight, z_loss_weight=cfg.z_loss_weight,
                    jitter_eps=cfg.jitter_eps)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         logits, probs = self.logits_and_probs(x)
         top1 = probs.argmax(dim=-1)
         noisy = logits
@@ -65,13 +66,4 @@ class Top2Router(SoftmaxRouter):
             gates = gates * keep  # else every slot is kept
         if not self.normalize_before_dropping:
             gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
-        return Routing(expert_index, gates, keep, probs, self.aux_losses(logits, probs, top1), dropped)
-
-    def decode_route(self, x: torch.Tensor):
-        # forward's evaluation branch: no noise, every slot kept, the gates normalised once.
-        logits, probs = self.logits_and_probs(x)
-        top1 = probs.argmax(dim=-1, keepdim=True)
-        top2 = logits.scatter(1, top1, float("-inf")).argmax(dim=-1, keepdim=True)
-        expert_index = torch.cat([top1, top2], dim=1)
-        gates = probs.gather(1, expert_index)
-        return expert_index, gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+        return Routing(expert_index, gates, keep, probs, self.aux_losses(logits, probs, top1, aux_mode), dropped)
