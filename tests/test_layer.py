@@ -49,13 +49,13 @@ def make_router(kind, M, E, seed=0):
     return r
 
 
-def make_layer(kind, M=6, E=4, F=5, seed=0, eval_aux=True, **kw):
-    """eval_aux: losses and statistics in evaluation mode too (aux_mode ALL, as the criterion's
-    validation asks for them); generation's default, without them, is tested on its own below."""
+def make_layer(kind, M=6, E=4, F=5, seed=0, aux_mode=AuxMode.ALL, **kw):
+    """aux_mode ALL: losses and statistics in evaluation mode too (as the criterion's validation
+    asks for them); generation's default (None: nothing in evaluation) is tested on its own below."""
     router = make_router(kind, M, E, seed)
     experts = FFNExperts(E, M, F)
     layer = MoELayer(router, experts, **kw).double()
-    layer.aux_mode = AuxMode.ALL if eval_aux else None
+    layer.aux_mode = aux_mode
     return layer
 
 
@@ -410,7 +410,7 @@ def test_each_aux_mode_computes_what_it_says(kind):
     losses alone, also in training; the output is the same in every mode."""
     S, M, E = 12, 6, 4
     x = torch.randn(S, M, dtype=torch.float64)
-    layer = make_layer(kind, M=M, E=E, eval_aux=False).eval()
+    layer = make_layer(kind, M=M, E=E, aux_mode=None).eval()
     y = layer(x)
     assert layer.aux.losses == {} and layer.aux.stats is None
     layer.aux_mode = AuxMode.ALL
@@ -440,7 +440,7 @@ def test_each_aux_mode_computes_what_it_says(kind):
 
 
 def test_a_bad_aux_mode_is_refused_in_one_line():
-    layer = make_layer("top1", eval_aux=False)
+    layer = make_layer("top1", aux_mode=None)
     with pytest.raises(ValueError, match=r"^aux_mode must be one of none, losses, losses\+stats \(got 'stats'\)$"):
         layer(torch.randn(3, 6, dtype=torch.float64), aux_mode="stats")
 
@@ -448,7 +448,7 @@ def test_a_bad_aux_mode_is_refused_in_one_line():
 def test_computing_aux_restores_the_modes():
     from moe_fairseq.moe.collect import computing_aux
 
-    model = torch.nn.ModuleList([make_layer("top2_all", eval_aux=False), make_layer("top1", eval_aux=True)])
+    model = torch.nn.ModuleList([make_layer("top2_all", aux_mode=None), make_layer("top1", aux_mode=AuxMode.ALL)])
     with computing_aux(model, "losses"):
         assert all(m.aux_mode is AuxMode.LOSSES for m in model)
     assert [m.aux_mode for m in model] == [None, AuxMode.ALL]
@@ -461,7 +461,7 @@ def test_dropless_evaluation_plans_without_host_counts(kind, monkeypatch):
     import moe_fairseq.moe.layer as layer_mod
 
     S, M, E, F = 10, 8, 4, 12
-    layer = make_layer(kind, M=M, E=E, F=F, eval_aux=False).float().eval()
+    layer = make_layer(kind, M=M, E=E, F=F, aux_mode=None).float().eval()
     layer.router.capacity_factor = layer.router.eval_capacity_factor = None
     x = torch.randn(S, M)
     layer.experts.gemm = "loop"
