@@ -192,7 +192,9 @@ class MoELayer(nn.Module):
     def _forward_decode_step(self, tokens: torch.Tensor):
         """A decoder step (decode.applies, so the mode is NONE): the router's forward as any
         call's, then the experts of the few rows directly (decode.few_rows_ffn)."""
-        routing = self.router(tokens, AuxMode.NONE)
+        # forward, not __call__: the hook dispatch would be ~1% of a one-row step, and a decoder
+        # step has never run the router's hooks (they see every call that builds a plan).
+        routing = self.router.forward(tokens, AuxMode.NONE)
         return decode.few_rows_ffn(self.experts, tokens, routing.expert_index, routing.gate), MoEAux()
 
     def routing_stats(self, tokens, routing, plan, elem_size: int, comm=None) -> RoutingStats:

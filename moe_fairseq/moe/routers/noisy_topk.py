@@ -49,9 +49,8 @@ class NoisyTopKRouter(Router):
         top_values, top_index = logits.topk(min(k + 1, num_experts), dim=1)
         expert_index = top_index[:, :k]
         gates = torch.softmax(top_values[:, :k], dim=1)
-        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, all_kept, k)
-        if keep is not all_kept:
+        keep, dropped = self.limit_capacity(expert_index, None, k)
+        if keep is not None:
             gates = gates * keep
         losses = {}
         if not aux_mode.losses:

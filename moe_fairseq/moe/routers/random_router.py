@@ -50,7 +50,6 @@ class RandomRouter(Router):
         logits = fp32_logits(x, self.routed_rows(self.weight))
         top_values, expert_index = logits.topk(k, dim=1)
         gates = torch.softmax(top_values, dim=1)
-        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, all_kept, k)
+        keep, dropped = self.limit_capacity(expert_index, None, k)
         probs = torch.softmax(logits, dim=-1) if aux_mode.stats else None  # statistics only
-        return Routing(expert_index, gates if keep is all_kept else gates * keep, keep, probs, {}, dropped)
+        return Routing(expert_index, gates if keep is None else gates * keep, keep, probs, {}, dropped)

@@ -32,6 +32,8 @@ class SoftmaxRouter(Router):
         return logits, torch.softmax(logits, dim=-1)
 
     def aux_losses(self, logits, probs, top1, aux_mode: AuxMode):
+        """The weighted losses when aux_mode asks for them; top1: each token's first expert,
+        (S,) or (S, 1)."""
         losses = {}
         if not aux_mode.losses:
             return losses

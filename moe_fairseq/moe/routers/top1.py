@@ -29,7 +29,6 @@ class Top1Router(SoftmaxRouter):
         logits, probs = self.logits_and_probs(x)
         gate, top1 = probs.max(dim=-1)
         expert_index = top1.unsqueeze(1)
-        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, all_kept, 1)
-        gate = gate.unsqueeze(1) if keep is all_kept else gate.unsqueeze(1) * keep
+        keep, dropped = self.limit_capacity(expert_index, None, 1)
+        gate = gate.unsqueeze(1) if keep is None else gate.unsqueeze(1) * keep
         return Routing(expert_index, gate, keep, probs, self.aux_losses(logits, probs, top1, aux_mode), dropped)
