@@ -114,6 +114,22 @@ def test_a_router_routes_alike_in_every_aux_mode(kind, ties):
         assert torch.equal(gate, torch.full_like(gate, gate[0, 0].item()))  # the ties were real
 
 
+@pytest.mark.parametrize("kind", ["top1", "top2", "noisy_topk", "random@2"])
+def test_a_decoder_steps_routing_builds_only_ids_and_gates(kind):
+    """What keeps the one router forward as cheap as a decoder step needs: in dropless
+    evaluation with AuxMode.NONE the keep mask and drop count are not made (made on first read,
+    all kept, none dropped), and no losses or probabilities for statistics are computed."""
+    router = make_layer(kind).router
+    with torch.no_grad():
+        routing = router(torch.randn(3, M), AuxMode.NONE)
+    assert routing._keep is None and routing._dropped is None
+    assert routing.losses == {}
+    if kind in ("noisy_topk", "random@2"):  # the softmax routers need their probabilities to route
+        assert routing.probs is None
+    assert bool(routing.keep.all()) and routing.keep.shape == routing.expert_index.shape
+    assert int(routing.dropped_by_capacity) == 0
+
+
 def test_decode_step_runs_on_one_thread_and_restores_the_callers(calls):
     layer = make_layer("top2")
     before = torch.get_num_threads()
