@@ -71,13 +71,7 @@ def install_labels(layer):
     _wrap(router_base, "apply_capacity", "capacity")
     _wrap(layer, "routing_stats", "statistics")
     _wrap(layer.experts, "forward", "experts")
-    router_forward = layer.router.forward
-    layer.router.forward = lambda x: _labelled("router", router_forward, x)
-
-
-def _labelled(label, fn, *a):
-    with record_function("stage::" + label):
-        return fn(*a)
+    _wrap(layer.router, "forward", "router")
 
 
 def classify(evt, stage):

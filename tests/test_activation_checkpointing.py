@@ -12,6 +12,7 @@ from fairseq.models.transformer import TransformerConfig
 
 from moe_fairseq.models.moe_transformer_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
 from moe_fairseq.moe import MoEConfig, build_moe_layer
+from moe_fairseq.moe.aux_mode import AuxMode
 from moe_fairseq.moe.collect import pop_aux
 from moe_fairseq.moe.gating_dropout import gating_dropout_fires
 
@@ -117,6 +118,30 @@ def test_checkpointed_decoder_layer_equals_plain(offload):
     assert not c_left.losses and c_left.stats is None
 
 
+@pytest.mark.parametrize("router_kw", [dict(router="noisy_topk"), dict(router="random", top_k_max=2)],
+                         ids=["noisy_topk", "random"])
+def test_recomputation_runs_in_the_forwards_aux_mode(router_kw):
+    """A forward inside computing_aux(LOSSES) (no statistics, so these routers skip the softmax
+    kept for them) is recomputed in backward after the block has closed: in the forward's mode,
+    or it would save other tensors than the forward did (torch refuses the mismatch); gradients
+    equal the plain layer's."""
+    from moe_fairseq.moe.collect import computing_aux
+
+    grads = {}
+    for checkpointed in (False, True):
+        layer = make_layer("encoder", router_kw, 0.0, checkpoint=checkpointed)
+        x, mask, *_ = inputs()
+        with computing_aux(layer, AuxMode.LOSSES):
+            out = layer(x, mask)
+        assert layer.fc1.moe.aux.stats is None
+        out.pow(2).sum().backward()
+        assert layer.fc1.moe.aux_mode is None and layer.fc1.moe.aux.stats is None  # restored, kept
+        grads[checkpointed] = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys()
+    for name in grads[False]:
+        assert torch.equal(grads[False][name], grads[True][name]), name
+
+
 def test_no_checkpointing_without_grad():
     """Evaluation and generation (no_grad): no checkpoint, one router call, aux kept when
     asked for (validation), none computed otherwise (generation)."""
@@ -125,7 +150,7 @@ def test_no_checkpointing_without_grad():
     with torch.no_grad():
         layer(x, mask)
     assert layer.fc1.moe.aux.stats is None and not layer.fc1.moe.aux.losses
-    layer.fc1.moe.eval_aux = True
+    layer.fc1.moe.aux_mode = AuxMode.ALL
     with torch.no_grad():
         layer(x, mask)
     assert layer.fc1.moe.aux.stats is not None and "balance" in layer.fc1.moe.aux.losses

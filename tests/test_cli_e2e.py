@@ -97,8 +97,7 @@ def test_smoe_dropout_k_schedule_reaches_k_max(data, tmp_path):
             ks.append(float(layer.aux.stats.requested_slots) / float(layer.aux.stats.num_tokens))
         assert ks == [1, 2, 3, 3, 4, 4]
         layer.eval()
-        layer.collect_stats = True
-        layer(x)
+        layer(x, aux_mode="losses+stats")
         assert float(layer.aux.stats.requested_slots) == 4 * 6
 
 

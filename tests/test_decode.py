@@ -6,6 +6,7 @@ import torch
 
 import moe_fairseq.moe.decode as decode
 from moe_fairseq.moe import FFNExperts, KSchedule, MoELayer, NoisyTopKRouter, RandomRouter, Top1Router, Top2Router
+from moe_fairseq.moe.aux_mode import AuxMode
 
 M, E, F = 16, 8, 24
 
@@ -24,9 +25,7 @@ def make_layer(kind, dtype=torch.float32, activation="relu", seed=0):
         router = RandomRouter(M, E, KSchedule(1, E, 10), eval_k=int(kind.split("@")[1]))
     else:
         raise AssertionError(kind)
-    layer = MoELayer(router, FFNExperts(E, M, F, activation)).to(dtype).eval()
-    layer.eval_aux = False
-    return layer
+    return MoELayer(router, FFNExperts(E, M, F, activation)).to(dtype).eval()
 
 
 def brute_force(layer, x):
@@ -90,9 +89,11 @@ def test_decode_step_with_gelu_experts_and_in_bfloat16(calls, rows):
 
 @pytest.mark.parametrize("kind", ["top1", "top2", "noisy_topk", "random@1", "random@3", "random@8"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_decode_route_is_the_routers_evaluation_forward(kind, ties):
-    """Each router's decode_route gives exactly forward's expert ids and gates in evaluation,
-    also when every logit ties (a zero router weight: the choice between equals must agree)."""
+def test_a_router_routes_alike_in_every_aux_mode(kind, ties):
+    """A decoder step reads the ids and gates of the router's forward with AuxMode.NONE: they
+    are exactly those of a call that computes losses and statistics (what validation and the
+    brute forces see), also when every logit ties (a zero router weight: the choice between
+    equals must agree)."""
     layer = make_layer(kind)
     router = layer.router
     if ties:
@@ -101,15 +102,32 @@ def test_decode_route_is_the_routers_evaluation_forward(kind, ties):
                 if isinstance(getattr(router, name, None), (torch.nn.Linear, torch.Tensor)):
                     target = getattr(router, name)
                     (target.weight if isinstance(target, torch.nn.Linear) else target).zero_()
-    router.compute_aux = False
     x = torch.randn(9, M)
     with torch.no_grad():
-        routing = router(x)
-        expert_index, gate = router.decode_route(x)
-    assert torch.equal(expert_index, routing.expert_index)
+        routing = router(x, AuxMode.ALL)
+        bare = router(x, AuxMode.NONE)
+    assert torch.equal(bare.expert_index, routing.expert_index)
+    gate = bare.gate
     assert torch.equal(gate, routing.gate)
+    assert bare.losses == {}
     if ties:
         assert torch.equal(gate, torch.full_like(gate, gate[0, 0].item()))  # the ties were real
+
+
+@pytest.mark.parametrize("kind", ["top1", "top2", "noisy_topk", "random@2"])
+def test_a_decoder_steps_routing_builds_only_ids_and_gates(kind):
+    """What keeps the one router forward as cheap as a decoder step needs: in dropless
+    evaluation with AuxMode.NONE the keep mask and drop count are not made (made on first read,
+    all kept, none dropped), and no losses or probabilities for statistics are computed."""
+    router = make_layer(kind).router
+    with torch.no_grad():
+        routing = router(torch.randn(3, M), AuxMode.NONE)
+    assert routing._keep is None and routing._dropped is None
+    assert routing.losses == {}
+    if kind in ("noisy_topk", "random@2"):  # the softmax routers need their probabilities to route
+        assert routing.probs is None
+    assert bool(routing.keep.all()) and routing.keep.shape == routing.expert_index.shape
+    assert int(routing.dropped_by_capacity) == 0
 
 
 def test_decode_step_runs_on_one_thread_and_restores_the_callers(calls):
@@ -141,7 +159,7 @@ def test_a_failing_decode_step_restores_the_thread_count(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("case", ["training", "grad", "too_many_rows", "eval_aux", "collect_stats", "capacity",
+@pytest.mark.parametrize("case", ["training", "grad", "too_many_rows", "aux_mode", "losses_argument", "capacity",
                                   "autocast", "switched_off"])
 def test_decode_path_is_taken_only_for_decoder_steps(case, calls):
     """Anything a decoder step is not (training, autograd, many rows, losses or statistics asked
@@ -152,10 +170,8 @@ def test_decode_path_is_taken_only_for_decoder_steps(case, calls):
     x = torch.randn(rows, M)
     if case == "training":
         layer.train()
-    elif case == "eval_aux":
-        layer.eval_aux = True
-    elif case == "collect_stats":
-        layer.collect_stats = True
+    elif case == "aux_mode":  # validation: the criterion's computing_aux
+        layer.aux_mode = AuxMode.ALL
     elif case == "capacity":
         layer.router.eval_capacity_factor = 1.0
     elif case == "switched_off":
@@ -167,10 +183,12 @@ def test_decode_path_is_taken_only_for_decoder_steps(case, calls):
             out = layer(x)
     else:
         with torch.no_grad():
-            out = layer(x)
+            out = layer(x, aux_mode=AuxMode.LOSSES if case == "losses_argument" else None)
     assert calls == []
-    if case in ("eval_aux", "collect_stats"):
+    if case == "aux_mode":
         assert layer.aux.stats is not None
+    if case == "losses_argument":
+        assert "balance" in layer.aux.losses
     if case not in ("training", "capacity", "autocast"):  # these route differently (noise, drops, bf16)
         torch.testing.assert_close(out.float(), brute_force(layer, x).float(), rtol=1e-4, atol=1e-4)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_fairseq.moe import FFNExperts, MoEConfig, MoELayer, Top1Router, Top2Router, build_moe_layer
+from moe_fairseq.moe.aux_mode import AuxMode
 from moe_fairseq.moe.comm import LocalComm
 from moe_fairseq.moe.gating_dropout import check_rate, gating_dropout_fires, uniform
 
@@ -184,7 +185,7 @@ def test_not_fired_step_and_eval_route_normally(mode):
     assert "balance" in layer.aux.losses
     # eval: never fires, even on updates where training would drop
     layer.eval(), ref.eval()
-    layer.eval_aux = True  # statistics in evaluation, as validation asks for them
+    layer.aux_mode = AuxMode.ALL  # statistics in evaluation, as validation asks for them
     fired = [u for u in range(200) if gating_dropout_fires(0.5, 3, u, 1)]
     assert fired
     for u in fired[:5]:

@@ -6,6 +6,7 @@ import torch
 
 from moe_fairseq.moe import (FFNExperts, KSchedule, MoEConfig, MoELayer, NoisyTopKRouter, RandomRouter,
                              Top1Router, Top2Router, build_moe_layer)
+from moe_fairseq.moe.aux_mode import AuxMode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,13 +49,13 @@ def make_router(kind, M, E, seed=0):
     return r
 
 
-def make_layer(kind, M=6, E=4, F=5, seed=0, eval_aux=True, **kw):
-    """eval_aux: losses and statistics in evaluation mode too (as the criterion's validation
-    asks for them); generation's default, without them, is tested on its own below."""
+def make_layer(kind, M=6, E=4, F=5, seed=0, aux_mode=AuxMode.ALL, **kw):
+    """aux_mode ALL: losses and statistics in evaluation mode too (as the criterion's validation
+    asks for them); generation's default (None: nothing in evaluation) is tested on its own below."""
     router = make_router(kind, M, E, seed)
     experts = FFNExperts(E, M, F)
     layer = MoELayer(router, experts, **kw).double()
-    layer.eval_aux = eval_aux
+    layer.aux_mode = aux_mode
     return layer
 
 
@@ -403,39 +404,54 @@ def test_layer_comm_mismatch():
 
 # --------------------------------------------------------------------------- inference fast path
 @pytest.mark.parametrize("kind", ROUTER_KINDS)
-def test_evaluation_skips_aux_unless_asked(kind):
-    """Generation (evaluation, nothing asked): no losses, no statistics, the same output;
-    validation (eval_aux) and moe-prune's usage count (collect_stats=True) get them."""
+def test_each_aux_mode_computes_what_it_says(kind):
+    """Generation (evaluation, no mode asked): no losses, no statistics; validation (the layer's
+    aux_mode set, as computing_aux does) and an explicit argument get them; LOSSES gives the
+    losses alone, also in training; the output is the same in every mode."""
     S, M, E = 12, 6, 4
     x = torch.randn(S, M, dtype=torch.float64)
-    layer = make_layer(kind, M=M, E=E, eval_aux=False).eval()
+    layer = make_layer(kind, M=M, E=E, aux_mode=None).eval()
     y = layer(x)
     assert layer.aux.losses == {} and layer.aux.stats is None
-    layer.eval_aux = True
+    layer.aux_mode = AuxMode.ALL
     torch.testing.assert_close(layer(x), y)
     assert layer.aux.stats is not None
-    if kind not in ("random", "top1_dropless"):  # these have no loss (random) or weight 0 z-loss only
-        assert layer.aux.losses
-    want = layer.aux.stats.tokens_per_expert.clone()
-    layer.eval_aux = False
-    layer.collect_stats = True
-    torch.testing.assert_close(layer(x), y)
+    has_losses = kind != "random"  # the frozen random router has no loss
+    assert bool(layer.aux.losses) == has_losses
+    losses, want = dict(layer.aux.losses), layer.aux.stats.tokens_per_expert.clone()
+    layer.aux_mode = None
+    torch.testing.assert_close(layer(x, aux_mode="losses+stats"), y)  # the argument, by name
     assert torch.equal(layer.aux.stats.tokens_per_expert, want)
-    layer.collect_stats = False
+    torch.testing.assert_close(layer(x, aux_mode=AuxMode.LOSSES), y)
+    assert layer.aux.stats is None and layer.aux.losses.keys() == losses.keys()
+    for name, value in losses.items():
+        torch.testing.assert_close(layer.aux.losses[name], value)
+    layer.aux_mode = AuxMode.NONE  # the argument wins over the attribute
+    layer(x, aux_mode=AuxMode.ALL)
+    assert layer.aux.stats is not None
+    layer.aux_mode = AuxMode.LOSSES
     layer.train()
     layer(x)
-    assert layer.aux.stats is None  # never, even in training
-    if kind not in ("random", "top1_dropless"):
-        assert layer.aux.losses  # but training still has its losses
+    assert layer.aux.stats is None  # not even in training
+    assert bool(layer.aux.losses) == has_losses  # but training still has its losses
+    layer.aux_mode = None
+    layer(x)
+    assert layer.aux.stats is not None  # training's default: everything
 
 
-def test_aux_in_evaluation_restores_the_flags():
-    from moe_fairseq.moe.collect import aux_in_evaluation
+def test_a_bad_aux_mode_is_refused_in_one_line():
+    layer = make_layer("top1", aux_mode=None)
+    with pytest.raises(ValueError, match=r"^aux_mode must be one of none, losses, losses\+stats \(got 'stats'\)$"):
+        layer(torch.randn(3, 6, dtype=torch.float64), aux_mode="stats")
 
-    model = torch.nn.ModuleList([make_layer("top2_all", eval_aux=False), make_layer("top1", eval_aux=True)])
-    with aux_in_evaluation(model):
-        assert all(m.eval_aux for m in model)
-    assert [m.eval_aux for m in model] == [False, True]
+
+def test_computing_aux_restores_the_modes():
+    from moe_fairseq.moe.collect import computing_aux
+
+    model = torch.nn.ModuleList([make_layer("top2_all", aux_mode=None), make_layer("top1", aux_mode=AuxMode.ALL)])
+    with computing_aux(model, "losses"):
+        assert all(m.aux_mode is AuxMode.LOSSES for m in model)
+    assert [m.aux_mode for m in model] == [None, AuxMode.ALL]
 
 
 @pytest.mark.parametrize("kind", ["top1_dropless", "top2_all", "noisy_topk", "random"])
@@ -445,7 +461,7 @@ def test_dropless_evaluation_plans_without_host_counts(kind, monkeypatch):
     import moe_fairseq.moe.layer as layer_mod
 
     S, M, E, F = 10, 8, 4, 12
-    layer = make_layer(kind, M=M, E=E, F=F, eval_aux=False).float().eval()
+    layer = make_layer(kind, M=M, E=E, F=F, aux_mode=None).float().eval()
     layer.router.capacity_factor = layer.router.eval_capacity_factor = None
     x = torch.randn(S, M)
     layer.experts.gemm = "loop"

@@ -51,9 +51,8 @@ def test_eval_capacity_override(data, trained):
         layers = moe_layers(model)
         assert len(layers) == 3 and all(layer.router.eval_capacity_factor == cf for layer in layers)
         layer = layers[0]
-        layer.collect_stats = True
         with torch.no_grad():
-            layer(x)
+            layer(x, aux_mode="losses+stats")
         dropped[cf] = float(layer.aux.stats.dropped_by_capacity)
     assert dropped[0.25] > dropped[2.0] >= dropped[100.0] == 0
     default = hypotheses(run(generate_cmd(data, trained)).stdout)

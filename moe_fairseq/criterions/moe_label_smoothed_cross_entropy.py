@@ -10,7 +10,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from ..moe.collect import aux_in_evaluation, moe_layers, pop_aux
+from ..moe.aux_mode import AuxMode
+from ..moe.collect import computing_aux, moe_layers, pop_aux
 from ..moe.stats import summarize
 from ..moe.errors import MoEUsageError
 
@@ -50,7 +51,7 @@ class MoELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def forward(self, model, sample, reduce=True):
         pop_aux(model)  # forget anything left by a forward outside the criterion (e.g. generation)
-        with aux_in_evaluation(model):  # validation logs the MoE losses and statistics too
+        with computing_aux(model, AuxMode.ALL):  # validation logs the MoE losses and statistics too
             loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
         # tags of the layers that ran, taken before pop_aux clears what says so
         tags = [t for t, layer in zip(layer_tags(model), moe_layers(model)) if layer.aux.stats is not None] \

@@ -17,8 +17,9 @@ returns (aux losses included) and only the saved activations are dropped and rec
   Gating Dropout is a pure function of (seed, update, layer), unchanged until the next update;
 - the recomputation runs to the end (early_stop=False): each rank then makes exactly the
   forward's all-to-alls again, whatever tensors its own backward still needs;
-- the recomputation's aux losses and statistics are discarded (the first forward's were
-  already collected), so nothing is counted twice.
+- the recomputation runs with the forward's aux mode and its aux losses and statistics are
+  discarded (the first forward's were already collected), so nothing is counted twice
+  (MoELayer.recomputing).
 """
 import torch
 import torch.nn as nn
@@ -78,6 +79,7 @@ class _MoELayerRunner:
         if not (self.checkpoint_activations and self.training and torch.is_grad_enabled()):
             return run(x, *args, **kwargs)
         device, first = x.device, [True]
+        aux_mode = ffn.moe.resolve_aux_mode()  # now: backward runs after the criterion's computing_aux block
 
         def checkpointed(x, *args, **kwargs):
             if self.offload_activations:
@@ -85,11 +87,8 @@ class _MoELayerRunner:
             if first[0]:
                 first[0] = False
                 return run(x, *args, **kwargs)
-            kept = ffn.moe.aux  # recomputation in backward: keep what the criterion left
-            try:
+            with ffn.moe.recomputing(aux_mode):
                 return run(x, *args, **kwargs)
-            finally:
-                ffn.moe.aux = kept
 
         if self.offload_activations:
             # The layer's input is the one tensor the checkpoint keeps until backward (as

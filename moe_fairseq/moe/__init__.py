@@ -6,6 +6,7 @@ only read logs and hypotheses import for MoEUsageError, does not pull in torch w
 import importlib
 
 _SOURCES = {
+    "AuxMode": "aux_mode",
     "MoEConfig": "config",
     "FFNExperts": "experts",
     "gating_dropout_fires": "gating_dropout",

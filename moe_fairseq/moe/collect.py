@@ -5,6 +5,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from .aux_mode import AuxMode
 from .layer import MoEAux, MoELayer
 from .stats import RoutingStats
 
@@ -41,16 +42,16 @@ def pop_aux(model: nn.Module) -> Tuple[List[Dict[str, torch.Tensor]], List[Routi
 
 
 @contextlib.contextmanager
-def aux_in_evaluation(model: nn.Module):
-    """Within this block the model's MoE layers compute their auxiliary losses and statistics
-    in evaluation mode too (validation logs them); outside it, evaluation (generation) skips
-    them."""
-    layers = moe_layers(model)
-    before = [layer.eval_aux for layer in layers]
+def computing_aux(model: nn.Module, aux_mode: AuxMode = AuxMode.ALL):
+    """Within this block the model's MoE layers compute what `aux_mode` says (MoELayer.aux_mode),
+    in evaluation too: the criterion asks for losses and statistics around its forward so that
+    validation logs them; outside it, evaluation (generation) computes neither."""
+    mode, layers = AuxMode.of(aux_mode), moe_layers(model)
+    before = [layer.aux_mode for layer in layers]
     for layer in layers:
-        layer.eval_aux = True
+        layer.aux_mode = mode
     try:
         yield
     finally:
         for layer, value in zip(layers, before):
-            layer.eval_aux = value
+            layer.aux_mode = value

@@ -7,10 +7,11 @@ parallel region: docs/benchmarks.md ("Decoding") measured a MoE decoder call at 
 5x a dense FFN, and one expert's pair of one-row GEMMs at 0.083 ms on 2 threads against 0.018
 ms on one.
 
-So a call that `applies` gets two things:
+So a call that `applies` gets three things:
 - one intra-op thread for the whole call (router and experts): a parallel region's fixed cost
   (waking the other threads) exceeds the work of a GEMM of a few rows;
-- the router's `decode_route`: the expert ids and gates alone, without the rest of a Routing;
+- the router's forward with AuxMode.NONE (no losses, no softmax kept for statistics), of which
+  it reads the expert ids and gates;
 - `few_rows_ffn`: the slots grouped by expert on the host (a few Python ints), one GEMM pair per
   expert used, written in place, and the gate-weighted sum of each token's k outputs as one
   batched product (for a single row, k scaled adds); no sort, no bincount, no scatter.
@@ -27,6 +28,7 @@ import itertools
 
 import torch
 
+from .aux_mode import AuxMode
 from .experts import FFNExperts
 
 # A call of at most this many tokens is a decoder step.  Measured on the 2-core host
@@ -35,13 +37,13 @@ from .experts import FFNExperts
 DECODE_MAX_TOKENS = 32
 
 
-def applies(layer, tokens: torch.Tensor, want_aux: bool) -> bool:
-    """Whether a call of `layer` on `tokens` takes the decoder-step path: evaluation without
-    autograd, losses or statistics, on CPU, every expert local, a router that keeps every slot
-    (dropless evaluation), no autocast, and at most DECODE_MAX_TOKENS rows."""
+def applies(layer, tokens: torch.Tensor, aux_mode: AuxMode) -> bool:
+    """Whether a call of `layer` on `tokens` in `aux_mode` takes the decoder-step path:
+    evaluation without autograd, losses or statistics (AuxMode.NONE), on CPU, every expert local,
+    a router that keeps every slot (dropless evaluation), no autocast, and at most
+    DECODE_MAX_TOKENS rows."""
     experts = layer.experts
-    return (not layer.training and not want_aux and layer.collect_stats is not True
-            and layer.decode_fast_path
+    return (aux_mode is AuxMode.NONE and not layer.training and layer.decode_fast_path
             and 0 < tokens.shape[0] <= DECODE_MAX_TOKENS
             and tokens.device.type == "cpu" and not torch.is_grad_enabled()
             and layer.comm.world_size == 1

@@ -1,4 +1,5 @@
 """The MoE feed-forward layer: route -> plan -> dispatch -> (all-to-all) -> experts -> back -> combine."""
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import decode
+from .aux_mode import AuxMode, default_aux_mode
 from .comm import LocalComm, host_counts
 from .dispatch import combine, dispatch, plan_dispatch
 from .experts import FFNExperts, compute_dtype
@@ -29,10 +31,10 @@ class MoEAux:
 class MoELayer(nn.Module):
     """A drop-in replacement for a transformer FFN sub-layer, usable without fairseq.
 
-    forward(x, padding_mask) takes x of shape (..., M) and an optional bool mask of shape (...)
-    that is True at padding; padding rows are never routed, never counted in a balance loss or
-    statistic, and get a zero output.  Losses and statistics of the last call are in `self.aux`;
-    in evaluation mode only if asked for (`eval_aux`, `collect_stats=True`).
+    forward(x, padding_mask, aux_mode) takes x of shape (..., M) and an optional bool mask of
+    shape (...) that is True at padding; padding rows are never routed, never counted in a
+    balance loss or statistic, and get a zero output.  aux_mode (AuxMode) says what the call
+    computes besides the output; its losses and statistics are left in `self.aux`.
 
     Gating Dropout (training only): with probability `gating_dropout` a whole step of this
     layer routes without the all-to-all, decided from (seed, update number, layer index) so
@@ -45,8 +47,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, router: Router, experts: FFNExperts, layer_index: int = 0, comm=None,
-                 gating_dropout: float = 0.0, gating_dropout_mode: str = "gate_drop", seed: int = 1,
-                 collect_stats: Optional[bool] = None):
+                 gating_dropout: float = 0.0, gating_dropout_mode: str = "gate_drop", seed: int = 1):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -64,16 +65,18 @@ class MoELayer(nn.Module):
         self.gating_dropout_mode = gating_dropout_mode
         self.seed = seed
         self.num_updates = 0
-        # Statistics: True always, False never, None (default) in training and, in evaluation,
-        # only when asked (`eval_aux`, or collect_stats=True as moe-prune's usage count sets).
-        self.collect_stats = collect_stats
-        # Evaluation computes auxiliary losses and statistics only when this is set (the
-        # criterion sets it for validation, see collect.aux_in_evaluation): generation needs
-        # neither, and a decoder step routes a handful of rows, so they would be its main cost.
-        self.eval_aux = False
+        # The mode of a call that names none: fairseq's layers call this one with (x, mask) only,
+        # so a caller reaching it through them sets this (collect.computing_aux: the criterion
+        # for validation, moe-prune's usage count).  None: default_aux_mode(self.training).
+        self.aux_mode: Optional[AuxMode] = None
         # Decoder steps on CPU (a few rows, no autograd) take moe/decode.py's path; False sends
-        # every call through the general dispatch (benchmarks compare the two).
+        # every call through the general dispatch (benchmarks compare the two).  It changes how,
+        # not what: both compute the same output.
         self.decode_fast_path = True
+        # The losses and statistics of the last call.  An attribute, not a return value, because
+        # fairseq's transformer layer calls this module as its fc1 and takes one tensor back;
+        # forward is its one writer, collect.pop_aux its reader, and `recomputing` is how
+        # activation checkpointing keeps it through a recomputation.
         self.aux = MoEAux()
 
     def set_num_updates(self, num_updates: int):
@@ -86,7 +89,12 @@ class MoELayer(nn.Module):
         return self.training and gating_dropout_fires(self.gating_dropout, self.seed, self.num_updates,
                                                       self.layer_index)
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                aux_mode: Optional[AuxMode] = None) -> torch.Tensor:
+        """x (..., M), padding_mask (...) True at padding -> (..., M).  aux_mode: what the call
+        computes besides the output (AuxMode or its name), left in self.aux; None: self.aux_mode
+        if set, else everything in training and nothing in evaluation."""
+        mode = self.resolve_aux_mode(aux_mode)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if padding_mask is not None:
@@ -95,30 +103,45 @@ class MoELayer(nn.Module):
         else:
             rows, tokens = None, flat
         if self.gating_dropped():
-            if self.gating_dropout_mode == "local_topk":
-                out = self._forward_local_topk(tokens)
-            else:
-                out = self._forward_gating_dropout(tokens)
-        elif decode.applies(self, tokens, self.wants_aux()):
+            dropped = self._forward_local_topk if self.gating_dropout_mode == "local_topk" else \
+                self._forward_gating_dropout
+            out, aux = dropped(tokens, mode)
+        elif decode.applies(self, tokens, mode):
             with decode.one_intra_op_thread():
-                out = self._forward_decode_step(tokens)
+                out, aux = self._forward_decode_step(tokens)
         else:
-            out = self._forward_routed(tokens)
+            out, aux = self._forward_routed(tokens, mode)
+        self.aux = aux
         if rows is not None:
             out = flat.new_zeros(flat.shape).index_copy(0, rows, out)
         return out.view(shape)
 
-    def wants_aux(self) -> bool:
-        """Whether this call computes auxiliary losses (and, by default, statistics)."""
-        return self.training or self.eval_aux or self.collect_stats is True
+    def resolve_aux_mode(self, aux_mode=None) -> AuxMode:
+        """The mode of a call given aux_mode: the argument, else self.aux_mode, else the default."""
+        if aux_mode is not None:
+            return AuxMode.of(aux_mode)
+        if self.aux_mode is not None:
+            return self.aux_mode
+        return default_aux_mode(self.training)
 
-    def _forward_routed(self, tokens: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def recomputing(self, aux_mode: AuxMode):
+        """Activation checkpointing's recomputation of a forward, in backward: it runs in
+        `aux_mode`, the mode the forward resolved (by backward the caller's computing_aux block
+        has closed, and another mode would save other tensors than the forward did), and its
+        losses and statistics are dropped (the forward's were already collected: counted once)."""
+        kept = self.aux, self.aux_mode
+        self.aux_mode = aux_mode
+        try:
+            yield
+        finally:
+            self.aux, self.aux_mode = kept
+
+    def _forward_routed(self, tokens: torch.Tensor, mode: AuxMode):
         # The router sees the tokens as they come (it computes in fp32 anyway); the experts'
         # copy is cast to their compute dtype before dispatch, so under autocast the
         # all-to-all carries half-precision rows, as a dense FFN's GEMM would read them.
-        want_aux = self.wants_aux()
-        self.router.compute_aux = want_aux
-        routing = self.router(tokens)
+        routing = self.router(tokens, mode)
         dtype = compute_dtype(tokens)
         # Dropless evaluation with every expert local: S * k slots, all kept, so the split sizes
         # need not be read on the host when the experts take them on the device (the grouped
@@ -138,19 +161,16 @@ class MoELayer(nn.Module):
         out = combine(expert_out, plan, tokens.shape[0])
         if out.dtype != tokens.dtype:
             out = out.to(tokens.dtype)
-        collect = self.collect_stats if self.collect_stats is not None else want_aux
-        stats = self.routing_stats(tokens, routing, plan, sent.element_size()) if collect else None
-        self.aux = MoEAux(dict(routing.losses), stats)
-        return out
+        stats = self.routing_stats(tokens, routing, plan, sent.element_size()) if mode.stats else None
+        return out, MoEAux(dict(routing.losses), stats)
 
-    def _forward_local_topk(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _forward_local_topk(self, tokens: torch.Tensor, mode: AuxMode):
         """A local_topk dropped step (training only): the router restricted to this rank's L
         experts numbers its choices 0..L-1, so the plan is over the local experts and the rows
         go straight to them, with no communicator call (no all-to-all, no count exchange)."""
         first, num_local = self.comm.local_expert_ids()[0], self.experts.num_local
-        self.router.compute_aux = self.wants_aux()
         with self.router.restricted_to(first, num_local):
-            routing = self.router(tokens)
+            routing = self.router(tokens, mode)
         dtype = compute_dtype(tokens)
         plan = plan_dispatch(routing.expert_index, routing.keep, routing.gate, num_local, read_counts=host_counts)
         sent = dispatch(tokens if tokens.dtype == dtype else tokens.to(dtype), plan)
@@ -158,7 +178,7 @@ class MoELayer(nn.Module):
         if out.dtype != tokens.dtype:
             out = out.to(tokens.dtype)
         stats = None
-        if self.collect_stats is not False:
+        if mode.stats:
             # Logged like gate_drop's step: the load over all E experts (zero off this rank),
             # moe_gating_dropped = 1 and no all-to-all bytes.
             local = LocalComm(num_local)
@@ -167,17 +187,15 @@ class MoELayer(nn.Module):
             per_expert.narrow(0, first, num_local).copy_(plan.counts.detach())
             stats = dataclasses.replace(stats, tokens_per_expert=per_expert, gating_dropped=torch.ones_like(
                 stats.gating_dropped))
-        self.aux = MoEAux(dict(routing.losses), stats)  # the router's losses over the local experts
-        return out
+        return out, MoEAux(dict(routing.losses), stats)  # the router's losses over the local experts
 
-    def _forward_decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A decoder step (decode.applies): the router's ids and gates alone (decode_route), then
-        the experts of the few rows directly (decode.few_rows_ffn); no losses or statistics are
-        asked for."""
-        self.router.compute_aux = False
-        expert_index, gate = self.router.decode_route(tokens)
-        self.aux = MoEAux()
-        return decode.few_rows_ffn(self.experts, tokens, expert_index, gate)
+    def _forward_decode_step(self, tokens: torch.Tensor):
+        """A decoder step (decode.applies, so the mode is NONE): the router's forward as any
+        call's, then the experts of the few rows directly (decode.few_rows_ffn)."""
+        # forward, not __call__: the hook dispatch would be ~1% of a one-row step, and a decoder
+        # step has never run the router's hooks (they see every call that builds a plan).
+        routing = self.router.forward(tokens, AuxMode.NONE)
+        return decode.few_rows_ffn(self.experts, tokens, routing.expert_index, routing.gate), MoEAux()
 
     def routing_stats(self, tokens, routing, plan, elem_size: int, comm=None) -> RoutingStats:
         # Every field a device tensor made by a kernel (new_full, reductions): no copy from the
@@ -194,7 +212,7 @@ class MoELayer(nn.Module):
             a2a_bytes=(comm or self.comm).remote_rows(plan.counts) * (2 * elem),
         )
 
-    def _forward_gating_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _forward_gating_dropout(self, tokens: torch.Tensor, mode: AuxMode):
         num_local = self.experts.num_local
         n = tokens.shape[0]
         if self.gating_dropout_mode == "gate_expert_drop":
@@ -211,7 +229,7 @@ class MoELayer(nn.Module):
             expert_out = self.experts(tokens.index_select(0, order), local_counts, local_counts_t).to(tokens.dtype)
             out = tokens.new_zeros(tokens.shape).index_copy(0, order, expert_out)
         stats = None
-        if self.collect_stats is not False:  # Gating Dropout fires in training only
+        if mode.stats:
             per_expert = torch.zeros(self.router.num_experts, dtype=torch.long, device=tokens.device)
             if self.gating_dropout_mode != "gate_expert_drop":
                 per_expert.narrow(0, self.comm.local_expert_ids()[0], num_local).copy_(local_counts_t)
@@ -221,13 +239,12 @@ class MoELayer(nn.Module):
                 tokens_per_expert=per_expert, dropped_by_capacity=scalar(0.0),
                 gate_entropy_sum=scalar(0.0), gating_dropped=scalar(1.0),
                 a2a_bytes=scalar(0.0))
-        self.aux = MoEAux({}, stats)  # no balance loss from a layer that did not route
         # The router took no part in this step; tie its parameters to the output with weight 0
         # so that data-parallel training (DDP without find_unused_parameters) sees every
         # non-expert parameter used on every rank.  Their gradient is exactly zero.
         for p in self.router.parameters():
             out = out + 0.0 * p.sum()
-        return out
+        return out, MoEAux({}, stats)  # no balance loss from a layer that did not route
 
 
 def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, activation: str = "relu",

@@ -84,10 +84,12 @@ def measure(model, batches, device) -> Dict[str, Dict[str, List[float]]]:
     import torch
     from fairseq import utils
 
+    from ..moe.aux_mode import AuxMode
+
     layers = moe_layer_names(model)
     for _, layer in layers:
         # the counts come from the layers' routing statistics: make sure they are collected
-        layer.collect_stats = True
+        layer.aux_mode = AuxMode.ALL
     counts = {label: {} for label, _ in layers}
     with torch.no_grad():
         for pair, pair_batches in batches.items():

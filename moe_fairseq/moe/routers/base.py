@@ -1,17 +1,16 @@
 """What every router returns, and the pieces routers share."""
 import contextlib
-from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..aux_mode import AuxMode
 from ..capacity import apply_capacity, expert_capacity
 from ..errors import MoEUsageError
 from .registry import ROUTERS
 
 
-@dataclass
 class Routing:
     """Routing decision for S (non-padding) tokens and k slots per token.
 
@@ -22,15 +21,33 @@ class Routing:
     losses:       weighted auxiliary losses of this router, by name.
     dropped_by_capacity: number of slots removed by capacity (0-dim tensor, no host sync).
 
+    A router passes keep=None when it kept every slot and dropped_by_capacity=None when capacity
+    dropped none (what limit_capacity returns then): the all-True mask and the zero are made on
+    first read, so a decoder step, which reads only expert_index and gate, does not pay for them.
+
     A token sends at most one slot to an expert (its k experts are distinct).
     """
 
-    expert_index: torch.Tensor
-    gate: torch.Tensor
-    keep: torch.Tensor
-    probs: Optional[torch.Tensor] = None
-    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    dropped_by_capacity: Optional[torch.Tensor] = None
+    __slots__ = ("expert_index", "gate", "_keep", "probs", "losses", "_dropped")
+
+    def __init__(self, expert_index: torch.Tensor, gate: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                 probs: Optional[torch.Tensor] = None, losses: Optional[Dict[str, torch.Tensor]] = None,
+                 dropped_by_capacity: Optional[torch.Tensor] = None):
+        self.expert_index, self.gate, self._keep, self.probs = expert_index, gate, keep, probs
+        self.losses = {} if losses is None else losses
+        self._dropped = dropped_by_capacity
+
+    @property
+    def keep(self) -> torch.Tensor:
+        if self._keep is None:
+            self._keep = torch.ones_like(self.expert_index, dtype=torch.bool)
+        return self._keep
+
+    @property
+    def dropped_by_capacity(self) -> torch.Tensor:
+        if self._dropped is None:
+            self._dropped = self.expert_index.new_zeros((), dtype=torch.long)
+        return self._dropped
 
 
 class Router(nn.Module):
@@ -67,9 +84,6 @@ class Router(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.num_updates = 0
-        # False when the caller wants neither auxiliary losses nor statistics (the layer sets it
-        # per call: generation needs neither): routers then skip computing them.
-        self.compute_aux = True
         self.eval_k = None
         self.set_eval_k(eval_k)
         self.restriction: Optional[Tuple[int, int]] = None  # (first, count) inside restricted_to
@@ -108,6 +122,14 @@ class Router(nn.Module):
             return weight
         return weight.narrow(0, *self.restriction)
 
+    def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
+        """The Routing of the S rows of x (S, M).  aux_mode (given by the layer): with NONE a
+        router skips its losses and any probabilities kept for statistics only.  The same code
+        serves every caller: a decoder step (moe/decode.py) takes expert_index and gate of an
+        evaluation call with NONE, so building the rest must stay cheap there: no capacity applies in
+        that case, and a keep of None (every slot kept) makes nothing (Routing)."""
+        raise NotImplementedError
+
     @classmethod
     def from_config(cls, cfg, model_dim: int) -> "Router":
         """The router for a validated MoEConfig (cfg.capacity_factors() gives the capacity)."""
@@ -137,31 +159,24 @@ class Router(nn.Module):
             return self.training_k()
         return self.eval_k if self.eval_k is not None else self.k
 
-    def decode_route(self, x: torch.Tensor):
-        """(expert_index, gate) of an evaluation call that wants no losses, statistics or
-        capacity (decode.applies): what `forward` would return for them.  A decoder step routes
-        a handful of rows, so building the rest of a Routing (keep, probs, capacity, losses) is
-        most of the router's cost there; a router overrides this with just the ops its
-        evaluation needs, and tests/test_decode.py holds every override equal to `forward`."""
-        routing = self(x)
-        return routing.expert_index, routing.gate
-
     def current_capacity_factor(self) -> Optional[float]:
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
-    def limit_capacity(self, expert_index, keep, k_for_capacity: int):
-        """Apply the current capacity; returns (keep, number of slots dropped).  The `keep`
-        passed in is returned as is (the same object) when no capacity applies, so a router can
-        skip masking its gates."""
+    def limit_capacity(self, expert_index, keep: Optional[torch.Tensor], k_for_capacity: int):
+        """Apply the current capacity to the slots `keep` marks (None: every slot); returns (keep,
+        number of slots dropped).  When no capacity applies that is the `keep` passed in (the
+        same object, so a router can skip masking its gates) and None (nothing dropped)."""
         cf = self.current_capacity_factor()
         if cf is None:
-            return keep, keep.new_zeros((), dtype=torch.long)
+            return keep, None
         num_experts = self.routed_experts()  # restricted_to: capacity shared over the block only
         capacity = expert_capacity(expert_index.shape[0], num_experts, k_for_capacity, cf)
         if capacity >= expert_index.shape[0]:
             # A token sends at most one slot to an expert, so no expert can receive more than
             # S slots: this capacity drops nothing (large eval capacity factors, small E).
-            return keep, keep.new_zeros((), dtype=torch.long)
+            return keep, None
+        if keep is None:
+            keep = torch.ones_like(expert_index, dtype=torch.bool)
         new_keep = apply_capacity(expert_index, keep, num_experts, capacity)
         return new_keep, (keep.sum() - new_keep.sum())
 

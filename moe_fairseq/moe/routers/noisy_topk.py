@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from ..aux_mode import AuxMode
 from ..losses import cv_squared
 from .base import Router, Routing, fp32_logits
 from .registry import register_router
@@ -36,7 +37,7 @@ class NoisyTopKRouter(Router):
         return cls(model_dim, cfg.num_experts, cfg.top_k, *cfg.capacity_factors(),
                    importance_loss_weight=cfg.importance_loss_weight, load_loss_weight=cfg.load_loss_weight)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         k, num_experts = self.current_k(), self.routed_experts()
         clean = fp32_logits(x, self.routed_rows(self.w_gate))
         noisy_training = self.training
@@ -48,12 +49,11 @@ class NoisyTopKRouter(Router):
         top_values, top_index = logits.topk(min(k + 1, num_experts), dim=1)
         expert_index = top_index[:, :k]
         gates = torch.softmax(top_values[:, :k], dim=1)
-        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, all_kept, k)
-        if keep is not all_kept:
+        keep, dropped = self.limit_capacity(expert_index, None, k)
+        if keep is not None:
             gates = gates * keep
         losses = {}
-        if not self.compute_aux:
+        if not aux_mode.losses:
             return Routing(expert_index, gates, keep, None, losses, dropped)
         dense_gates = torch.zeros_like(clean).scatter(1, expert_index, gates)
         if self.importance_loss_weight > 0:
@@ -64,7 +64,7 @@ class NoisyTopKRouter(Router):
             else:
                 load = (dense_gates > 0).float().sum(0)
             losses["load"] = self.load_loss_weight * cv_squared(load)
-        probs = torch.softmax(clean, dim=-1)
+        probs = torch.softmax(clean, dim=-1) if aux_mode.stats else None  # statistics only
         return Routing(expert_index, gates, keep, probs, losses, dropped)
 
     @staticmethod
@@ -82,9 +82,3 @@ class NoisyTopKRouter(Router):
         prob_in = torch.special.ndtr((clean - threshold_in) / sigma)
         prob_out = torch.special.ndtr((clean - threshold_out) / sigma)
         return torch.where(is_in, prob_in, prob_out).sum(0)
-
-    def decode_route(self, x: torch.Tensor):
-        # forward in evaluation: the clean logits, the same top-(k+1) call, no losses.
-        k = self.current_k()
-        top_values, top_index = fp32_logits(x, self.w_gate).topk(min(k + 1, self.num_experts), dim=1)
-        return top_index[:, :k], torch.softmax(top_values[:, :k], dim=1)

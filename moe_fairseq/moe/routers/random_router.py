@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from ..aux_mode import AuxMode
 from ..k_schedule import KSchedule
 from .base import Router, Routing, check_top_k, fp32_logits
 from .registry import register_router
@@ -41,7 +42,7 @@ class RandomRouter(Router):
     def training_k(self) -> int:
         return self.schedule(self.num_updates)  # self.k, the k of evaluation, is the schedule's k_max
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         k = self.current_k()
         # The weight is a buffer without requires_grad, so it gets no gradient; but the gates
         # still depend on x, and the layer's backward must include that path (as in the
@@ -49,11 +50,6 @@ class RandomRouter(Router):
         logits = fp32_logits(x, self.routed_rows(self.weight))
         top_values, expert_index = logits.topk(k, dim=1)
         gates = torch.softmax(top_values, dim=1)
-        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, all_kept, k)
-        probs = torch.softmax(logits, dim=-1) if self.compute_aux else None  # statistics only
-        return Routing(expert_index, gates if keep is all_kept else gates * keep, keep, probs, {}, dropped)
-
-    def decode_route(self, x: torch.Tensor):
-        top_values, expert_index = fp32_logits(x, self.weight).topk(self.current_k(), dim=1)
-        return expert_index, torch.softmax(top_values, dim=1)
+        keep, dropped = self.limit_capacity(expert_index, None, k)
+        probs = torch.softmax(logits, dim=-1) if aux_mode.stats else None  # statistics only
+        return Routing(expert_index, gates if keep is None else gates * keep, keep, probs, {}, dropped)

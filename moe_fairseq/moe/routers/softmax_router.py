@@ -1,6 +1,7 @@
 """The learned softmax router shared by top1 (Switch) and top2 (GShard)."""
 import torch
 
+from ..aux_mode import AuxMode
 from ..losses import router_z_loss
 from .base import Router, fp32_logits
 
@@ -30,9 +31,11 @@ class SoftmaxRouter(Router):
         logits = fp32_logits(x, self.routed_rows(self.wg.weight))
         return logits, torch.softmax(logits, dim=-1)
 
-    def aux_losses(self, logits, probs, top1):
+    def aux_losses(self, logits, probs, top1, aux_mode: AuxMode):
+        """The weighted losses when aux_mode asks for them; top1: each token's first expert,
+        (S,) or (S, 1)."""
         losses = {}
-        if not self.compute_aux:
+        if not aux_mode.losses:
             return losses
         if self.balance_loss_weight > 0:
             losses["balance"] = self.balance_loss_weight * type(self).balance_loss(probs, top1)

@@ -1,6 +1,7 @@
 """Switch Transformer top-1 router (Fedus et al., 2021)."""
 import torch
 
+from ..aux_mode import AuxMode
 from ..losses import switch_balance_loss
 from .base import Routing
 from .registry import register_router
@@ -24,15 +25,10 @@ class Top1Router(SoftmaxRouter):
         return cls(model_dim, cfg.num_experts, *cfg.capacity_factors(), balance_loss_weight=cfg.gate_loss_weight,
                    z_loss_weight=cfg.z_loss_weight, jitter_eps=cfg.jitter_eps)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         logits, probs = self.logits_and_probs(x)
         gate, top1 = probs.max(dim=-1)
         expert_index = top1.unsqueeze(1)
-        all_kept = torch.ones_like(expert_index, dtype=torch.bool)
-        keep, dropped = self.limit_capacity(expert_index, all_kept, 1)
-        gate = gate.unsqueeze(1) if keep is all_kept else gate.unsqueeze(1) * keep
-        return Routing(expert_index, gate, keep, probs, self.aux_losses(logits, probs, top1), dropped)
-
-    def decode_route(self, x: torch.Tensor):
-        gate, top1 = self.logits_and_probs(x)[1].max(dim=-1)
-        return top1.unsqueeze(1), gate.unsqueeze(1)
+        keep, dropped = self.limit_capacity(expert_index, None, 1)
+        gate = gate.unsqueeze(1) if keep is None else gate.unsqueeze(1) * keep
+        return Routing(expert_index, gate, keep, probs, self.aux_losses(logits, probs, top1, aux_mode), dropped)

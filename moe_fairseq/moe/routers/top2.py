@@ -1,6 +1,7 @@
 """GShard top-2 router (Lepikhin et al., 2021), with fairseq's MoE-branch options."""
 import torch
 
+from ..aux_mode import AuxMode
 from ..errors import MoEUsageError
 from ..losses import gshard_balance_loss
 from .base import Routing
@@ -39,9 +40,9 @@ class Top2Router(SoftmaxRouter):
                    balance_loss_weight=cfg.gate_loss_weight, z_loss_weight=cfg.z_loss_weight,
                    jitter_eps=cfg.jitter_eps)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         logits, probs = self.logits_and_probs(x)
-        top1 = probs.argmax(dim=-1)
+        top1 = probs.argmax(dim=-1, keepdim=True)
         noisy = logits
         if self.training and self.second_expert_policy == "sampling":
             # Gumbel(0, 1) = -log(-log(U)); the parentheses matter: unary minus binds looser than
@@ -49,29 +50,20 @@ class Top2Router(SoftmaxRouter):
             u = torch.rand_like(logits).clamp_min(1e-20)
             gumbel = -torch.log((-torch.log(u)).clamp_min(1e-20))
             noisy = logits + gumbel
-        top2 = noisy.scatter(1, top1.unsqueeze(1), float("-inf")).argmax(dim=-1)
-        expert_index = torch.stack([top1, top2], dim=1)
+        top2 = noisy.scatter(1, top1, float("-inf")).argmax(dim=-1, keepdim=True)
+        expert_index = torch.cat([top1, top2], dim=1)
         gates = probs.gather(1, expert_index)
         if self.normalize_before_dropping:
             gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
-        keep = torch.ones_like(expert_index, dtype=torch.bool)
+        keep = None  # every slot, unless the random policy or capacity drops some
         if self.training and self.second_expert_policy == "random":
             # As fairseq's top2gating: the test 2 * g2 > U uses g2 after the optional
             # normalisation before dropping.
+            keep = torch.ones_like(expert_index, dtype=torch.bool)
             keep[:, 1] = 2 * gates[:, 1] > torch.rand_like(gates[:, 1])
-        policy_keep = keep
         keep, dropped = self.limit_capacity(expert_index, keep, 2)
-        if keep is not policy_keep or (self.training and self.second_expert_policy == "random"):
-            gates = gates * keep  # else every slot is kept
+        if keep is not None:
+            gates = gates * keep
         if not self.normalize_before_dropping:
             gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
-        return Routing(expert_index, gates, keep, probs, self.aux_losses(logits, probs, top1), dropped)
-
-    def decode_route(self, x: torch.Tensor):
-        # forward's evaluation branch: no noise, every slot kept, the gates normalised once.
-        logits, probs = self.logits_and_probs(x)
-        top1 = probs.argmax(dim=-1, keepdim=True)
-        top2 = logits.scatter(1, top1, float("-inf")).argmax(dim=-1, keepdim=True)
-        expert_index = torch.cat([top1, top2], dim=1)
-        gates = probs.gather(1, expert_index)
-        return expert_index, gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+        return Routing(expert_index, gates, keep, probs, self.aux_losses(logits, probs, top1, aux_mode), dropped)
