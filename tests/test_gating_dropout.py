@@ -442,6 +442,8 @@ def test_local_topk_refusals(toy_router):
                               "its rank's experts, but --moe-expert-count=2 over 2 rank(s) leaves 1 per rank; use "
                               "gate_drop or more experts")
     cfg.check_world_size(1)
+    with pytest.raises(MoEUsageError, match=r"^--moe-gating-dropout-mode local_topk routes each token to k=2"):
+        build_moe_layer(cfg, 5, 6, comm=RankComm(2, 0, 2))  # where a config meets the ranks
     cfg = MoEConfig(num_experts=8, router="random", top_k_max=4, gating_dropout=0.3, gating_dropout_mode="local_topk")
     with pytest.raises(MoEUsageError, match=r"k=4 \(--moe-top-k-max\) .* --moe-expert-count=8 over 4 rank\(s\) leaves 2"):
         cfg.check_world_size(4)

@@ -238,8 +238,11 @@ def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, 
     """Build a MoE layer from a MoEConfig.  With split_hidden_dim, E fresh
     experts of hidden size hidden_dim / E, as many parameters as one FFN of hidden_dim
     (SMoE-Dropout's parameter-matched setting; FFNExperts.split_dense copies a trained FFN's).
-    cfg was validated when it was made (the rules on the ranks: cfg.check_world_size, which the
-    model runs once); the constructors below check only their own arguments."""
+    cfg was validated when it was made; what it could not know then, the ranks a comm spreads
+    the experts over, is checked here (cfg.check_world_size, pure and cheap); the constructors
+    below check only their own arguments."""
+    if comm is not None:
+        cfg.check_world_size(comm.world_size)
     # Validation used to build a router of input size 1 here, drawing from the global RNG
     # (top1/top2/random initialise their weight): the same draw is kept, so everything built
     # after this layer starts from the weights it started from before, at the same seed.
