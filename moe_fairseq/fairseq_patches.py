@@ -90,7 +90,7 @@ import torch.distributed as dist
 from .atomic_files import atomic_copy
 from .checkpoint.io import allow_checkpoint_types
 from .checkpoint.format import (PARAM_NAMES, POINTER, new_run_id, optimizer_param_names, point_to_shards, shard_meta,
-                                shard_path, tensor_shapes)
+                                shard_path, shard_tag, tensor_shapes)
 from .checkpoint.sharded import (atomic_save, remove_stale_temporaries, remove_unreferenced_shards, resolve_experts,
                                  split_experts)
 from .cli_errors import install_excepthook
@@ -257,7 +257,7 @@ def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
         raise MoEUsageError("expert-parallel checkpoints need per-parameter optimizer state: use "
                             "--memory-efficient-fp16 (or --fp16-no-flatten-grads) instead of plain --fp16")
     rank, world = dist.get_rank(comm.group), dist.get_world_size(comm.group)
-    tag = f"e{epoch_itr.epoch}-u{trainer.get_num_updates()}"
+    tag = shard_tag(epoch_itr.epoch, trainer.get_num_updates())
     run = _run_id(trainer, comm)
     trainer.consolidate_optimizer()  # fairseq's state_dict() expects it (it sets the optimizer hand-off)
     from fairseq import utils

@@ -90,7 +90,7 @@ def test_split_dense_bad_input():
         FFNExperts.split_dense(nn.Linear(4, 6), nn.Linear(6, 4), 4)
     with pytest.raises(ValueError, match="--activation-fn"):
         FFNExperts(2, 4, 4, activation="swish2")
-    with pytest.raises(ValueError, match="--moe-expert-dropout"):
+    with pytest.raises(ValueError, match=r"^FFNExperts: expert_dropout must be in \[0, 1\)"):
         FFNExperts(2, 4, 4, expert_dropout=1.0)
 
 

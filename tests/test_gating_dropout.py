@@ -10,6 +10,7 @@ import torch
 from moe_fairseq.moe import FFNExperts, MoEConfig, MoELayer, Top1Router, Top2Router, build_moe_layer
 from moe_fairseq.moe.aux_mode import AuxMode
 from moe_fairseq.moe.comm import LocalComm
+from moe_fairseq.moe.errors import MoEUsageError
 from moe_fairseq.moe.gating_dropout import check_rate, gating_dropout_fires, uniform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,14 +202,14 @@ def test_bad_rate(bad):
         check_rate(bad)
     with pytest.raises(ValueError, match="--moe-gating-dropout"):
         MoEConfig(gating_dropout=bad).validate()
-    with pytest.raises(ValueError, match="--moe-gating-dropout"):
+    with pytest.raises(ValueError, match=r"^MoELayer: gating_dropout must be in \[0, 1\)"):  # its argument's name
         make_layer(p=bad)
 
 
 def test_bad_mode():
     with pytest.raises(ValueError, match="--moe-gating-dropout-mode"):
         MoEConfig(gating_dropout=0.2, gating_dropout_mode="drop_all").validate()
-    with pytest.raises(ValueError, match="--moe-gating-dropout-mode"):
+    with pytest.raises(ValueError, match="^MoELayer: gating_dropout_mode must be one of"):
         make_layer(mode="gate-drop")
 
 
@@ -434,22 +435,34 @@ def test_local_topk_noisy_and_random_routers_restricted():
 
 
 def test_local_topk_refusals(toy_router):
-    # k larger than the experts of a rank: refused when the layer is built, naming the flags
-    with pytest.raises(ValueError) as err:
-        MoELayer(Top2Router(5, 2), FFNExperts(1, 5, 6), comm=RankComm(2, 0, 2), gating_dropout=0.3,
-                 gating_dropout_mode="local_topk")
+    # k larger than the experts of a rank: refused by the config for the ranks, naming the flags
+    cfg = MoEConfig(num_experts=2, router="top2", gating_dropout=0.3, gating_dropout_mode="local_topk")
+    with pytest.raises(MoEUsageError) as err:
+        cfg.check_world_size(2)
     assert str(err.value) == ("--moe-gating-dropout-mode local_topk routes each token to k=2 (--moe-router top2) of "
                               "its rank's experts, but --moe-expert-count=2 over 2 rank(s) leaves 1 per rank; use "
                               "gate_drop or more experts")
+    cfg.check_world_size(1)
+    with pytest.raises(MoEUsageError, match=r"^--moe-gating-dropout-mode local_topk routes each token to k=2"):
+        build_moe_layer(cfg, 5, 6, comm=RankComm(2, 0, 2))  # where a config meets the ranks
+    cfg = MoEConfig(num_experts=8, router="random", top_k_max=4, gating_dropout=0.3, gating_dropout_mode="local_topk")
+    with pytest.raises(MoEUsageError, match=r"k=4 \(--moe-top-k-max\) .* --moe-expert-count=8 over 4 rank\(s\) leaves 2"):
+        cfg.check_world_size(4)
+    cfg.check_world_size(2)
+    # ... and by the layer, in its arguments' names
     from moe_fairseq.moe import KSchedule, RandomRouter
 
-    with pytest.raises(ValueError, match=r"k=4 \(--moe-top-k-max\) .* --moe-expert-count=8 over 4 rank\(s\) leaves 2"):
+    with pytest.raises(ValueError, match=r"^gating_dropout_mode local_topk: the router's k=2 exceeds the rank's 1 "):
+        MoELayer(Top2Router(5, 2), FFNExperts(1, 5, 6), comm=RankComm(2, 0, 2), gating_dropout=0.3,
+                 gating_dropout_mode="local_topk")
+    with pytest.raises(ValueError, match=r"k=4 exceeds the rank's 2 local experts"):
         MoELayer(RandomRouter(5, 8, KSchedule(1, 4, 10)), FFNExperts(2, 5, 6), comm=RankComm(8, 1, 4),
                  gating_dropout=0.3, gating_dropout_mode="local_topk")
     # a router that cannot be restricted (tests/toy_router.py, registered by the fixture)
-    with pytest.raises(ValueError, match="--moe-router toy_round_robin cannot"):
-        build_moe_layer(MoEConfig(num_experts=4, router="toy_round_robin", gating_dropout=0.3,
-                                  gating_dropout_mode="local_topk"), 5, 6)
+    with pytest.raises(MoEUsageError, match="--moe-router toy_round_robin cannot"):
+        MoEConfig(num_experts=4, router="toy_round_robin", gating_dropout=0.3, gating_dropout_mode="local_topk")
+    with pytest.raises(ValueError, match="^gating_dropout_mode local_topk needs a restrictable router, not RoundRobin"):
+        MoELayer(toy_router(5, 4, 1), FFNExperts(4, 5, 6), gating_dropout=0.3, gating_dropout_mode="local_topk")
     # a mode set after construction (as scripts/step_timing.py does) meets the same rule in the router
     layer = MoELayer(Top2Router(5, 4), FFNExperts(1, 5, 6), comm=RankComm(4, 0, 4), gating_dropout=0.5).train()
     layer.gating_dropout_mode = "local_topk"

@@ -48,7 +48,7 @@ def test_config_from_args():
                                      "--moe-dropless", moe_eval_top_k=2))
     assert (cfg.num_experts, cfg.router, cfg.top_k_max, cfg.dropless, cfg.eval_top_k) == (4, "random", 4, True, 2)
     assert (cfg.expert_dropout, cfg.gating_dropout, cfg.seed, cfg.capacity_factor) == (0.1, 0.0, 5, None)
-    assert moe_config_from_args(parse("--moe-expert-dropout", "0.3")).expert_dropout == 0.3
+    assert moe_config_from_args(parse("--moe-expert-count", "4", "--moe-expert-dropout", "0.3")).expert_dropout == 0.3
 
 
 @pytest.mark.parametrize("argv,field,value", [
@@ -58,7 +58,7 @@ def test_config_from_args():
     (["--moe-local-drop", "0.2", "--moe-gating-dropout", "0.1"], "gating_dropout", 0.1),  # the flag itself wins
 ])
 def test_aliases(argv, field, value):
-    assert getattr(moe_config_from_args(parse(*argv)), field) == value
+    assert getattr(moe_config_from_args(parse("--moe-expert-count", "4", *argv)), field) == value
 
 
 @pytest.mark.parametrize("argv,flag", [

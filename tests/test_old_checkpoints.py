@@ -143,7 +143,7 @@ def test_the_saved_arguments_of_old_checkpoints():
                                          (["--moe-top1-expert"], "top1"),
                                          (["--moe-top1-expert", "--moe-router", "top2"], "top1")])
 def test_the_saved_router_is_the_one_the_flags_build(argv, router):
-    """SavedArgs.router resolves --moe-top1-expert as models/moe_args.py's ALIASES do."""
+    """SavedArgs.router resolves --moe-top1-expert as the flags do (moe.config.ALIASES)."""
     import argparse
 
     from moe_fairseq.checkpoint.saved_args import saved_args

@@ -182,7 +182,7 @@ def parse_with_fairseq(path, data="data-bin/x"):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_wmt10_config_parses_with_fairseqs_parser(name):
-    from moe_fairseq.models.transformer_moe import validate_moe_args
+    from moe_fairseq.models.transformer_moe import moe_plan
 
     args = parse_with_fairseq(config_path("wmt10", name))
     assert args.task == "translation_multi_moe" and args.arch == "transformer_moe_base"
@@ -192,7 +192,7 @@ def test_wmt10_config_parses_with_fairseqs_parser(name):
     assert args.sampling_method == "temperature" and args.sampling_temperature == 5
     assert args.fp16 and args.fp16_no_flatten_grads and args.ddp_backend == "legacy_ddp"
     assert args.encoder_embed_dim == 512 and args.encoder_layers == 6
-    validate_moe_args(args)  # the MoE flags are consistent (k <= E, split FFN divisible, ...)
+    moe_plan(args)  # the MoE flags are consistent (k <= E, split FFN divisible, ...)
     assert args.moe_expert_count == (0 if name == "dense" else 8)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moe_fairseq.moe import KSchedule, NoisyTopKRouter, RandomRouter, Top1Router, Top2Router
+from moe_fairseq.moe.errors import MoEUsageError
 from moe_fairseq.moe.routers import ROUTERS, SECOND_EXPERT_POLICIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -530,20 +531,24 @@ def test_router_registry():
 
 
 # --------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("make,flag", [
-    (lambda: NoisyTopKRouter(4, 3, k=4), "--moe-top-k"),
-    (lambda: NoisyTopKRouter(4, 3, k=0), "--moe-top-k"),
-    (lambda: NoisyTopKRouter(4, 3, k=2, eval_k=5), "--moe-eval-top-k"),
-    (lambda: RandomRouter(4, 3, KSchedule(1, 4, 10)), "--moe-top-k-max"),
-    (lambda: RandomRouter(4, 3, KSchedule(1, 3, 10), eval_k=4), "--moe-eval-top-k"),
-    (lambda: RandomRouter(4, 3, KSchedule(1, 3, 10), eval_k=0), "--moe-eval-top-k"),
-    (lambda: Top1Router(4, 3, capacity_factor=0.0), "--moe-capacity-factor"),
-    (lambda: Top1Router(4, 3, capacity_factor=-1.0), "--moe-capacity-factor"),
-    (lambda: Top2Router(4, 3, eval_capacity_factor=0.0), "--moe-eval-capacity-factor"),
-    (lambda: Top2Router(4, 3, second_expert_policy="gumbel"), "--moe-second-expert-policy"),
-    (lambda: Top2Router(4, 1), "--moe-expert-count"),
-    (lambda: Top1Router(4, 0), "--moe-expert-count"),
+@pytest.mark.parametrize("make,message", [  # in the arguments' names: the flags' rules are MoEConfig's
+    (lambda: NoisyTopKRouter(4, 3, k=4), "NoisyTopKRouter: k must be between 1 and num_experts=3 (got 4)"),
+    (lambda: NoisyTopKRouter(4, 3, k=0), "NoisyTopKRouter: k must be between 1 and num_experts=3 (got 0)"),
+    (lambda: NoisyTopKRouter(4, 3, k=2, eval_k=5), "NoisyTopKRouter: eval_k must be between 1 and num_experts=3 "
+                                                   "(got 5)"),
+    (lambda: RandomRouter(4, 3, KSchedule(1, 4, 10)), "RandomRouter: k must be between 1 and num_experts=3 (got 4)"),
+    (lambda: RandomRouter(4, 3, KSchedule(1, 3, 10), eval_k=4), "RandomRouter: eval_k must be between 1 and"),
+    (lambda: RandomRouter(4, 3, KSchedule(1, 3, 10), eval_k=0), "RandomRouter: eval_k must be between 1 and"),
+    (lambda: Top1Router(4, 3, capacity_factor=0.0), "Top1Router: capacity_factor must be > 0, or None"),
+    (lambda: Top1Router(4, 3, capacity_factor=-1.0), "Top1Router: capacity_factor must be > 0, or None"),
+    (lambda: Top2Router(4, 3, eval_capacity_factor=0.0), "Top2Router: eval_capacity_factor must be > 0"),
+    (lambda: Top2Router(4, 3, second_expert_policy="gumbel"), "Top2Router: second_expert_policy must be one of"),
+    (lambda: Top2Router(4, 1), "Top2Router needs num_experts >= 2 (got 1)"),
+    (lambda: Top1Router(4, 0), "Top1Router: num_experts must be >= 1 (got 0)"),
+    (lambda: Top1Router(4, 3).set_eval_k(1), "Top1Router routes a fixed k: eval_k must be None (got 1)"),
 ])
-def test_router_bad_input(make, flag):
-    with pytest.raises(ValueError, match=flag):
+def test_router_bad_input(make, message):
+    with pytest.raises(ValueError) as err:
         make()
+    assert str(err.value).startswith(message)
+    assert not isinstance(err.value, MoEUsageError)  # not a flag's error: a library call's

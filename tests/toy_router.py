@@ -16,6 +16,10 @@ class RoundRobinRouter(Router):
     def from_config(cls, cfg, model_dim):
         return cls(model_dim, cfg.num_experts, 1, *cfg.capacity_factors())
 
+    @classmethod
+    def config_k(cls, cfg):  # what MoEConfig.validate checks against --moe-expert-count
+        return 1
+
     def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         expert_index = (torch.arange(x.shape[0], device=x.device) % self.num_experts).unsqueeze(1)
         keep, dropped = self.limit_capacity(expert_index, torch.ones_like(expert_index, dtype=torch.bool), 1)

@@ -23,7 +23,7 @@ existed are read as before (extra keys do not change the layout, so FORMAT_VERSI
 import os
 import re
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from ..moe.errors import MoEUsageError
 
@@ -32,12 +32,25 @@ POINTER = "moe_shards"  # key of the pointer in fairseq's checkpoint dict
 PARAM_NAMES = "moe_param_names"  # key of the optimizer slots' parameter names
 FORMAT_VERSION = 1
 
-# fairseq parameter names of expert weights: ...fc1.moe.experts.{w1,b1,w2,b2}
+# fairseq parameter names of a MoE layer <layer> (e.g. encoder.layers.1.fc1.moe): its experts'
+# weights <layer>.experts.{w1,b1,w2,b2}, and its router's tensors <layer>.router.<name>.
 EXPERT_KEY = re.compile(r"(^|\.)moe\.experts\.(w1|b1|w2|b2)$")
 
 
 def is_expert_key(name: str) -> bool:
     return EXPERT_KEY.search(name) is not None
+
+
+def moe_layer_names(names: Iterable[str]) -> List[str]:
+    """The MoE layers <layer> of a model's tensor names, in order."""
+    return [name[:-len(".experts.w1")] for name in names if is_expert_key(name) and name.endswith(".experts.w1")]
+
+
+def router_tensor(layer: str, name: str) -> Optional[str]:
+    """The router's own name (e.g. wg.weight) of tensor `name` of MoE layer `layer`; None for
+    a tensor that is not its router's."""
+    head = f"{layer}.router."
+    return name[len(head):] if name.startswith(head) else None
 
 
 # An int8 checkpoint (moe-quantize, models/int8_inference.py) holds its weight matrices under
@@ -62,6 +75,16 @@ def optimizer_param_names(model, criterion) -> List[str]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     names += [f"criterion.{n}" for n, p in criterion.named_parameters() if p.requires_grad]
     return names
+
+
+def shard_tag(epoch: int, num_updates: int) -> str:
+    """The shard set a training save writes (moe_shards/<tag>/)."""
+    return f"e{epoch}-u{num_updates}"
+
+
+def reshard_tag(num_updates: int, world_size: int, run: str) -> str:
+    """The shard set moe-reshard writes: never an existing set's name (the run id is new)."""
+    return f"resharded-u{num_updates}-w{world_size}-{run[:8]}"
 
 
 def shard_filename(rank: int, world_size: int) -> str:

@@ -61,9 +61,18 @@ class SavedArgs:
 
     @property
     def router(self) -> str:
-        """--moe-router, with fairseq's moe-branch switch --moe-top1-expert (models/moe_args.py
-        ALIASES, which wins over --moe-router; tests/test_old_checkpoints.py keeps the two in step)."""
-        return "top1" if self.get("moe_top1_expert") else self.get("moe_router", "top2")
+        """--moe-router, aliases resolved (--moe-top1-expert wins over it)."""
+        from ..moe.config import config_values  # torch: not for the scripts that only use arg and as_list
+
+        return config_values(self.get)["router"]
+
+    def moe_config(self):
+        """The MoEConfig the checkpoint's MoE layers were built from (validated)."""
+        from ..moe.config import MoEConfig, config_values
+
+        if not self.num_experts:
+            raise MoEUsageError("a dense checkpoint (moe_expert_count 0) has no MoE config")
+        return MoEConfig(**config_values(self.get))
 
 
 def saved_args(state: dict) -> SavedArgs:

@@ -15,7 +15,7 @@ from typing import Dict, List, Tuple
 
 import torch.distributed as dist
 
-from ..moe.config import dest_flag, flag_dest
+from ..moe.config import ALIASES, dest_flag, flag_dest
 from ..moe.errors import MoEUsageError
 
 # fairseq's own flags that decide the model's structure or the order of collectives
@@ -27,7 +27,7 @@ AGREED_FAIRSEQ_FLAGS = ("seed", "arch", "encoder_layers", "decoder_layers", "enc
 
 def agreed_flag_values(args) -> List[Tuple[str, str]]:
     """(flag, repr(value)) of every flag the ranks must agree on, in a fixed order."""
-    from ..models.moe_args import ALIASES, flag_fields
+    from ..models.moe_args import flag_fields
 
     out = []
     for scope in ("model", "task"):

@@ -1,7 +1,6 @@
 """Command-line flags of the MoE model, and their translation into the layer library's MoEConfig,
 all generated from dataclass fields (moe.config.option): MoEConfig's for the options of a MoE
-layer, MoEModelOptions' below for where the layers go.  Nothing here names a single option
-except the aliases table.
+layer, MoEModelOptions' below for where the layers go.  Nothing here names a single option.
 
 Flag names follow fairseq's `moe`/`nllb` branches where the concept is the same
 (--moe-expert-count, --moe-freq, --moe-second-expert-policy, --moe-gate-loss-wt, ...), so their
@@ -9,9 +8,9 @@ users find what they know.
 """
 import typing
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional
+from typing import FrozenSet, Optional, Tuple
 
-from ..moe.config import MoEConfig, flag_dest, option
+from ..moe.config import ALIASES, MoEConfig, check_fields, config_values, dest_flag, flag_dest, option
 from ..moe.errors import MoEUsageError
 
 
@@ -37,22 +36,43 @@ class MoEModelOptions:
     moe_split_ffn: bool = option(
         False, "--moe-split-ffn", "experts of hidden size FFN/E: the parameters of one dense FFN (SMoE-Dropout)")
 
+    @classmethod
+    def from_args(cls, args) -> "MoEModelOptions":
+        """The options in fairseq's args; one not there (a checkpoint older than its flag) is its default."""
+        values = {f.name: getattr(args, f.metadata["dest"], None) for f in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if value is not None})
 
-class Alias(NamedTuple):
-    field: str  # the MoEConfig field it sets
-    value: object  # a switch's value (the flag takes no argument), or None: the flag carries one
-    help: str
-    metavar: Optional[str] = None
+    def validate(self, num_experts: int, encoder_layers: int, decoder_layers: int) -> "MoEModelOptions":
+        """The options' rules for a model of num_experts (--moe-expert-count) experts, each error
+        one line naming the flag; returns self."""
+        check_fields(self)
+        if num_experts < 0:
+            raise MoEUsageError(f"--moe-expert-count must be >= 0 (got {num_experts})")
+        if num_experts == 0:
+            for name in ("moe_freq", "encoder_moe_freq", "decoder_moe_freq"):  # where MoE layers go
+                if getattr(self, name):
+                    raise MoEUsageError(f"{dest_flag(name)}={getattr(self, name)} needs --moe-expert-count > 0")
+            return self
+        self.moe_layers(num_experts, encoder_layers, decoder_layers)
+        if self.moe_split_ffn and self.moe_expert_ffn_dim:
+            raise MoEUsageError("--moe-split-ffn and --moe-expert-ffn-dim are exclusive")
+        return self
 
-
-# Other fairseq branches' spellings of our options.  A switch wins over the field's own flag (as
-# --moe-top1-expert always meant top1); an alias carrying a value is used when the field's own
-# flag is not given.
-ALIASES = {
-    "--moe-top1-expert": Alias("router", "top1", "fairseq moe-branch spelling of --moe-router top1"),
-    "--moe-local-drop": Alias("gating_dropout", None, "fairseq nllb-branch spelling of --moe-gating-dropout with "
-                                                      "gate_drop", "P"),
-}
+    def moe_layers(self, num_experts: int, encoder_layers: int, decoder_layers: int) -> Tuple[FrozenSet[int], ...]:
+        """(encoder, decoder) indices of the MoE layers: layers i with (i + 1) % freq == 0 (fairseq's
+        moe branch rule), none for a dense model (num_experts 0)."""
+        out = []
+        for side, num_layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+            freq, flag = getattr(self, f"{side}_moe_freq"), f"--{side}-moe-freq"
+            if freq is None:
+                freq, flag = self.moe_freq, "--moe-freq"
+            if not num_experts or not freq:
+                out.append(frozenset())
+                continue
+            if freq < 0 or freq > num_layers:
+                raise MoEUsageError(f"{flag}={freq} must be between 0 and the number of layers ({num_layers})")
+            out.append(frozenset(i for i in range(num_layers) if (i + 1) % freq == 0))
+        return tuple(out)
 
 
 def _argparse_type(annotation):
@@ -102,28 +122,5 @@ def set_moe_defaults(args):
 
 
 def moe_config_from_args(args) -> MoEConfig:
-    values = {}
-    for f in fields(MoEConfig):
-        meta = f.metadata
-        value = getattr(args, meta["dest"], None)
-        for flag, alias in ALIASES.items():
-            if alias.field != f.name:
-                continue
-            given = getattr(args, flag_dest(flag), None)
-            if alias.value is not None and given:  # a switch, given
-                value = alias.value
-            elif alias.value is None and value is None:  # the field's own flag not given
-                value = given
-        if value is None and meta["inherit"]:
-            value = getattr(args, meta["inherit"], None)
-        values[f.name] = f.default if value is None else value
-    return MoEConfig(**values)
-
-
-def moe_layer_indices(freq: int, num_layers: int, flag: str):
-    """Layers i with (i + 1) % freq == 0 (fairseq's moe branch rule)."""
-    if not freq:
-        return set()
-    if freq < 0 or freq > num_layers:
-        raise MoEUsageError(f"{flag}={freq} must be between 0 and the number of layers ({num_layers})")
-    return {i for i in range(num_layers) if (i + 1) % freq == 0}
+    """The MoEConfig of fairseq's args (aliases resolved; validated when made)."""
+    return MoEConfig(**config_values(lambda dest: getattr(args, dest, None)))

@@ -3,8 +3,11 @@
 With no MoE layers (--moe-expert-count 0 or --moe-freq 0) every module is fairseq's own, so a
 dense baseline runs the very same code path and has exactly the transformer's parameters.
 """
+import contextvars
 import datetime
 import logging
+from dataclasses import dataclass
+from typing import FrozenSet, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,22 +20,49 @@ from fairseq.models.transformer.transformer_legacy import (
 )
 
 from ..distributed.agreement import check_ranks_agree
-from ..moe.config import MoEConfig
+from ..moe.config import MoEConfig, check_capacity_factor, check_eval_top_k
+from ..moe.errors import MoEUsageError
 from ..moe.layer import build_moe_layer
 from .int8_inference import INT8_FLAG, to_int8_
-from .moe_args import add_moe_args, moe_config_from_args, moe_layer_indices, set_moe_defaults
+from .moe_args import MoEModelOptions, add_moe_args, moe_config_from_args, set_moe_defaults
 from .moe_transformer_layers import MoETransformerDecoderLayer, MoETransformerEncoderLayer
-from ..moe.errors import MoEUsageError
 
 logger = logging.getLogger(__name__)
 
 
-def _moe_freqs(cfg):
-    enc = cfg.encoder_moe_freq if cfg.encoder_moe_freq is not None else cfg.moe_freq
-    dec = cfg.decoder_moe_freq if cfg.decoder_moe_freq is not None else cfg.moe_freq
-    if cfg.moe_expert_count == 0:
-        return 0, 0
-    return enc, dec
+@dataclass(frozen=True)
+class MoEPlan:
+    """What build_model decides once for the whole model, from flags checked once: the MoE
+    config (None for a dense model), the model's options, and which layers are MoE."""
+
+    config: Optional[MoEConfig]
+    options: MoEModelOptions
+    encoder_layers: FrozenSet[int]
+    decoder_layers: FrozenSet[int]
+
+
+def moe_plan(args) -> MoEPlan:
+    """Every MoE flag checked, once, before anything is built: each error one line naming the flag
+    and what is allowed."""
+    num_experts = args.moe_expert_count
+    options = MoEModelOptions.from_args(args).validate(num_experts, args.encoder_layers, args.decoder_layers)
+    encoder_layers, decoder_layers = options.moe_layers(num_experts, args.encoder_layers, args.decoder_layers)
+    config = None
+    if num_experts:
+        config = moe_config_from_args(args)  # validated when made
+        if dist.is_available() and dist.is_initialized():
+            config.check_world_size(dist.get_world_size())
+    return MoEPlan(config, options, encoder_layers, decoder_layers)
+
+
+# The plan of the model TransformerMoEModel.build_model is building: fairseq's build_model calls
+# the build_encoder / build_decoder hooks with its config only, and they build the layers.
+_BUILDING: contextvars.ContextVar = contextvars.ContextVar("moe_plan_of_the_model_being_built", default=None)
+
+
+def _plan_of(cfg) -> MoEPlan:
+    plan = _BUILDING.get()
+    return plan if plan is not None else moe_plan(cfg)  # a hook called outside build_model
 
 
 def build_comm(num_experts: int, timeout_seconds=None):
@@ -47,44 +77,43 @@ def build_comm(num_experts: int, timeout_seconds=None):
     return None
 
 
-def _build_moe(cfg, moe_cfg: MoEConfig, model_dim: int, ffn_dim: int, layer_index: int, timeout_seconds=None):
-    hidden = cfg.moe_expert_ffn_dim or ffn_dim
-    return build_moe_layer(moe_cfg, model_dim, hidden, layer_index, cfg.activation_fn,
-                           comm=build_comm(moe_cfg.num_experts, timeout_seconds), split_hidden_dim=cfg.moe_split_ffn)
+def _build_moe(cfg, plan: MoEPlan, model_dim: int, ffn_dim: int, layer_index: int, timeout_seconds=None):
+    hidden = plan.options.moe_expert_ffn_dim or ffn_dim
+    return build_moe_layer(plan.config, model_dim, hidden, layer_index, cfg.activation_fn,
+                           comm=build_comm(plan.config.num_experts, timeout_seconds),
+                           split_hidden_dim=plan.options.moe_split_ffn)
 
 
 class MoETransformerEncoder(TransformerEncoderBase):
-    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, return_fc=False, comm_timeout=None):
+    def __init__(self, cfg, dictionary, embed_tokens, plan: MoEPlan, return_fc=False, comm_timeout=None):
         # fairseq's constructor builds the layers (build_encoder_layer), one after the other
         # without passing the index: the MoE options and the layer count must be set first.
-        self.moe_cfg, self._moe_next_layer, self._comm_timeout = moe_cfg, 0, comm_timeout
+        self.moe_plan, self._moe_next_layer, self._comm_timeout = plan, 0, comm_timeout
         super().__init__(cfg, dictionary, embed_tokens, return_fc)
 
     def build_encoder_layer(self, cfg):
         index = self._moe_next_layer
         self._moe_next_layer = index + 1
-        enc_freq, _ = _moe_freqs(cfg)
-        if index in moe_layer_indices(enc_freq, cfg.encoder.layers, "--encoder-moe-freq"):
-            moe = _build_moe(cfg, self.moe_cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, index,
+        if index in self.moe_plan.encoder_layers:
+            moe = _build_moe(cfg, self.moe_plan, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, index,
                              self._comm_timeout)
             return MoETransformerEncoderLayer(cfg, moe, return_fc=self.return_fc)
         return super().build_encoder_layer(cfg)
 
 
 class MoETransformerDecoder(TransformerDecoderBase):
-    def __init__(self, cfg, dictionary, embed_tokens, moe_cfg: MoEConfig, no_encoder_attn=False, comm_timeout=None):
+    def __init__(self, cfg, dictionary, embed_tokens, plan: MoEPlan, no_encoder_attn=False, comm_timeout=None):
         # before fairseq builds the layers: see the encoder
-        self.moe_cfg, self._moe_next_layer, self._comm_timeout = moe_cfg, 0, comm_timeout
+        self.moe_plan, self._moe_next_layer, self._comm_timeout = plan, 0, comm_timeout
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn)
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         index = self._moe_next_layer
         self._moe_next_layer = index + 1
-        _, dec_freq = _moe_freqs(cfg)
-        if index in moe_layer_indices(dec_freq, cfg.decoder.layers, "--decoder-moe-freq"):
+        if index in self.moe_plan.decoder_layers:
             # Decoder layers follow the encoder's in the gating-dropout key, so no two MoE
             # layers of the model share a drop decision.
-            moe = _build_moe(cfg, self.moe_cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim,
+            moe = _build_moe(cfg, self.moe_plan, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim,
                              cfg.encoder.layers + index, self._comm_timeout)
             return MoETransformerDecoderLayer(cfg, moe, no_encoder_attn)
         return super().build_decoder_layer(cfg, no_encoder_attn)
@@ -101,15 +130,20 @@ class TransformerMoEModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        set_moe_defaults(args)
-        # First, before anything a rank could fail at alone: ranks given different flags would
-        # otherwise fail later with a shape error or hang in an all-to-all.
+        # The MoE flags' defaults are the architecture's (set_moe_defaults), which fairseq
+        # applies before it calls this.  First, before anything a rank could fail at alone:
+        # ranks given different flags would otherwise fail later with a shape error or hang in
+        # an all-to-all.
         check_ranks_agree(args)
-        validate_moe_args(args)
+        plan = moe_plan(args)
         check_precision_flags(args)
         # The MoE config (moe_eval_top_k included) reaches every router when it is built; the
         # task applies its own --moe-eval-top-k (generation) afterwards.
-        model = super().build_model(args, task)
+        building = _BUILDING.set(plan)
+        try:
+            model = super().build_model(args, task)
+        finally:
+            _BUILDING.reset(building)
         if getattr(args, INT8_FLAG, False):  # a checkpoint written by moe-quantize
             to_int8_(model)
         from ..moe.collect import moe_layers
@@ -121,49 +155,18 @@ class TransformerMoEModel(TransformerModel):
                         f"{len(moe_layers(model))} MoE layers")
         return model
 
-    # The MoE options are read from the flags once for the encoder and once for the decoder
-    # (fairseq hands each its config, not the model's), not once per layer.
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
-        return MoETransformerEncoder(cfg, src_dict, embed_tokens, moe_config_from_args(cfg),
+        return MoETransformerEncoder(cfg, src_dict, embed_tokens, _plan_of(cfg),
                                      comm_timeout=getattr(args, "collective_timeout", None))
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
-        return MoETransformerDecoder(cfg, tgt_dict, embed_tokens, moe_config_from_args(cfg),
+        return MoETransformerDecoder(cfg, tgt_dict, embed_tokens, _plan_of(cfg),
                                      no_encoder_attn=cfg.no_cross_attention,
                                      comm_timeout=getattr(args, "collective_timeout", None))
-
-
-def validate_moe_args(args):
-    """Fail before anything is built, with the flag's name and what is allowed."""
-    if args.moe_expert_count < 0:
-        raise MoEUsageError(f"--moe-expert-count must be >= 0 (got {args.moe_expert_count})")
-    freqs = (("--moe-freq", args.moe_freq), ("--encoder-moe-freq", args.encoder_moe_freq),
-             ("--decoder-moe-freq", args.decoder_moe_freq))
-    if args.moe_expert_count == 0:
-        for flag, value in freqs:
-            if value:
-                raise MoEUsageError(f"{flag}={value} needs --moe-expert-count > 0")
-        return
-    enc_freq, dec_freq = _moe_freqs(args)
-    moe_layer_indices(enc_freq, args.encoder_layers, "--encoder-moe-freq" if args.encoder_moe_freq is not None else "--moe-freq")
-    moe_layer_indices(dec_freq, args.decoder_layers, "--decoder-moe-freq" if args.decoder_moe_freq is not None else "--moe-freq")
-    # validate() builds a throwaway router: its init must not draw from the global RNG, or every
-    # model would start differently from fairseq's transformer at the same seed (--moe-freq 0 too).
-    with torch.random.fork_rng(devices=[]):
-        moe_config_from_args(args).validate()
-    if args.moe_split_ffn and args.moe_expert_ffn_dim:
-        raise MoEUsageError("--moe-split-ffn and --moe-expert-ffn-dim are exclusive")
-    if dist.is_available() and dist.is_initialized():
-        from ..moe.expert_parallel import expert_sharding
-
-        try:
-            expert_sharding(args.moe_expert_count, dist.get_world_size())
-        except ValueError as e:
-            raise MoEUsageError(str(e)) from None
 
 
 # fairseq 0.12 trains in fp16 on CUDA only: without a GPU (or with --cpu) --fp16 moves tensors
@@ -192,10 +195,10 @@ def check_precision_flags(args, cuda_available=None):
 def apply_eval_overrides(model, eval_top_k=None, eval_capacity_factor=None):
     """Set the evaluation-time k (self-slimmable inference) and capacity on every router."""
     from ..moe.collect import moe_layers
-    from ..moe.routers.base import check_capacity_factor
 
     for layer in moe_layers(model):
         if eval_top_k is not None:
+            check_eval_top_k(type(layer.router), layer.router.num_experts, eval_top_k)
             layer.router.set_eval_k(eval_top_k)
         if eval_capacity_factor is not None:
             check_capacity_factor(eval_capacity_factor, "--moe-eval-capacity-factor")

@@ -3,18 +3,18 @@ command-line flag, help text and (where it differs from the library's) the flag'
 
 The fairseq side generates the flags, their defaults and the mapping from fairseq's args from
 these fields (models/moe_args.py), so adding an option is adding one field here (see
-docs/ARCHITECTURE.md).  The config is validated once, in `validate()`, with the flag's name in
-every error; the layer's constructors check only their own arguments.
+docs/ARCHITECTURE.md).  A MoEConfig is validated once, when it is made (`validate()`), with the
+flag's name in every error, and trusted after: the layer's, routers' and experts' constructors
+check only their own arguments, in their own names.
 """
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from .errors import MoEUsageError
 from .gating_dropout import MODES as GATING_DROPOUT_MODES
 from .gating_dropout import check_rate
 from .k_schedule import SCHEDULES, KSchedule
 from .routers import ROUTERS, SECOND_EXPERT_POLICIES, build_router
-from .routers.base import check_capacity_factor
 
 
 def flag_dest(flag: str) -> str:
@@ -46,6 +46,35 @@ def option(default, flag: Optional[str] = None, help: str = "", *, arg_default=M
     return field(default=default, metadata=dict(
         flag=flag, help=help, arg_default=default if arg_default is MISSING else arg_default, choices=choices,
         check=check, metavar=metavar, inherit=inherit, scope=scope, dest=dest))
+
+
+def check_fields(options):
+    """Every field's `choices` and `check` (see option), with the field's flag in the error."""
+    for f in fields(options):
+        value, meta = getattr(options, f.name), f.metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise MoEUsageError(f"{meta['flag']} must be one of {', '.join(meta['choices'])} (got {value!r})")
+        if meta.get("check") is not None and value is not None:
+            meta["check"](value, meta["flag"])
+
+
+def check_capacity_factor(cf: Optional[float], flag: str):
+    if cf is not None and cf <= 0:
+        raise MoEUsageError(f"{flag} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
+
+
+def check_top_k(k: int, num_experts: int, flag: str = "--moe-top-k"):
+    if not 1 <= k <= num_experts:
+        raise MoEUsageError(f"{flag} must be between 1 and --moe-expert-count={num_experts} (got {k})")
+
+
+def check_eval_top_k(router_cls: type, num_experts: int, k: int):
+    """--moe-eval-top-k, given at training (MoEConfig) or at generation (the task's flag)."""
+    if not router_cls.variable_k:
+        names = [name for name, cls in ROUTERS.items() if cls.variable_k]
+        raise MoEUsageError(f"--moe-eval-top-k applies to the {' and '.join(names)} routers, "
+                            f"not to {router_cls.__name__}")
+    check_top_k(k, num_experts, "--moe-eval-top-k")
 
 
 def at_least(minimum):
@@ -108,17 +137,43 @@ class MoEConfig:
         "(self-slimmable inference); default: the trained k", metavar="K", scope="task")
     seed: int = option(1, dest="seed")  # fairseq's --seed: the Gating Dropout decisions and expert init
 
+    def __post_init__(self):
+        # Validated here, once, and trusted after (as megablocks' Arguments): the layer,
+        # routers and experts built from a MoEConfig check only their own arguments.
+        self.validate()
+
     def validate(self):
-        for f in fields(self):
-            value, flag, meta = getattr(self, f.name), f.metadata.get("flag"), f.metadata
-            if meta.get("choices") is not None and value not in meta["choices"]:
-                raise MoEUsageError(f"{flag} must be one of {', '.join(meta['choices'])} (got {value!r})")
-            if meta.get("check") is not None and value is not None:
-                meta["check"](value, flag)
-        self.capacity_factors()  # the factors that apply once the router's defaults are filled in
-        # The router's constructor checks its own arguments (k against E, ...): building a
-        # throwaway one runs exactly those checks, so no router's rule is written twice.
-        self.build_router(1)
+        """Every rule on the options, each error one line naming the flag; returns self.  Runs
+        at construction; call it again after changing a field."""
+        check_fields(self)
+        for flag, cf in zip(("--moe-capacity-factor", "--moe-eval-capacity-factor"), self.capacity_factors()):
+            check_capacity_factor(cf, flag)  # the factors that apply once the router's defaults are filled in
+        router = ROUTERS[self.router]
+        k = router.config_k(self)  # the random router's k schedule checks its flags here
+        if k > self.num_experts and router.k_flag == f"--moe-router {self.router}":  # a k no flag sets
+            raise MoEUsageError(f"--moe-router {self.router} needs --moe-expert-count >= {k} (got {self.num_experts})")
+        check_top_k(k, self.num_experts, router.k_flag)
+        if self.eval_top_k is not None:
+            check_eval_top_k(router, self.num_experts, self.eval_top_k)
+        if self.gating_dropout_mode == "local_topk" and not router.restrictable:
+            raise MoEUsageError(f"--moe-gating-dropout-mode local_topk needs a router that can route over a subset "
+                                f"of the experts; --moe-router {self.router} cannot (use gate_drop or gate_expert_drop)")
+        return self
+
+    def check_world_size(self, world_size: int):
+        """The rules that depend on the number of ranks the experts are spread over."""
+        from .expert_parallel import expert_sharding
+
+        try:
+            num_local = expert_sharding(self.num_experts, world_size)[0]
+        except ValueError as e:
+            raise MoEUsageError(str(e)) from None
+        router = ROUTERS[self.router]
+        k = router.config_k(self)
+        if self.gating_dropout_mode == "local_topk" and k > num_local:
+            raise MoEUsageError(f"--moe-gating-dropout-mode local_topk routes each token to k={k} "
+                                f"({router.k_flag}) of its rank's experts, but --moe-expert-count={self.num_experts} "
+                                f"over {world_size} rank(s) leaves {num_local} per rank; use gate_drop or more experts")
         return self
 
     def capacity_factors(self):
@@ -127,8 +182,6 @@ class MoEConfig:
         default_train, default_eval = ROUTERS[self.router].default_capacity_factors
         train = self.capacity_factor if self.capacity_factor is not None else default_train
         evaluation = self.eval_capacity_factor if self.eval_capacity_factor is not None else default_eval
-        for name, cf in (("--moe-capacity-factor", train), ("--moe-eval-capacity-factor", evaluation)):
-            check_capacity_factor(cf, name)
         return train, evaluation
 
     def k_schedule(self) -> KSchedule:
@@ -139,3 +192,48 @@ class MoEConfig:
 
     def build_router(self, model_dim: int):
         return build_router(self, model_dim)
+
+
+def field_dest(name: str) -> str:
+    """The attribute in fairseq's args of MoEConfig's field `name` (router -> moe_router)."""
+    return MoEConfig.__dataclass_fields__[name].metadata["dest"]
+
+
+class Alias(NamedTuple):
+    field: str  # the MoEConfig field it sets
+    value: object  # a switch's value (the flag takes no argument), or None: the flag carries one
+    help: str
+    metavar: Optional[str] = None
+
+
+# Other fairseq branches' spellings of our options.  A switch wins over the field's own flag (as
+# --moe-top1-expert always meant top1); an alias carrying a value is used when the field's own
+# flag is not given.
+ALIASES = {
+    "--moe-top1-expert": Alias("router", "top1", "fairseq moe-branch spelling of --moe-router top1"),
+    "--moe-local-drop": Alias("gating_dropout", None, "fairseq nllb-branch spelling of --moe-gating-dropout with "
+                                                      "gate_drop", "P"),
+}
+
+
+def config_values(get: Callable[[str], Any]) -> Dict[str, Any]:
+    """MoEConfig's field values from fairseq's arguments, `get(dest)` returning an argument or None
+    (the command line's or a checkpoint's saved one): aliases resolved, inherited options and
+    defaults filled in.  The one reader of the MoE flags' values; not validated (a dense model's
+    have 0 experts), MoEConfig(**values) is."""
+    values = {}
+    for f in fields(MoEConfig):
+        meta = f.metadata
+        value = get(meta["dest"])
+        for flag, alias in ALIASES.items():
+            if alias.field != f.name:
+                continue
+            given = get(flag_dest(flag))
+            if alias.value is not None and given:  # a switch, given
+                value = alias.value
+            elif alias.value is None and value is None:  # the field's own flag not given
+                value = given
+        if value is None and meta["inherit"]:
+            value = get(meta["inherit"])
+        values[f.name] = f.default if value is None else value
+    return values

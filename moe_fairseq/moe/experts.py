@@ -304,8 +304,8 @@ class FFNExperts(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise MoEUsageError(f"--activation-fn for experts must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
-        if not 0 <= expert_dropout < 1:
-            raise MoEUsageError(f"--moe-expert-dropout must be in [0, 1) (got {expert_dropout})")
+        if not 0 <= expert_dropout < 1:  # --moe-expert-dropout's rule is MoEConfig's
+            raise ValueError(f"FFNExperts: expert_dropout must be in [0, 1) (got {expert_dropout})")
         self.num_local, self.model_dim, self.hidden_dim = num_local, model_dim, hidden_dim
         self.activation = ACTIVATIONS[activation]
         self.expert_dropout = expert_dropout

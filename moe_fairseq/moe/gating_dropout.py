@@ -74,14 +74,12 @@ def check_rate(p: float, flag: str = "--moe-gating-dropout") -> float:
     return p
 
 
-def check_local_topk(router, num_local: int, num_experts: int, world_size: int) -> None:
+def check_local_topk(router, num_local: int) -> None:
     """local_topk routes each token to k of the rank's L experts: the router must support a
-    restriction (Router.restrictable) and its largest training k must not exceed L."""
-    name = getattr(router, "name", type(router).__name__)
+    restriction (Router.restrictable) and its largest training k must not exceed L.  (The
+    flags' version of this rule is MoEConfig's: validate and check_world_size.)"""
     if not getattr(router, "restrictable", False):
-        raise MoEUsageError(f"--moe-gating-dropout-mode local_topk needs a router that can route over a subset "
-                            f"of the experts; --moe-router {name} cannot (use gate_drop or gate_expert_drop)")
+        raise ValueError(f"gating_dropout_mode local_topk needs a restrictable router, not {type(router).__name__}")
     if router.k > num_local:
-        raise MoEUsageError(f"--moe-gating-dropout-mode local_topk routes each token to k={router.k} "
-                            f"({router.k_flag}) of its rank's experts, but --moe-expert-count={num_experts} over "
-                            f"{world_size} rank(s) leaves {num_local} per rank; use gate_drop or more experts")
+        raise ValueError(f"gating_dropout_mode local_topk: the router's k={router.k} exceeds the rank's "
+                         f"{num_local} local experts")

@@ -14,8 +14,8 @@ from .comm import LocalComm, host_counts
 from .dispatch import combine, dispatch, plan_dispatch
 from .experts import FFNExperts, compute_dtype
 from .gating_dropout import MODES as GATING_DROPOUT_MODES
-from .gating_dropout import check_local_topk, check_rate, gating_dropout_fires
-from .routers import Router
+from .gating_dropout import check_local_topk, gating_dropout_fires
+from .routers import ROUTERS, Router
 from .stats import RoutingStats, entropy_sum
 from .errors import MoEUsageError
 
@@ -52,16 +52,19 @@ class MoELayer(nn.Module):
         self.router = router
         self.experts = experts
         self.comm = comm if comm is not None else LocalComm(router.num_experts)
+        # The arguments' own rules; a layer built from a MoEConfig has passed the flags' rules.
         if experts.num_local != self.comm.num_local_experts:
-            raise MoEUsageError(f"the layer holds {experts.num_local} experts but its communicator expects "
+            raise ValueError(f"MoELayer: experts hold {experts.num_local} experts but comm expects "
                              f"{self.comm.num_local_experts} local experts")
         self.layer_index = layer_index
-        self.gating_dropout = check_rate(gating_dropout, "--moe-gating-dropout")
+        if not 0 <= gating_dropout < 1:
+            raise ValueError(f"MoELayer: gating_dropout must be in [0, 1) (got {gating_dropout})")
+        self.gating_dropout = gating_dropout
         if gating_dropout_mode not in GATING_DROPOUT_MODES:
-            raise MoEUsageError(f"--moe-gating-dropout-mode must be one of {', '.join(GATING_DROPOUT_MODES)} "
+            raise ValueError(f"MoELayer: gating_dropout_mode must be one of {', '.join(GATING_DROPOUT_MODES)} "
                              f"(got {gating_dropout_mode!r})")
         if gating_dropout_mode == "local_topk":
-            check_local_topk(router, experts.num_local, router.num_experts, self.comm.world_size)
+            check_local_topk(router, experts.num_local)
         self.gating_dropout_mode = gating_dropout_mode
         self.seed = seed
         self.num_updates = 0
@@ -249,10 +252,18 @@ class MoELayer(nn.Module):
 
 def build_moe_layer(cfg, model_dim: int, hidden_dim: int, layer_index: int = 0, activation: str = "relu",
                     comm=None, split_hidden_dim: bool = False) -> MoELayer:
-    """Build a MoE layer from a MoEConfig (validated here).  With split_hidden_dim, E fresh
+    """Build a MoE layer from a MoEConfig.  With split_hidden_dim, E fresh
     experts of hidden size hidden_dim / E, as many parameters as one FFN of hidden_dim
-    (SMoE-Dropout's parameter-matched setting; FFNExperts.split_dense copies a trained FFN's)."""
-    cfg.validate()
+    (SMoE-Dropout's parameter-matched setting; FFNExperts.split_dense copies a trained FFN's).
+    cfg was validated when it was made; what it could not know then, the ranks a comm spreads
+    the experts over, is checked here (cfg.check_world_size, pure and cheap); the constructors
+    below check only their own arguments."""
+    if comm is not None:
+        cfg.check_world_size(comm.world_size)
+    # Validation used to build a router of input size 1 here, drawing from the global RNG
+    # (top1/top2/random initialise their weight): the same draw is kept, so everything built
+    # after this layer starts from the weights it started from before, at the same seed.
+    ROUTERS[cfg.router].from_config(cfg, 1)
     if split_hidden_dim:
         if hidden_dim % cfg.num_experts:
             raise MoEUsageError(f"--moe-split-ffn needs the FFN dim ({hidden_dim}) divisible by "

@@ -27,15 +27,23 @@ from typing import List, Optional
 
 import torch
 
-from ..checkpoint.format import POINTER
+from ..checkpoint.format import POINTER, moe_layer_names, refuse_int8, router_tensor
 from ..checkpoint.io import read_checkpoint
 from ..checkpoint.saved_args import saved_args
 from ..checkpoint.sharded import atomic_save, resolve_experts
 from ..moe.errors import MoEUsageError
-from ..checkpoint.format import refuse_int8
+from ..moe.routers import ROUTERS
 
-# the router weight of SMoE-Dropout (a buffer, never trained): ...moe.router.weight
-FROZEN_ROUTER = re.compile(r"(^|\.)moe\.router\.weight$")
+
+def frozen_router_tensors(state: dict) -> List[str]:
+    """The model's router tensors fixed at initialisation (Router.frozen_tensors: SMoE-Dropout's
+    random router weight, a buffer never trained)."""
+    saved = saved_args(state)
+    if not saved.num_experts:
+        return []
+    frozen = ROUTERS[saved.router].frozen_tensors
+    return [name for layer in moe_layer_names(state["model"]) for name in state["model"]
+            if router_tensor(layer, name) in frozen]
 
 
 def last_n_checkpoints(directory: str, n: int, update_based: bool, upper_bound: Optional[int] = None) -> List[str]:
@@ -107,9 +115,10 @@ def check_compatible(first: dict, state: dict, first_path: str, path: str):
         if a[name].shape != b[name].shape:
             raise MoEUsageError(f"--inputs: {name} has shape {tuple(b[name].shape)} in {path} but "
                                 f"{tuple(a[name].shape)} in {first_path}")
-        if FROZEN_ROUTER.search(name) and not torch.equal(a[name], b[name]):
-            raise MoEUsageError(f"--inputs: the frozen random router {name} differs between {first_path} and "
-                                f"{path}: checkpoints of different runs")
+    for name in frozen_router_tensors(first):
+        if not torch.equal(a[name], b[name]):
+            raise MoEUsageError(f"--inputs: the frozen {saved_args(first).router} router {name} differs between "
+                                f"{first_path} and {path}: checkpoints of different runs")
 
 
 def build_parser():

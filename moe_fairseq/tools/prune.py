@@ -53,12 +53,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..checkpoint.format import POINTER, is_expert_key
+from ..checkpoint.format import POINTER, is_expert_key, moe_layer_names, refuse_int8, router_tensor
 from ..checkpoint.io import read_checkpoint
 from ..checkpoint.saved_args import as_list, saved_args
 from ..checkpoint.sharded import atomic_save
+from ..moe.config import field_dest
 from ..moe.errors import MoEUsageError
-from ..checkpoint.format import refuse_int8
+from ..moe.routers import ROUTERS
 
 PER = ("target", "pair")
 
@@ -82,26 +83,13 @@ def check_keep(keep: int, num_experts: int):
 
 
 def router_changes(state: dict, keep: int) -> Dict[str, object]:
-    """Saved arguments that must change for N = keep experts (see the module docstring)."""
+    """Saved arguments that must change for N = keep experts (see the module docstring): the
+    router's answer (Router.config_for_experts), and the expert size."""
     saved = saved_args(state)
-    router, changes = saved.router, {}
-
-    def at_most(name, limit):
-        value = saved.get(name)
-        if value is not None and value > limit:
-            changes[name] = limit
-
-    if router == "top2" and keep == 1:
-        changes["moe_router"] = "top1"
-    if router == "noisy_topk":
-        at_most("moe_top_k", keep)
-        at_most("moe_eval_top_k", keep)
-    if router == "random":
-        at_most("moe_top_k_max", keep)
-        at_most("moe_top_k_min", keep)
-        at_most("moe_eval_top_k", keep)
+    cfg = saved.moe_config()
+    changes = {field_dest(name): value for name, value in ROUTERS[cfg.router].config_for_experts(cfg, keep).items()}
     if saved.get("moe_split_ffn", False):
-        hidden = {tuple(v.shape)[2] for k, v in state["model"].items() if k.endswith("moe.experts.w1")}
+        hidden = {tuple(state["model"][layer + ".experts.w1"].shape)[2] for layer in moe_layer_names(state["model"])}
         if len(hidden) != 1:
             raise MoEUsageError(f"--moe-split-ffn with expert sizes {sorted(hidden)} in encoder and decoder cannot "
                                 f"be written with a single --moe-expert-ffn-dim: not supported")
@@ -109,9 +97,7 @@ def router_changes(state: dict, keep: int) -> Dict[str, object]:
     return changes
 
 
-def moe_layer_prefixes(model_state: dict) -> List[str]:
-    """'encoder.layers.1.fc1.moe' for every MoE layer of a state dict, in order."""
-    return [k[:-len(".experts.w1")] for k in model_state if k.endswith("moe.experts.w1")]
+moe_layer_prefixes = moe_layer_names  # the name scripts/prune_table.py imports
 
 
 def select_experts(counts: List[float], keep: int) -> List[int]:
@@ -124,7 +110,8 @@ def prune_state(state: dict, kept: Dict[str, List[int]], changes: Dict[str, obje
     """A new checkpoint state with only the kept experts of each layer (prefix -> expert ids).
 
     Tensors that do not depend on the experts are shared with `state`, not copied."""
-    num_experts = saved_args(state).num_experts
+    saved = saved_args(state)
+    num_experts, router = saved.num_experts, ROUTERS[saved.router]
     keep = len(next(iter(kept.values())))
     model = {}
     for name, tensor in state["model"].items():
@@ -132,14 +119,17 @@ def prune_state(state: dict, kept: Dict[str, List[int]], changes: Dict[str, obje
         if prefix is None:
             model[name] = tensor
             continue
-        per_expert = is_expert_key(name) or name.startswith(prefix + ".router.")
-        if not per_expert:
+        router_name = router_tensor(prefix, name)
+        if not is_expert_key(name) and router_name is None:
             raise MoEUsageError(f"tensor {name} of a MoE layer is neither an expert weight nor a router row: "
                                 f"moe-prune does not know how to prune it")
         if tensor.dim() == 0 or tensor.shape[0] != num_experts:
             raise MoEUsageError(f"tensor {name} has leading size {tuple(tensor.shape)[:1]}, expected one row per "
                                 f"expert ({num_experts})")
-        model[name] = tensor.index_select(0, torch.tensor(kept[prefix])).clone()
+        index = torch.tensor(kept[prefix])
+        rows = tensor.index_select(0, index) if router_name is None else router.rows_of_experts(router_name, tensor,
+                                                                                                 index)
+        model[name] = rows.clone()
     missing = [p for p in kept if not any(n.startswith(p + ".") for n in model)]
     if missing:
         raise MoEUsageError(f"no MoE layer {missing[0]} in the checkpoint")
@@ -203,7 +193,7 @@ def measure_counts(path: str, data: str, pairs: List[str], split: str, sentences
         layer.router.eval_capacity_factor = None  # count what the router chose, not what capacity left
     batches = direction_batches(cfg, data, pairs, split, sentences, batch_size)
     by_label = measure(model, batches, torch.device("cpu"))
-    prefixes = {layer_label(p): p for p in moe_layer_prefixes(model.state_dict())}
+    prefixes = {layer_label(p): p for p in moe_layer_names(model.state_dict())}
     return {prefixes[label]: per_pair for label, per_pair in by_label.items()}
 
 
@@ -217,8 +207,9 @@ def prune(checkpoint: str, data: str, lang_pairs: str, keep: int, out_dir: str, 
     state = read_consolidated(checkpoint)
     num_experts, router = saved_args(state).num_experts, saved_args(state).router
     check_keep(keep, num_experts)
-    if eval_top_k is not None and router not in ("noisy_topk", "random"):
-        raise MoEUsageError(f"--moe-eval-top-k applies to the noisy_topk and random routers, not {router}")
+    if eval_top_k is not None and not ROUTERS[router].variable_k:
+        names = [name for name, cls in ROUTERS.items() if cls.variable_k]
+        raise MoEUsageError(f"--moe-eval-top-k applies to the {' and '.join(names)} routers, not {router}")
     changes = router_changes(state, keep)
     check_directions(state, data, pairs, split)
     groups = groups_of(pairs, per)

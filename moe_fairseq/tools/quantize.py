@@ -56,7 +56,7 @@ def model_args_of(state: dict, path: str):
 
 def build_fp32(state: dict, path: str):
     """(model with the checkpoint's fp32 weights, its model args)."""
-    from fairseq.models import ARCH_MODEL_REGISTRY
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
     from fairseq.models.transformer.transformer_legacy import TransformerModel
 
     args = copy.deepcopy(model_args_of(state, path))
@@ -69,6 +69,7 @@ def build_fp32(state: dict, path: str):
         if getattr(args, flag, False):
             setattr(args, flag, False)
     task = _VocabTask(state["model"], shared=getattr(args, "share_all_embeddings", False))
+    ARCH_CONFIG_REGISTRY[arch](args)  # the architecture's defaults, as fairseq's models.build_model
     model = model_cls.build_model(args, task)
     model.load_state_dict(state["model"], strict=True, model_cfg=args)
     return model.eval(), args

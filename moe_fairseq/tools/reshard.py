@@ -16,7 +16,7 @@ import shutil
 import sys
 
 from ..checkpoint.format import (SHARD_ROOT, new_run_id, param_names_of, point_to_shards, read_pointer,
-                                 shard_meta, shard_path, tensor_shapes)
+                                 reshard_tag, shard_meta, shard_path, tensor_shapes)
 from ..checkpoint.io import read_checkpoint
 from ..checkpoint.saved_args import saved_args
 from ..checkpoint.sharded import atomic_save, remove_unreferenced_shards, resolve_experts, slice_shard, split_experts
@@ -44,7 +44,7 @@ def reshard(src: str, out_dir: str, world_size: int, name: str = "checkpoint_las
     full = split_experts(state, names)
     updates = state["optimizer_history"][-1].get("num_updates", 0) if state.get("optimizer_history") else 0
     run = new_run_id()
-    tag = f"resharded-u{updates}-w{world_size}-{run[:8]}"  # never an existing set's name
+    tag = reshard_tag(updates, world_size, run)
     shards = [slice_shard(full, num_experts, rank, world_size) for rank in range(world_size)]
     old_world = (state.get("cfg") or {}).get("distributed_training", {}).get("distributed_world_size")
     itr = (state.get("extra_state") or {}).get("train_iterator")

@@ -8,7 +8,6 @@ import torch.nn as nn
 from ..aux_mode import AuxMode
 from ..capacity import apply_capacity, expert_capacity
 from ..errors import MoEUsageError
-from .registry import ROUTERS
 
 
 class Routing:
@@ -68,18 +67,23 @@ class Router(nn.Module):
     # count experts with `routed_experts`): Gating Dropout's local_topk mode needs it.
     restrictable = False
     k_flag = "--moe-top-k"  # the flag that sets the router's (largest training) k, for error messages
+    # The router's tensors fixed at initialisation (buffers no optimizer changes): equal in every
+    # checkpoint of a run, which moe-average checks.
+    frozen_tensors: Tuple[str, ...] = ()
 
     def __init__(self, model_dim: int, num_experts: int, k: int,
                  capacity_factor: Optional[float] = None,
                  eval_capacity_factor: Optional[float] = None,
                  eval_k: Optional[int] = None):
         super().__init__()
+        # The arguments' own rules; the flags' rules (the same, in the flags' names) are
+        # MoEConfig.validate's, which every router built from a config has passed.
         if num_experts < 1:
-            raise MoEUsageError(f"--moe-expert-count must be >= 1 (got {num_experts})")
-        check_top_k(k, num_experts)
-        for name, cf in (("--moe-capacity-factor", capacity_factor),
-                         ("--moe-eval-capacity-factor", eval_capacity_factor)):
-            check_capacity_factor(cf, name)
+            raise ValueError(f"{type(self).__name__}: num_experts must be >= 1 (got {num_experts})")
+        check_k(self, k, num_experts)
+        for name, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if cf is not None and not cf > 0:
+                raise ValueError(f"{type(self).__name__}: {name} must be > 0, or None for no capacity limit (got {cf})")
         self.model_dim, self.num_experts, self.k = model_dim, num_experts, k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
@@ -135,6 +139,27 @@ class Router(nn.Module):
         """The router for a validated MoEConfig (cfg.capacity_factors() gives the capacity)."""
         raise NotImplementedError
 
+    @classmethod
+    def config_k(cls, cfg) -> int:
+        """The (largest training) k of the router `from_config` builds, which MoEConfig.validate
+        checks against the expert count under `k_flag`: --moe-top-k unless a router says otherwise."""
+        return cfg.top_k
+
+    @classmethod
+    def config_for_experts(cls, cfg, keep: int) -> Dict[str, object]:
+        """The MoEConfig fields (name: new value) that must change when only `keep` of cfg's experts
+        remain (moe-prune); none unless a router says otherwise."""
+        return {}
+
+    @classmethod
+    def rows_of_experts(cls, name: str, tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The router's tensor `name` (e.g. wg.weight) for the experts `kept` only (expert ids, in
+        their new order; moe-prune): every tensor of a router holds one row per expert unless the
+        router says otherwise."""
+        if tensor.dim() == 0 or tensor.shape[0] < 1 + int(kept.max()):
+            raise ValueError(f"{cls.__name__}: {name} has no row per expert (shape {tuple(tensor.shape)})")
+        return tensor.index_select(0, kept)
+
     def set_num_updates(self, num_updates: int):
         self.num_updates = num_updates
 
@@ -143,10 +168,8 @@ class Router(nn.Module):
         The one way the evaluation-time k reaches a router (config, task flag, scripts)."""
         if k is not None:
             if not self.variable_k:
-                names = [name for name, cls in ROUTERS.items() if cls.variable_k]
-                raise MoEUsageError(f"--moe-eval-top-k applies to the {' and '.join(names)} routers, "
-                                    f"not to {type(self).__name__}")
-            check_top_k(k, self.num_experts, "--moe-eval-top-k")
+                raise ValueError(f"{type(self).__name__} routes a fixed k: eval_k must be None (got {k})")
+            check_k(self, k, self.num_experts, "eval_k")
         self.eval_k = k
 
     def training_k(self) -> int:
@@ -181,14 +204,14 @@ class Router(nn.Module):
         return new_keep, (keep.sum() - new_keep.sum())
 
 
-def check_capacity_factor(cf: Optional[float], flag: str):
-    if cf is not None and cf <= 0:
-        raise MoEUsageError(f"{flag} must be > 0 (got {cf}); use --moe-dropless for no capacity limit")
+def fields_at_most(cfg, limit: int, *names: str) -> Dict[str, int]:
+    """{name: limit} for each of cfg's fields `names` that is set and above limit."""
+    return {name: limit for name in names if getattr(cfg, name) is not None and getattr(cfg, name) > limit}
 
 
-def check_top_k(k: int, num_experts: int, flag: str = "--moe-top-k"):
+def check_k(router, k: int, num_experts: int, name: str = "k"):
     if not 1 <= k <= num_experts:
-        raise MoEUsageError(f"{flag} must be between 1 and --moe-expert-count={num_experts} (got {k})")
+        raise ValueError(f"{type(router).__name__}: {name} must be between 1 and num_experts={num_experts} (got {k})")
 
 
 def fp32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from ..aux_mode import AuxMode
 from ..losses import cv_squared
-from .base import Router, Routing, fp32_logits
+from .base import Router, Routing, fields_at_most, fp32_logits
 from .registry import register_router
 
 
@@ -36,6 +36,10 @@ class NoisyTopKRouter(Router):
     def from_config(cls, cfg, model_dim):
         return cls(model_dim, cfg.num_experts, cfg.top_k, *cfg.capacity_factors(),
                    importance_loss_weight=cfg.importance_loss_weight, load_loss_weight=cfg.load_loss_weight)
+
+    @classmethod
+    def config_for_experts(cls, cfg, keep):
+        return fields_at_most(cfg, keep, "top_k", "eval_top_k")
 
     def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         k, num_experts = self.current_k(), self.routed_experts()

@@ -5,7 +5,7 @@ import torch
 
 from ..aux_mode import AuxMode
 from ..k_schedule import KSchedule
-from .base import Router, Routing, check_top_k, fp32_logits
+from .base import Router, Routing, fields_at_most, fp32_logits
 from .registry import register_router
 
 
@@ -25,10 +25,10 @@ class RandomRouter(Router):
     variable_k = True
     restrictable = True
     k_flag = "--moe-top-k-max"
+    frozen_tensors = ("weight",)
 
     def __init__(self, model_dim, num_experts, schedule: KSchedule, capacity_factor=None,
                  eval_capacity_factor=None, eval_k=None, generator=None):
-        check_top_k(schedule.k_max, num_experts, "--moe-top-k-max")
         super().__init__(model_dim, num_experts, schedule.k_max, capacity_factor, eval_capacity_factor, eval_k)
         bound = 1.0 / math.sqrt(model_dim)  # nn.Linear's default init, as the reference code
         weight = torch.empty(num_experts, model_dim).uniform_(-bound, bound, generator=generator)
@@ -38,6 +38,14 @@ class RandomRouter(Router):
     @classmethod
     def from_config(cls, cfg, model_dim):
         return cls(model_dim, cfg.num_experts, cfg.k_schedule(), *cfg.capacity_factors())
+
+    @classmethod
+    def config_k(cls, cfg):
+        return cfg.k_schedule().k_max
+
+    @classmethod
+    def config_for_experts(cls, cfg, keep):
+        return fields_at_most(cfg, keep, "top_k_max", "top_k_min", "eval_top_k")
 
     def training_k(self) -> int:
         return self.schedule(self.num_updates)  # self.k, the k of evaluation, is the schedule's k_max

@@ -25,6 +25,10 @@ class Top1Router(SoftmaxRouter):
         return cls(model_dim, cfg.num_experts, *cfg.capacity_factors(), balance_loss_weight=cfg.gate_loss_weight,
                    z_loss_weight=cfg.z_loss_weight, jitter_eps=cfg.jitter_eps)
 
+    @classmethod
+    def config_k(cls, cfg):
+        return 1
+
     def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         logits, probs = self.logits_and_probs(x)
         gate, top1 = probs.max(dim=-1)

@@ -2,7 +2,6 @@
 import torch
 
 from ..aux_mode import AuxMode
-from ..errors import MoEUsageError
 from ..losses import gshard_balance_loss
 from .base import Routing
 from .registry import register_router
@@ -24,11 +23,11 @@ class Top2Router(SoftmaxRouter):
                  second_expert_policy="sampling", normalize_gate_prob_before_dropping=False,
                  balance_loss_weight=0.01, z_loss_weight=0.0, jitter_eps=0.0):
         if num_experts < 2:
-            raise MoEUsageError(f"--moe-router top2 needs --moe-expert-count >= 2 (got {num_experts})")
+            raise ValueError(f"Top2Router needs num_experts >= 2 (got {num_experts})")
         super().__init__(model_dim, num_experts, 2, capacity_factor, eval_capacity_factor,
                          balance_loss_weight, z_loss_weight, jitter_eps)
         if second_expert_policy not in SECOND_EXPERT_POLICIES:
-            raise MoEUsageError(f"--moe-second-expert-policy must be one of {', '.join(SECOND_EXPERT_POLICIES)} "
+            raise ValueError(f"Top2Router: second_expert_policy must be one of {', '.join(SECOND_EXPERT_POLICIES)} "
                              f"(got {second_expert_policy!r})")
         self.second_expert_policy = second_expert_policy
         self.normalize_before_dropping = normalize_gate_prob_before_dropping
@@ -39,6 +38,14 @@ class Top2Router(SoftmaxRouter):
                    normalize_gate_prob_before_dropping=cfg.normalize_gate_prob_before_dropping,
                    balance_loss_weight=cfg.gate_loss_weight, z_loss_weight=cfg.z_loss_weight,
                    jitter_eps=cfg.jitter_eps)
+
+    @classmethod
+    def config_k(cls, cfg):
+        return 2
+
+    @classmethod
+    def config_for_experts(cls, cfg, keep):
+        return {"router": "top1"} if keep == 1 else {}  # no second expert; one expert's gate is 1 in both
 
     def forward(self, x: torch.Tensor, aux_mode: AuxMode = AuxMode.ALL) -> Routing:
         logits, probs = self.logits_and_probs(x)
