@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from moe_fairseq.plots import parse_log  # noqa: E402  (fairseq log records; imports no fairseq)
+from moe_fairseq.experiments.plots import parse_log  # noqa: E402  (fairseq log records; imports no fairseq)
 
 BIN = Path(sys.executable).parent
 PRECISIONS = (("fp32", []), ("memory-efficient-fp16", ["--memory-efficient-fp16"]), ("amp", ["--amp"]),

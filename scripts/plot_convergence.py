@@ -40,7 +40,7 @@ def main(argv=None):
     p.add_argument("--title")
     args = p.parse_args(argv)
 
-    from moe_fairseq import plots
+    from moe_fairseq.experiments import plots
 
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.logs):

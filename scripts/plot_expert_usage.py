@@ -94,7 +94,7 @@ def main(argv=None):
     for name in ("fairseq", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose and name == "fairseq" else logging.WARNING)
     from moe_fairseq.models.transformer_moe import apply_eval_overrides
-    from moe_fairseq import plots
+    from moe_fairseq.experiments import plots
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     ckpts = find_checkpoints(args.checkpoints)

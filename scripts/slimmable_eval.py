@@ -139,7 +139,7 @@ def main(argv=None):
               "rows": rows_all}
     atomic_write_json(out / "slimmable.json", result, indent=2)
     atomic_write_text(out / "slimmable.md", markdown(ks, pairs, table, signature))
-    from moe_fairseq import plots
+    from moe_fairseq.experiments import plots
 
     png = plots.plot_bleu_vs_k({p_: {k: table[k][p_] for k in ks} for p_ in pairs}, out / "slimmable_bleu.png",
                                title=f"{ckpt.parent.name}/{ckpt.name}: BLEU vs evaluation k (E={num_experts})")
