@@ -1,15 +1,11 @@
-"""scripts/compare_runs.py: paired bootstrap between runs' saved moe-evaluate outputs."""
-import importlib.util
+"""moe_fairseq.experiments.compare_runs (scripts/compare_runs.py): paired bootstrap between runs'
+saved moe-evaluate outputs."""
 import random
 
 import pytest
 
-from cli_helpers import REPO
+from moe_fairseq.experiments import compare_runs
 from moe_fairseq.moe.errors import MoEUsageError
-
-spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
 
 VOCAB = [f"w{i}" for i in range(400)]
 
