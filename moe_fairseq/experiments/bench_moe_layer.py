@@ -195,7 +195,7 @@ def init_single_process_group():
 
 # --------------------------------------------------------------------------- peak memory
 
-def _status_kb(field):
+def status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -228,9 +228,9 @@ def step_peak_mb(impl, grad_kb):
             f.write("5")  # reset VmHWM to the current RSS
     except OSError:
         return None
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     impl.step()
-    return (_status_kb("VmHWM") - before - grad_kb) / 1024.0
+    return (status_kb("VmHWM") - before - grad_kb) / 1024.0
 
 
 def measure_peak(impl_name, S, E, M, F, k, threads, capacity_factor):
