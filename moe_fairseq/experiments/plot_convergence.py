@@ -6,7 +6,7 @@
 A log is what fairseq-train printed (scripts/train.sh appends it to SAVE_DIR/train.log), in
 --log-format json or simple.  Validation lines carry no time, so a point's time is the
 trainer's `wall` meter of the last training line before it plus the time between the two
-lines' timestamps (see moe_fairseq/plots.py).  A run is labelled by its log's directory name
+lines' timestamps (see moe_fairseq/experiments/plots.py).  A run is labelled by its log's directory name
 unless --labels is given.  Also writes the parsed points next to the PNG (.json).
 """
 import argparse
