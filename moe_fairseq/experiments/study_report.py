@@ -30,6 +30,9 @@ jointly for all systems, as in Koehn 2004's paired bootstrap) and the training s
 within each config).  The statistic is the difference of the seed-mean corpus BLEU, computed
 from sacrebleu's own sufficient statistics.  The p-value is two-sided; with 3 seeds per config
 the seed level has little resolution, so the per-seed scores are printed beside it.
+
+Here: the command line, sweep, archive and report; record, equal-time and average are in
+study_records.py, the statistics in study_stats.py.
 """
 import argparse
 import json
