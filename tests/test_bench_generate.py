@@ -1,6 +1,6 @@
-"""moe_fairseq.experiments.bench_generate (scripts/bench_generate.py) on tiny settings: the JSON has every (model, batch, beam), fixed
-output lengths, the SMoE-Dropout k actually used, and medians / ratios that match their raw
-values.  (The real timing run is not a test: it needs a quiet machine.)"""
+"""moe_fairseq.experiments.bench_generate (scripts/bench_generate.py) on tiny settings: the JSON
+has every (model, batch, beam), fixed output lengths, the SMoE-Dropout k actually used, and
+medians / ratios that match their raw values.  (The real timing run is not a test: it needs a quiet machine.)"""
 import json
 import statistics
 import sys

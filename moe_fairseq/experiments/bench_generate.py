@@ -386,8 +386,8 @@ def rss_probe(path, args) -> dict:
 
     # the script, not this module's file: a module of the package runs only as part of it
     cmd = [sys.executable, str(REPO / "scripts" / "bench_generate.py"), "--rss-probe", path, "--data", args.data,
-           "--pair", args.pair, "--split", args.split, "--sentences", str(args.sentences), "--batch-sizes", str(max(args.batch_sizes)),
-           "--beams", str(max(args.beams)), "--threads", str(args.threads), "--fixed-len", str(args.fixed_len)]
+           "--pair", args.pair, "--split", args.split, "--sentences", str(args.sentences),
+           "--batch-sizes", str(max(args.batch_sizes)), "--beams", str(max(args.beams)), "--threads", str(args.threads), "--fixed-len", str(args.fixed_len)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe of {path} failed:\n{proc.stderr[-3000:]}")
