@@ -93,7 +93,8 @@ def main(argv=None):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         # the script, not this module's file: a module of the package runs only as part of it
         script = str(REPO / "scripts" / "bench_checkpointing.py")
-        out = subprocess.run([sys.executable, script, *args, "--_worker", mode], check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
+        out = subprocess.run([sys.executable, script, *args, "--_worker", mode], check=True, capture_output=True,
+                             text=True, env=env).stdout.strip().splitlines()[-1]
         records.append(json.loads(out))
     config = {k: getattr(a, k) for k in ("layers", "tokens", "batch", "model_dim", "ffn_dim", "experts", "threads")}
     print(json.dumps(config))
