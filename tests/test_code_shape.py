@@ -97,3 +97,15 @@ def test_tests_import_the_package_not_scripts(tmp_path):
     bad = tmp_path / "t.py"
     bad.write_text('import sys\nsys.path.insert(0, str(REPO / "scripts"))\n')
     assert script_loads(bad) == [2]
+
+
+def test_a_script_finds_the_checkout_without_installing_it(tmp_path):
+    """python -S: no site-packages, so no installed moe_fairseq; the script's `import _bootstrap`
+    alone finds this checkout (progress_view imports neither torch nor fairseq)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-S", str(SCRIPTS / "progress_view.py")], input='plain line\n',
+                          capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "plain line\n"
