@@ -19,9 +19,9 @@ import json
 import re
 from pathlib import Path
 
-from ..cli_errors import install_excepthook
 from ..moe.errors import MoEUsageError
 from ..tools.evaluate import align, find_references, parse_generate_output, read_lines
+from .cli import one_line_errors
 
 POOLED = "all"
 
@@ -138,10 +138,7 @@ def main(argv=None):
     return result
 
 
-def cli_main(argv=None):
-    """The command line: bad input is one line on stderr, not a traceback."""
-    install_excepthook()
-    return main(argv)
+cli_main = one_line_errors(main)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic_files import atomic_open, atomic_write_json, atomic_write_text
-from ..cli_errors import install_excepthook
 from ..moe.errors import MoEUsageError
 from ..tools.evaluate import find_references, read_lines
 from . import plots
+from .cli import one_line_errors
 from .sections import rewrite_section
 from .study_records import (DIRECTIONS, SAVE_EVERY, cmd_average, cmd_equal_time, cmd_record, equal_time_update,
                             evaluate, load_records, read_bleu, record_paths)
@@ -546,10 +546,7 @@ def main(argv=None):
             "sweep": cmd_sweep, "archive": cmd_archive, "report": cmd_report}[args.cmd](args)
 
 
-def cli_main(argv=None):
-    """The command line: bad input is one line on stderr, not a traceback."""
-    install_excepthook()
-    return main(argv)
+cli_main = one_line_errors(main)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 
 from ..atomic_files import atomic_write_json
-from ..cli_errors import install_excepthook
 from ..moe.errors import MoEUsageError
 from ..moe.k_schedule import KSchedule
 from . import launch
+from .cli import one_line_errors
 from .launch import REPO
 
 ANCHORS_WITHOUT_PLUGIN = ("fairseq_dense",)
@@ -256,10 +256,7 @@ def write(args, names, raw):
     return result
 
 
-def cli_main(argv=None):
-    """The command line: bad input is one line on stderr, not a traceback."""
-    install_excepthook()
-    return main(argv)
+cli_main = one_line_errors(main)
 
 
 if __name__ == "__main__":
