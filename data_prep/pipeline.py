@@ -179,15 +179,7 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
     """
     log = _Log(name)
     report = {} if report is None else report
-    if "train" not in raw_pairs:
-        raise DataPrepError(f"{name}: no train split given")
-    splits = [s for s in SPLITS if s in raw_pairs]
-    pairs = unique_pairs([(p.src, p.tgt) for p in raw_pairs["train"]])
-    for split in splits:
-        have = {(p.src, p.tgt) for p in raw_pairs[split]}
-        missing = [f"{s}-{t}" for s, t in pairs if (s, t) not in have]
-        if missing:
-            raise DataPrepError(f"{name}: split {split} has no files for {', '.join(missing)}")
+    splits, pairs = _splits_and_pairs(name, raw_pairs)
     langs = sorted({lang for pair in pairs for lang in pair})
     cmd = preprocess_command(fairseq_preprocess)  # fail early, before hours of cleaning
     destdir = os.path.abspath(destdir)
@@ -198,7 +190,57 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
         f"output {destdir}")
 
     log("step 1/4: check and clean raw files")
-    counts = report.setdefault("counts", {})
+    _clean_step(name, raw_pairs, splits, pairs, clean_dir, raw_out, report.setdefault("counts", {}), log,
+                remove_overlap=remove_overlap, max_len=max_len, max_ratio=max_ratio, dedup=dedup,
+                max_train_sentences=max_train_sentences)
+
+    log(f"step 2/4: train joint sentencepiece (vocab {vocab_size}) and write dict.txt")
+    spm_settings = {"vocab_size": vocab_size, "model_type": spm_model_type,
+                    "character_coverage": character_coverage, "seed": seed}
+    spm_model, dict_path = _sentencepiece_step(pairs, langs, clean_dir, work, destdir, spm_settings, report, log,
+                                               spm_input_sentence_size=spm_input_sentence_size,
+                                               temperature=temperature)
+
+    log("step 3/4: encode with sentencepiece")
+    for split in splits:
+        for s, t in pairs:
+            for lang in (s, t):
+                fname = f"{split}.{s}-{t}.{lang}"
+                text_dir = clean_dir if split == "train" else raw_out
+                encode_file(spm_model, os.path.join(text_dir, fname), os.path.join(spm_dir, fname))
+
+    log("step 4/4: binarize with fairseq-preprocess")
+    for s, t in pairs:
+        log(f"  {s}-{t}")
+        binarize_pair(cmd, s, t, spm_dir, destdir, dict_path, splits, workers)
+    with atomic_outputs([os.path.join(destdir, "langs.txt")]) as (f,):
+        f.write("".join(lang + "\n" for lang in langs))
+    both = [f"{a}-{b}" for s, t in pairs for a, b in ((s, t), (t, s))]
+    if announce:
+        log(f"done: {destdir}  (translation_multi_simple_epoch: --langs {','.join(langs)} "
+            f"--lang-pairs {','.join(both)}); {work} can be deleted")
+    return destdir
+
+
+def _splits_and_pairs(name, raw_pairs):
+    """The splits given (train first required) and the train directions, each split checked to
+    hold every direction."""
+    if "train" not in raw_pairs:
+        raise DataPrepError(f"{name}: no train split given")
+    splits = [s for s in SPLITS if s in raw_pairs]
+    pairs = unique_pairs([(p.src, p.tgt) for p in raw_pairs["train"]])
+    for split in splits:
+        have = {(p.src, p.tgt) for p in raw_pairs[split]}
+        missing = [f"{s}-{t}" for s, t in pairs if (s, t) not in have]
+        if missing:
+            raise DataPrepError(f"{name}: split {split} has no files for {', '.join(missing)}")
+    return splits, pairs
+
+
+def _clean_step(name, raw_pairs, splits, pairs, clean_dir, raw_out, counts, log, *, remove_overlap, max_len,
+                max_ratio, dedup, max_train_sentences):
+    """Step 1: train cleaned into clean_dir, held-out sets copied unfiltered into raw_out; the
+    counts of each (split, direction) into `counts`."""
     # held-out sets first: their sentences are what train must not contain
     for split in sorted(splits, key=lambda s: s == "train"):
         todo = [p for p in raw_pairs[split] if (p.src, p.tgt) in pairs]
@@ -214,9 +256,12 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
             if st.kept == 0:
                 raise DataPrepError(f"{name}: {split} {s}-{t} is empty after cleaning")
 
-    log(f"step 2/4: train joint sentencepiece (vocab {vocab_size}) and write dict.txt")
-    spm_settings = {"vocab_size": vocab_size, "model_type": spm_model_type,
-                    "character_coverage": character_coverage, "seed": seed}
+
+def _sentencepiece_step(pairs, langs, clean_dir, work, destdir, spm_settings, report, log, *,
+                        spm_input_sentence_size, temperature):
+    """Step 2: the joint sentencepiece model and dict.txt in destdir -> (spm model, dict.txt path);
+    what was sampled and how goes into spm_settings, report["sentencepiece"]."""
+    vocab_size, seed = spm_settings["vocab_size"], spm_settings["seed"]
     if temperature is None:
         # One train file per language: with en-de, en-fr, en-cs the English side would otherwise
         # be sampled three times as often as any other language.
@@ -240,32 +285,13 @@ def run(name, raw_pairs, destdir, *, vocab_size, spm_input_sentence_size=1_000_0
     report["sentencepiece"] = spm_settings
     spm_model = train_sentencepiece(spm_files, os.path.join(destdir, "spm"), vocab_size,
                                     input_sentence_size=sample_size, seed=seed,
-                                    model_type=spm_model_type,
-                                    character_coverage=character_coverage)
+                                    model_type=spm_settings["model_type"],
+                                    character_coverage=spm_settings["character_coverage"])
     dict_path = os.path.join(destdir, "dict.txt")
     n_dict = write_fairseq_dict(os.path.join(destdir, "spm.vocab"), dict_path)
     spm_settings["dictionary_entries"] = n_dict
     log(f"  {spm_model}, {n_dict} dictionary entries")
-
-    log("step 3/4: encode with sentencepiece")
-    for split in splits:
-        for s, t in pairs:
-            for lang in (s, t):
-                fname = f"{split}.{s}-{t}.{lang}"
-                text_dir = clean_dir if split == "train" else raw_out
-                encode_file(spm_model, os.path.join(text_dir, fname), os.path.join(spm_dir, fname))
-
-    log("step 4/4: binarize with fairseq-preprocess")
-    for s, t in pairs:
-        log(f"  {s}-{t}")
-        binarize_pair(cmd, s, t, spm_dir, destdir, dict_path, splits, workers)
-    with atomic_outputs([os.path.join(destdir, "langs.txt")]) as (f,):
-        f.write("".join(lang + "\n" for lang in langs))
-    both = [f"{a}-{b}" for s, t in pairs for a, b in ((s, t), (t, s))]
-    if announce:
-        log(f"done: {destdir}  (translation_multi_simple_epoch: --langs {','.join(langs)} "
-            f"--lang-pairs {','.join(both)}); {work} can be deleted")
-    return destdir
+    return spm_model, dict_path
 
 
 def _held_out_keys(raw_out, splits, pairs):

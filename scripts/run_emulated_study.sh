@@ -73,7 +73,8 @@ done
 [[ "$THROUGHPUT_ROUNDS" =~ ^[0-9]+$ ]] || die "THROUGHPUT_ROUNDS must be a number of rounds, 0 to skip the speed measurement (got '$THROUGHPUT_ROUNDS')"
 [ -f "$DATA/dict.txt" ] || die "no fairseq data-bin at DATA=$DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)"
 command -v fairseq-train > /dev/null || die "fairseq-train not found (bash scripts/setup_env.sh)"
-missing=$(python -c "import sys; sys.path.insert(0, 'scripts'); import emulated_cluster as e; print(e.missing_requirements() or '')")
+# run from the repository root (as the paths above are): python -c finds moe_fairseq there
+missing=$(python -c "from moe_fairseq.experiments.emulated_cluster import missing_requirements as m; print(m() or '')")
 [ -z "$missing" ] || die "$missing"
 for spec in $RUNS $THROUGHPUT_RUNS; do
   config=${spec#*=}; config=${config%%:*}

@@ -1,7 +1,6 @@
-"""scripts/bench_generate.py on tiny settings: the JSON has every (model, batch, beam), fixed
-output lengths, the SMoE-Dropout k actually used, and medians / ratios that match their raw
-values.  (The real timing run is not a test: it needs a quiet machine.)"""
-import importlib.util
+"""moe_fairseq.experiments.bench_generate (scripts/bench_generate.py) on tiny settings: the JSON
+has every (model, batch, beam), fixed output lengths, the SMoE-Dropout k actually used, and
+medians / ratios that match their raw values.  (The real timing run is not a test: it needs a quiet machine.)"""
 import json
 import statistics
 import sys
@@ -9,17 +8,11 @@ import sys
 import pytest
 
 from cli_helpers import REPO, make_tiny_corpus, run, train_cmd
+from moe_fairseq.experiments import bench_generate
 
 TINY = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
         "--encoder-attention-heads 2 --decoder-attention-heads 2")
 SENTENCES, LENGTH, REPEATS = 5, 4, 3
-
-
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "scripts" / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def common(data, out):
 
 def test_configs_dense_twin_moe_and_smoe_ks(data, tmp_path):
     out = tmp_path / "bench.json"
-    result = bench().main(common(data, out) + ["--model-args", TINY, "--smoe-ks", "1,2,8"])
+    result = bench_generate.main(common(data, out) + ["--model-args", TINY, "--smoe-ks", "1,2,8"])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(result["results"]))
     rows = {(r["model"], r["batch_sentences"], r["beam"]): r for r in saved["results"]}
@@ -72,7 +65,7 @@ def test_command_line_builds_the_plugin_configs_in_a_fresh_process(data, tmp_pat
 
 def test_attribution_times_the_ffn_sublayers_of_dense_and_moe(data, tmp_path):
     out = tmp_path / "bench.json"
-    result = bench().main(common(data, out) + ["--model-args", TINY, "--configs", "dense,moe_top2", "--repeats", "1",
+    result = bench_generate.main(common(data, out) + ["--model-args", TINY, "--configs", "dense,moe_top2", "--repeats", "1",
                                                "--batch-sizes", "2", "--beams", "1", "--attribute"])
     for row in result["results"]:
         a = row["attribution"]
@@ -93,7 +86,7 @@ def test_trained_checkpoint_with_language_tokens(data, tmp_path):
     save = tmp_path / "smoe"
     run(train_cmd(data, save, "--moe-router", "random", "--moe-split-ffn", max_update=2))
     out = tmp_path / "bench.json"
-    result = bench().main(common(data, out) + ["--configs", "", "--reference", "",
+    result = bench_generate.main(common(data, out) + ["--configs", "", "--reference", "",
                                                "--checkpoints", f"smoe={save / 'checkpoint_last.pt'}",
                                                "--smoe-ks", "1,4"])
     rows = result["results"]
@@ -105,10 +98,10 @@ def test_trained_checkpoint_with_language_tokens(data, tmp_path):
 
 def test_bad_options_are_one_line_errors(data, tmp_path):
     with pytest.raises(SystemExit, match="--smoe-ks: k = 16 exceeds the 8 experts of smoe_dropout"):
-        bench().main(common(data, tmp_path / "x.json") + ["--model-args", TINY, "--configs", "smoe_dropout",
+        bench_generate.main(common(data, tmp_path / "x.json") + ["--model-args", TINY, "--configs", "smoe_dropout",
                                                           "--reference", "", "--smoe-ks", "16"])
     with pytest.raises(SystemExit, match="--batch-sizes must be a comma-separated list"):
-        bench().main(common(data, tmp_path / "x.json") + ["--batch-sizes", "0"])
+        bench_generate.main(common(data, tmp_path / "x.json") + ["--batch-sizes", "0"])
     assert not (tmp_path / "x.json").exists()
 
 
@@ -122,7 +115,7 @@ def test_decode_path_generates_what_the_general_path_generates(data, tmp_path, m
     import moe_fairseq.moe.decode as decode
     from moe_fairseq.moe.collect import moe_layers
 
-    b = bench()
+    b = bench_generate
     model, train_args = b.build_from_config("moe_top2", str(data), TINY.split(), "en-de,en-fr", 1)
     task = b.direction_task(argparse.Namespace(task=train_args), str(data), "en-de", "test")
     batches = b.sentence_batches(task.dataset("test"), SENTENCES, 2)
@@ -163,7 +156,7 @@ def test_system_rows_of_fp32_and_int8_checkpoints(data, tmp_path):
     fp32, int8 = save / "checkpoint_last.pt", tmp_path / "int8.pt"
     quantize(str(fp32), str(int8))
     out, rows_out = tmp_path / "bench.json", tmp_path / "rows.json"
-    result = bench().main(common(data, out) + [
+    result = bench_generate.main(common(data, out) + [
         "--configs", "", "--checkpoints", f"moe_fp32={fp32},moe_int8={int8}", "--reference", "moe_fp32",
         "--repeats", "2", "--beams", "2", "--system-rows", str(rows_out), "--bleu-raw-dir", str(data.parent / "raw"),
         "--bleu-pairs", "en-de", "--rss"])
@@ -187,4 +180,4 @@ def test_system_rows_of_fp32_and_int8_checkpoints(data, tmp_path):
             [timed["tokens"] / c for c in timed["cpu_seconds_all"]]), 1)
     assert len(result["meta"]["load_average_rounds"]) == 2
     with pytest.raises(SystemExit, match="--bleu-raw-dir and --rss go with --system-rows"):
-        bench().main(common(data, out) + ["--configs", "", "--checkpoints", f"a={fp32}", "--reference", "", "--rss"])
+        bench_generate.main(common(data, out) + ["--configs", "", "--checkpoints", f"a={fp32}", "--reference", "", "--rss"])

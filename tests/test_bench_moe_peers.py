@@ -1,15 +1,13 @@
-"""scripts/bench_moe_peers.py: its pure functions (paired ratio, row schema), the floor's rows
-against a brute-force regrouping, a tiny end-to-end run without peers, and each peer on tiny
+"""moe_fairseq.experiments.bench_moe_peers (scripts/bench_moe_peers.py): its pure functions
+(paired ratio, row schema), the floor's rows against a brute-force regrouping, a tiny end-to-end run without peers, and each peer on tiny
 tensors where its package is installed (CI has none: those tests skip).  The timing run itself is
 not a test: it needs the peers and a long quiet window."""
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -18,9 +16,7 @@ def bench():
     # bench_moe_layer sets OMP_WAIT_POLICY at import (for the processes it starts): keep the
     # test process's environment as it was.
     saved = os.environ.get("OMP_WAIT_POLICY")
-    spec = importlib.util.spec_from_file_location("bench_moe_peers", os.path.join(ROOT, "scripts", "bench_moe_peers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from moe_fairseq.experiments import bench_moe_peers as module
     if saved is None:
         os.environ.pop("OMP_WAIT_POLICY", None)
     else:

@@ -12,15 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))
+from cli_helpers import make_tiny_corpus, train_cmd
+from moe_fairseq.experiments import calibrate_network, cost_model, step_timing
+from test_emulated_cluster import _SKIP
 
-import calibrate_network  # noqa: E402
-import cost_model  # noqa: E402
-import step_timing  # noqa: E402
-from cli_helpers import make_tiny_corpus, train_cmd  # noqa: E402
-from test_emulated_cluster import _SKIP  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def brute_force_speedup(layers, a2a, expert, other, p, mode, k=2):

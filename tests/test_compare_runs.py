@@ -1,15 +1,11 @@
-"""scripts/compare_runs.py: paired bootstrap between runs' saved moe-evaluate outputs."""
-import importlib.util
+"""moe_fairseq.experiments.compare_runs (scripts/compare_runs.py): paired bootstrap between runs'
+saved moe-evaluate outputs."""
 import random
 
 import pytest
 
-from cli_helpers import REPO
+from moe_fairseq.experiments import compare_runs
 from moe_fairseq.moe.errors import MoEUsageError
-
-spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
 
 VOCAB = [f"w{i}" for i in range(400)]
 
@@ -129,3 +125,17 @@ def test_bad_input_is_refused_in_one_line(study, tmp_path):
         (root / "short" / f"generate.test.{pair}.txt").write_text("\n".join(keep) + "\n")
     with pytest.raises(MoEUsageError, match="refusing to score a shorter list"):
         compare_runs.main([str(root / "weak"), str(root / "short"), "--raw-dir", raw])
+
+
+def test_the_script_refuses_a_missing_run_in_one_line(tmp_path):
+    """scripts/compare_runs.py end to end: bad input is moe_fairseq's one-line error, no traceback."""
+    import subprocess
+    import sys
+
+    from cli_helpers import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(tmp_path / "missing"),
+                           "--raw-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"moe_fairseq: error: run directory {tmp_path / 'missing'} does not "
+                                                "exist (expected moe-evaluate --out output)"]

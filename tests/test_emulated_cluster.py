@@ -1,5 +1,5 @@
-"""scripts/emulated_cluster.py: namespaces joined by a shaped link, the rate gloo achieves on
-it, and teardown after success, failure, SIGINT and a killed harness (--cleanup).
+"""moe_fairseq.experiments.emulated_cluster (scripts/emulated_cluster.py): namespaces joined by a
+shaped link, the rate gloo achieves on it, and teardown after success, failure, SIGINT and a killed harness (--cleanup).
 
 Needs root, `ip` and `tc`, and a kernel that lets us create network namespaces; skips with the
 reason otherwise."""
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from moe_fairseq.experiments import emulated_cluster as ec
 
-import emulated_cluster as ec  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 HARNESS = str(REPO / "scripts" / "emulated_cluster.py")
 ALLREDUCE = str(REPO / "tests" / "emulated_allreduce.py")

@@ -13,7 +13,7 @@ from cli_helpers import REPO
 NO_FAIRSEQ = r"""
 import sys, torch
 hook, safe = sys.excepthook, list(torch.serialization.get_safe_globals())
-import moe_fairseq, moe_fairseq.moe, moe_fairseq.plots, moe_fairseq.tools.evaluate, moe_fairseq.tools.consolidate
+import moe_fairseq, moe_fairseq.moe, moe_fairseq.experiments.plots, moe_fairseq.tools.evaluate, moe_fairseq.tools.consolidate
 assert "fairseq" not in sys.modules, "the layer library imported fairseq"
 assert sys.excepthook is hook and list(torch.serialization.get_safe_globals()) == safe, "an import patched something"
 """

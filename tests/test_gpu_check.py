@@ -33,13 +33,6 @@ def gpu_check(*args, **env):
                           timeout=900)
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_check_runs_on_cpu(tmp_path):
     report_path = tmp_path / "report.json"
     proc = gpu_check("--json", str(report_path), DEVICE="cpu", QUICK="1", WORK=str(tmp_path / "work"))
@@ -159,7 +152,7 @@ def test_report_fails_on_a_failed_step_not_on_a_skip(tmp_path):
 
 
 def test_words_per_second_is_words_over_time_after_the_first_update():
-    wps = load_script("gpu_check_fairseq").words_per_second
+    from moe_fairseq.experiments.gpu_check_fairseq import words_per_second as wps
     records = [{"num_updates": 1, "wpb": 1000.0, "wps": 1.0},  # set-up time: left out
                {"num_updates": 2, "wpb": 100.0, "wps": 50.0},  # 2 s
                {"num_updates": 3, "wpb": 300.0, "wps": 100.0}]  # 3 s

@@ -1,28 +1,25 @@
-"""scripts/prune_table.py on a tiny trained top-2 model (E = 4, directions en-de and en-fr).
+"""moe_fairseq.experiments.prune_table (scripts/prune_table.py) on a tiny trained top-2 model (E = 4, directions en-de and en-fr).
 
 References are independent of the script's counting: parameters are those of the model fairseq
 builds from each pruned checkpoint (model.parameters(), which counts tied embeddings once), the
 all-directions count is that of a checkpoint actually pruned to the union of the kept experts,
 BLEU is moe-evaluate's on the same checkpoint, and N = E must score what the original scores.
 """
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
-from cli_helpers import REPO, hypotheses, make_tiny_corpus, run, train_cmd
+from cli_helpers import hypotheses, make_tiny_corpus, run, train_cmd
 from moe_fairseq.tools.prune import prune_state, router_changes
 from moe_fairseq.checkpoint.sharded import atomic_save
 from moe_fairseq.tools.expert_usage import load_model
+from moe_fairseq.experiments import prune_table as pt
 from moe_fairseq.moe.errors import MoEUsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-spec = importlib.util.spec_from_file_location("prune_table", REPO / "scripts" / "prune_table.py")
-pt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pt)
 
 E = 4
 MD = "# results\n\nbefore\n\n" + pt.BEGIN + "\nold table\n" + pt.END + "\n\nafter\n"

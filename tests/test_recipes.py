@@ -5,7 +5,7 @@ The static checks take milliseconds.  The `slow` tests run fairseq for real on t
 process, about 30 s on a busy 2-core machine), a 2-update SMoE-Dropout model feeds the
 expert-usage plot and slimmable_eval (three fairseq-generate runs, one per k).
 """
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -57,11 +57,9 @@ def config_flags(path):
     return flags
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def experiment(name):
+    """The library module that scripts/NAME.py runs."""
+    return importlib.import_module(f"moe_fairseq.experiments.{name}")
 
 
 def assert_png(path):
@@ -338,7 +336,7 @@ def test_plot_convergence_from_json_and_simple_logs(tmp_path):
     assert [(p["num_updates"], p["wall"], p["loss"], p["nll_loss"]) for p in points["dense"]] == \
         [(100, 50, 8.0, 7.8), (200, 100, 7.0, 6.8)]
     # updates on the x axis, labels given
-    out2 = load_script("plot_convergence").main([str(tmp_path / "dense.log"), "--labels", "d", "--x", "updates",
+    out2 = experiment("plot_convergence").main([str(tmp_path / "dense.log"), "--labels", "d", "--x", "updates",
                                                  "--out", str(tmp_path / "conv_updates.png")])
     assert_png(out2)
 
@@ -358,7 +356,7 @@ def smoe_run(corpus, tmp_path_factory):
 
 @slow
 def test_plot_expert_usage_from_checkpoints(corpus, smoe_run, tmp_path):
-    usage = load_script("plot_expert_usage")
+    usage = experiment("plot_expert_usage")
     out = tmp_path / "usage"
     usage.main([str(smoe_run), "--data", str(corpus), "--out-dir", str(out), "--sentences", "16", "--cpu"])
     assert_png(out / "expert_usage_over_training.png")
@@ -391,7 +389,7 @@ def test_slimmable_eval_scores_each_k(corpus, smoe_run, tmp_path):
     sacrebleu).  One direction of the two trained: --langs keeps the dictionary as trained.
     The tiny corpus has no sentencepiece, so post-processing joins the tokens: a smoke test."""
     out = tmp_path / "slim"
-    result = load_script("slimmable_eval").main([
+    result = experiment("slimmable_eval").main([
         str(smoe_run / "checkpoint_last.pt"), "--data", str(corpus), "--raw-dir", str(corpus.parent / "raw"),
         "--out", str(out), "--lang-pairs", "en-de", "--cpu", "--beam", "1",
         "--", "--max-len-a", "1", "--max-len-b", "5"])
@@ -420,11 +418,11 @@ def test_slimmable_eval_refuses_a_fixed_k_router(tmp_path):
     model = argparse.Namespace(moe_expert_count=8, moe_router="top2", moe_top1_expert=False)
     torch.save({"model": {}, "cfg": {"model": model, "task": argparse.Namespace(lang_pairs=["en-de"])}}, ckpt)
     with pytest.raises(SystemExit, match="fixed k"):
-        load_script("slimmable_eval").main([str(ckpt), "--data", "x", "--raw-dir", "x", "--out", str(tmp_path / "o")])
+        experiment("slimmable_eval").main([str(ckpt), "--data", "x", "--raw-dir", "x", "--out", str(tmp_path / "o")])
 
 
 def test_slimmable_eval_default_ks_and_wmt10_reference_links(tmp_path):
-    slim = load_script("slimmable_eval")
+    slim = experiment("slimmable_eval")
     assert slim.default_ks(4) == [1, 2, 4] and slim.default_ks(8) == [1, 2, 4, 8] and slim.default_ks(6) == [1, 2, 4, 6]
     from moe_fairseq.tools.evaluate import training_task_args
 

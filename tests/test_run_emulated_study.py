@@ -46,9 +46,7 @@ def test_missing_data_bin_is_named(tmp_path):
 def test_a_failed_training_is_not_marked_trained(tmp_path):
     """Both nodes' trainer fails (a torchrun that exits 3): the run is reported as failed in
     training, not marked trained and not evaluated; the driver exits 1 and leaves no namespace."""
-    sys.path.insert(0, str(REPO / "tests"))
-    sys.path.insert(0, str(REPO / "scripts"))
-    import emulated_cluster as ec
+    from moe_fairseq.experiments import emulated_cluster as ec
     from test_emulated_cluster import _SKIP
 
     if _SKIP:

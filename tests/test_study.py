@@ -1,11 +1,11 @@
-"""The Multi30k study's machinery (scripts/study_report.py, scripts/study_throughput.py,
-scripts/run_study.sh), on synthetic logs and hypotheses: no training.
+"""The Multi30k study's machinery (moe_fairseq/experiments/study_*.py, the commands of
+scripts/study_report.py and scripts/study_throughput.py, and scripts/run_study.sh), on synthetic
+logs and hypotheses: no training.
 
 The statistics are checked against brute force: BLEU from the summed sufficient statistics
 equals sacrebleu's corpus_score, the bootstrap sees a real difference and no difference where
 there is none, the SMoE-Dropout schedule cost equals a per-update loop.
 """
-import importlib.util
 import json
 import random
 import subprocess
@@ -13,20 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from moe_fairseq.experiments import study_records, study_report as report, study_stats
+from moe_fairseq.experiments import study_throughput
+from moe_fairseq.moe.errors import MoEUsageError
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 DIRECTIONS = ("en-de", "en-fr", "en-cs")
 WORDS = "a man in a blue shirt is riding a bike down the street while two dogs run next to him".split()
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"study_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = load("study_report")
 
 
 def sentence(rng, n=10):
@@ -91,11 +87,11 @@ def test_bleu_from_summed_statistics_is_sacrebleus_corpus_bleu(tmp_path, refs, r
     import sacrebleu
 
     hyps = make_run(tmp_path, "moe_top2", 1, refs, 0.3, [6.0, 5.0])
-    stats = report.sentence_stats(tmp_path / "moe_top2" / "seed1" / "eval", raw_dir)
+    stats = study_stats.sentence_stats(tmp_path / "moe_top2" / "seed1" / "eval", raw_dir)
     assert stats.shape == (180, 10)
     pooled_h = [h for p in DIRECTIONS for h in hyps[p]]
     pooled_r = [r for p in DIRECTIONS for r in refs[p]]
-    assert report.corpus_bleu(stats.sum(0)) == pytest.approx(sacrebleu.corpus_bleu(pooled_h, [pooled_r]).score)
+    assert study_stats.corpus_bleu(stats.sum(0)) == pytest.approx(sacrebleu.corpus_bleu(pooled_h, [pooled_r]).score)
 
 
 def test_record_reads_the_log_and_the_bleu(tmp_path, refs):
@@ -112,7 +108,7 @@ def test_words_per_second_weights_each_interval_by_its_time(tmp_path):
     log = tmp_path / "train.log"
     log.write_text('x | INFO | train_inner | {"wps": "1000", "wpb": "3000", "num_updates": "25", "wall": "75"}\n'
                    'x | INFO | train_inner | {"wps": "3000", "wpb": "3000", "num_updates": "50", "wall": "100"}\n')
-    assert report.train_summary(log)["wps"] == 1500.0
+    assert study_records.train_summary(log)["wps"] == 1500.0
 
 
 def test_a_resumed_log_counts_each_update_once_and_every_segment_s_minutes(tmp_path):
@@ -132,7 +128,7 @@ def test_a_resumed_log_counts_each_update_once_and_every_segment_s_minutes(tmp_p
                    + line("11:02:40", "valid", loss=6.0, num_updates=50)
                    + line("11:03:05", "train_inner", wps=3000, wpb=3000, num_updates=100, wall=0, train_wall=25)
                    + line("11:03:15", "valid", loss=5.0, num_updates=100))
-    summary = report.train_summary(log)
+    summary = study_records.train_summary(log)
     # 300k words: 225 s in updates 1-75 of the first segment, 25 s in 76-100 of the second
     assert summary["wps"] == 1200.0
     # 225 s, then 150 s before the segment's first line and 35 s from it to its last
@@ -156,24 +152,24 @@ def test_bootstrap_finds_a_real_difference_and_not_a_fake_one():
         return out
 
     base, better, same = system(0.5), system(0.62), system(0.5)
-    d, lo, hi, p = report.hierarchical_bootstrap(better, base, samples=300)
+    d, lo, hi, p = study_stats.hierarchical_bootstrap(better, base, samples=300)
     assert d > 3 and lo > 0 and p < 0.01
-    d, lo, hi, p = report.hierarchical_bootstrap(same, base, samples=300)
+    d, lo, hi, p = study_stats.hierarchical_bootstrap(same, base, samples=300)
     assert lo < 0 < hi and p > 0.05
     # identical systems: zero difference, and a p-value of 1 (no resample says otherwise)
-    d, lo, hi, p = report.hierarchical_bootstrap(base, base, samples=100)
+    d, lo, hi, p = study_stats.hierarchical_bootstrap(base, base, samples=100)
     assert d == 0 and p == 1.0
 
 
 def test_equal_time_update_and_time_to_loss():
-    assert report.equal_time_update(1000, 0.87) == 850  # rounded down to the checkpoint grid
-    assert report.equal_time_update(1000, 0.999) == 950
-    assert report.equal_time_update(1000, 0.01) == 50
+    assert study_records.equal_time_update(1000, 0.87) == 850  # rounded down to the checkpoint grid
+    assert study_records.equal_time_update(1000, 0.999) == 950
+    assert study_records.equal_time_update(1000, 0.01) == 50
     curve = [{"updates": 100, "loss": 8.0}, {"updates": 200, "loss": 6.0}, {"updates": 300, "loss": 5.0}]
     # 7.0 is reached half-way between updates 100 and 200: 150 updates at 0.5 updates/s = 5 minutes
-    assert report.time_to_loss(curve, 7.0, 0.5) == pytest.approx(5.0)
-    assert report.time_to_loss(curve, 9.0, 1.0) == pytest.approx(100 / 60)
-    assert report.time_to_loss(curve, 4.0, 1.0) is None
+    assert study_stats.time_to_loss(curve, 7.0, 0.5) == pytest.approx(5.0)
+    assert study_stats.time_to_loss(curve, 9.0, 1.0) == pytest.approx(100 / 60)
+    assert study_stats.time_to_loss(curve, 4.0, 1.0) is None
 
 
 def test_report_writes_study_json_tables_and_plots(tmp_path, refs, raw_dir):
@@ -256,7 +252,7 @@ def test_average_reads_every_run_again_with_its_last_checkpoints_averaged(tmp_pa
         "configs": {"fairseq_dense": {"ups": 0.5, "wps": 1700, "ratio": 1.0},
                     "moe_top2": {"ups": 0.6, "wps": 2000, "ratio": 1.2}}}))
     report.main(["equal-time", str(out), "--data", "unused", "--run", "moe_top2/seed1"])
-    assert [(r["config"], r["seed"]) for r in report.load_records(out) if "equal_time" in r] == [("moe_top2", 1)]
+    assert [(r["config"], r["seed"]) for r in study_records.load_records(out) if "equal_time" in r] == [("moe_top2", 1)]
     report.main(["equal-time", str(out), "--data", "unused"])  # all read at their final update
     calls = []
 
@@ -281,13 +277,13 @@ def test_average_reads_every_run_again_with_its_last_checkpoints_averaged(tmp_pa
         else:
             raise AssertionError(cmd)
 
-    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    monkeypatch.setattr(study_records.subprocess, "run", fake_run)
     # --run: one run read the moment it lands, the others untouched
     report.main(["average", str(out), "--data", "unused", "--last", "2", "--run", "moe_top2/seed2"])
     assert [c[0] for c in calls] == ["moe-average", "moe-evaluate"]
     assert calls[1][calls[1].index("--out") + 1] == str(out / "moe_top2" / "seed2" / "eval_avg2_u100")
-    assert [(r["config"], r["seed"]) for r in report.load_records(out) if "averaged" in r] == [("moe_top2", 2)]
-    with pytest.raises(report.MoEUsageError, match="--run moe_top2/seed9: no .*record.json"):
+    assert [(r["config"], r["seed"]) for r in study_records.load_records(out) if "averaged" in r] == [("moe_top2", 2)]
+    with pytest.raises(MoEUsageError, match="--run moe_top2/seed9: no .*record.json"):
         report.main(["average", str(out), "--data", "unused", "--last", "2", "--run", "moe_top2/seed9"])
     calls.clear()
     report.main(["average", str(out), "--data", "unused", "--last", "2"])
@@ -325,19 +321,19 @@ def test_average_refuses_a_missing_checkpoint_and_a_window_of_one(tmp_path):
 
     (tmp_path / "checkpoint_2_100.pt").write_text("")
     (tmp_path / "checkpoint_1_50.pt").write_text("")
-    assert report.averaged_inputs(tmp_path, 100, 2) == [tmp_path / "checkpoint_2_100.pt", tmp_path / "checkpoint_1_50.pt"]
+    assert study_records.averaged_inputs(tmp_path, 100, 2) == [tmp_path / "checkpoint_2_100.pt", tmp_path / "checkpoint_1_50.pt"]
     with pytest.raises(MoEUsageError, match="no interval checkpoint at update 0"):
-        report.averaged_inputs(tmp_path, 100, 3)
+        study_records.averaged_inputs(tmp_path, 100, 3)
     (tmp_path / "checkpoint_1_100.pt").unlink(missing_ok=True)
     (tmp_path / "checkpoint_2_100.pt").unlink()
     with pytest.raises(MoEUsageError, match="no interval checkpoint at update 100"):
-        report.averaged_inputs(tmp_path, 100, 2)
+        study_records.averaged_inputs(tmp_path, 100, 2)
     with pytest.raises(MoEUsageError, match="--last must be >= 2"):
         report.main(["average", str(tmp_path), "--data", "unused", "--last", "1"])
 
 
 def test_smoe_schedule_cost_is_the_mean_over_its_updates():
-    tp = load("study_throughput")
+    tp = study_throughput
     args = tp.config_args("smoe_dropout")
     steps, total = int(tp.flag(args, "--moe-top-k-schedule-steps")), int(tp.flag(args, "--max-update"))
     per_k = {1: 1.0, 2: 1.2, 4: 1.6, 8: 2.4}  # linear in k: the interpolation is exact
@@ -357,7 +353,7 @@ def test_throughput_rounds_resume_and_named_runs_carry_their_flags(tmp_path, mon
     refused rather than mixed in.  The ratio is the median of per-round ratios to the anchor."""
     from moe_fairseq.moe.errors import MoEUsageError
 
-    tp = load("study_throughput")
+    tp = study_throughput
     assert tp.parse_spec("gd=moe_top2_gate_drop:--moe-gating-dropout,0.1") == (
         "gd", "moe_top2_gate_drop", ["--moe-gating-dropout", "0.1"])
     assert tp.parse_spec("moe_top2") == ("moe_top2", "moe_top2", [])
@@ -453,7 +449,7 @@ def test_sweep_reads_each_candidate_beside_its_base_config_at_the_same_update(tm
         assert cmd[0] == "moe-evaluate" and cmd[cmd.index("--path") + 1].endswith("moe_top2/seed1/checkpoint_1_50.pt")
         calls.append(make_eval(Path(cmd[cmd.index("--out") + 1]), refs, 0.3, "reference"))
 
-    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    monkeypatch.setattr(study_records.subprocess, "run", fake_run)
     results = tmp_path / "results.md"
     begin, end = report.sweep_markers(50)
     results.write_text(f"# prose\n{begin}\nold\n{end}\nmore prose\n")
@@ -480,10 +476,10 @@ def test_sweep_reads_each_candidate_beside_its_base_config_at_the_same_update(tm
     report.main(argv)
     assert calls == []  # the reference evaluation is kept
     make_screen(screen, "short", "moe_top2 --dropout 0.1", refs, 0.3, 6.0, updates=100)
-    with pytest.raises(report.MoEUsageError, match=r"different updates \[50, 100\]"):
+    with pytest.raises(MoEUsageError, match=r"different updates \[50, 100\]"):
         report.main(argv)
     (screen / "short" / "seed1" / "overrides.txt").unlink()
-    with pytest.raises(report.MoEUsageError, match="no overrides.txt"):
+    with pytest.raises(MoEUsageError, match="no overrides.txt"):
         report.main(argv)
 
 
@@ -659,7 +655,7 @@ def test_archive_keeps_what_the_report_reads_and_the_report_from_it_is_the_same(
     with gzip.open(archive / "moe_top2" / "seed1" / "eval" / "hyp.test.en-fr.txt.gz", "wt") as f:
         f.write("one line\n")
     with pytest.raises(MoEUsageError, match="1 hypotheses for 60 references"):
-        report.sentence_stats(archive / "moe_top2" / "seed1" / "eval", raw_dir)
+        study_stats.sentence_stats(archive / "moe_top2" / "seed1" / "eval", raw_dir)
     speed = json.loads((out / "throughput.json").read_text())
     speed["rounds"] = 4
     (out / "throughput.json").write_text(json.dumps(speed))

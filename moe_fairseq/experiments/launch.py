@@ -5,6 +5,10 @@ from typing import List
 
 from ..moe.errors import MoEUsageError
 
+# The checkout this package runs from: the experiments read configs/ and start scripts/ of it,
+# which are not installed with the package (it is installed editable, `pip install -e .`).
+REPO = Path(__file__).resolve().parents[2]
+
 
 def config_args(path, flag: str = "--configs") -> List[str]:
     """The arguments of a launcher config (configs/*/*.args), as scripts/train.sh passes them:

@@ -7,18 +7,12 @@ look faster.  The schedule is a pure function of the update number, so every ran
 the same update (the drop decisions themselves are keyed on (seed, update, layer), as in
 training; moe/gating_dropout.py).
 """
-import os
-import sys
 import time
 from typing import List, Tuple
 
 import torch.distributed as dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from moe_fairseq.moe.gating_dropout import gating_dropout_fires  # noqa: E402
+from ..moe.gating_dropout import gating_dropout_fires
 
 MODES = ("gate_drop", "gate_expert_drop", "local_topk")  # every --moe-gating-dropout-mode
 RATES = (0.0, 0.1, 0.3, 0.5)

@@ -1,8 +1,7 @@
-"""Parsing of fairseq training logs and the PNG figures of the experiment scripts.
-
-Used by scripts/plot_convergence.py, scripts/plot_expert_usage.py and scripts/slimmable_eval.py.
-Needs matplotlib (Agg backend, no display) and numpy, not fairseq (importing moe_fairseq
-imports no fairseq, see docs/ARCHITECTURE.md).
+"""Parsing of fairseq training logs and the PNG figures of the experiments (the study, the plot,
+pruning and slimmable scripts); use_agg and save_figure for a figure of one's own.
+Needs matplotlib (Agg backend, no display) and numpy, not fairseq (the GPU check reads its
+training logs with parse_log before anything imports fairseq; see docs/ARCHITECTURE.md).
 
 Log formats understood (what `fairseq-train` writes to stdout, e.g. SAVE_DIR/train.log of
 scripts/train.sh), with or without fairseq_cli's "2024-01-01 12:00:00 | INFO | " prefix:
@@ -117,7 +116,8 @@ def validation_curve(path, subset: str = "valid") -> List[Dict[str, float]]:
     return points
 
 
-def _use_agg():
+def use_agg():
+    """matplotlib.pyplot on the Agg backend (no display), its loggers quiet."""
     import logging
 
     # fairseq's CLI modules configure the root logger; matplotlib's font search would flood it.
@@ -143,7 +143,7 @@ def plot_convergence(runs: Dict[str, List[Dict[str, float]]], out, metrics=("los
                      x: str = "wall", title: Optional[str] = None) -> Path:
     """One panel per metric, one line per run: validation metric against wall-clock time
     (x="wall") or updates (x="num_updates")."""
-    plt = _use_agg()
+    plt = use_agg()
     metrics = [m for m in metrics if any(m in p for pts in runs.values() for p in pts)] or list(metrics[:1])
     xmax = max((p.get(x, 0.0) for pts in runs.values() for p in pts), default=0.0)
     scale, xlabel = _time_axis(xmax) if x == "wall" else (1.0, "updates")
@@ -160,10 +160,10 @@ def plot_convergence(runs: Dict[str, List[Dict[str, float]]], out, metrics=("los
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig, out) -> Path:
+def save_figure(fig, out) -> Path:
     """Lay out, write as PNG (creating the directory) and free the figure."""
     import matplotlib.pyplot as plt
 
@@ -185,7 +185,7 @@ def plot_heatmaps(panels: Dict[str, "object"], row_labels: Sequence[str], out, x
     """One heatmap per panel (e.g. per MoE layer): rows = row_labels, columns = experts."""
     import numpy as np
 
-    plt = _use_agg()
+    plt = use_agg()
     names = list(panels)
     nrows, ncols = _grid(len(names))
     height = max(2.5, 0.28 * len(row_labels) + 1.6)
@@ -220,7 +220,7 @@ def plot_heatmaps(panels: Dict[str, "object"], row_labels: Sequence[str], out, x
 
 def plot_bleu_vs_k(results: Dict[str, Dict[int, float]], out, title: Optional[str] = None) -> Path:
     """results: {direction: {k: BLEU}}; one line per direction plus their mean."""
-    plt = _use_agg()
+    plt = use_agg()
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = sorted({k for per_k in results.values() for k in per_k})
     for direction, per_k in results.items():
@@ -239,7 +239,7 @@ def plot_bleu_vs_k(results: Dict[str, Dict[int, float]], out, title: Optional[st
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_seed_bands(curves: Dict[str, List[List[tuple]]], out, ylabel: str, xlabel: str,
@@ -248,7 +248,7 @@ def plot_seed_bands(curves: Dict[str, List[List[tuple]]], out, ylabel: str, xlab
     seeds at the x values every seed has, with a band from the lowest to the highest seed."""
     import numpy as np
 
-    plt = _use_agg()
+    plt = use_agg()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, seeds in curves.items():
         common = sorted(set.intersection(*[{x for x, _ in s} for s in seeds])) if seeds else []
@@ -264,4 +264,4 @@ def plot_seed_bands(curves: Dict[str, List[List[tuple]]], out, ylabel: str, xlab
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
