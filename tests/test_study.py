@@ -716,3 +716,58 @@ def test_run_study_archives_the_slimmable_curve_and_does_not_make_it_again(tmp_p
     (archive / "smoe_slimmable" / "slimmable.json").unlink()
     proc = subprocess.run(run, capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "slimmable_eval: error: " in proc.stderr and "checkpoint_last.pt cannot be read as a checkpoint" in proc.stderr, proc.stderr
+
+
+def test_report_of_runs_named_for_their_settings_compares_each_with_the_anchor_and_the_baseline(tmp_path, refs,
+                                                                                              raw_dir):
+    """The emulated cluster's study names runs for their settings (gate_drop_p0.3): with --baseline
+    every run is compared with the anchor and every other run with the baseline, the time to a
+    loss is to the baseline's final loss (a run that never reaches it says so), and the section,
+    the figures' names and the JSON key are the caller's, the JSON's other keys kept."""
+    out = tmp_path / "link250mbit"
+    make_run(out, "fairseq_dense", 1, refs, 0.35, [6.0, 5.0])
+    make_run(out, "moe_top2", 1, refs, 0.2, [5.8, 4.8])
+    make_run(out, "gate_drop_p0.3", 1, refs, 0.25, [5.9, 4.9])  # never reaches top-2's 4.8
+    make_run(out, "gate_local_p0.3", 1, refs, 0.15, [5.7, 4.7])
+    (out / "throughput.json").write_text(json.dumps({
+        "anchor": "fairseq_dense", "rounds": 1, "threads": 1,
+        "configs": {"fairseq_dense": {"ups": 0.4, "wps": 1700, "ratio": 1.0},
+                    "moe_top2": {"ups": 0.2, "wps": 800, "ratio": 0.5},
+                    "gate_local_p0.3": {"ups": 0.25, "wps": 900, "ratio": 0.625},
+                    "gate_drop_p0.3": {"ups": 0.25, "wps": 900, "ratio": 0.625}}}))
+    results = tmp_path / "results.md"
+    begin, end = report.section_markers("emulated-250")
+    results.write_text(f"# Results\n\n{report.BEGIN}\nthe Multi30k study\n{report.END}\n\n{begin}\nold\n{end}\n")
+    js = tmp_path / "emulated_network.json"
+    js.write_text(json.dumps({"links": [{"rate_mbit": 250}]}))
+    argv = ["report", str(out), "--raw-dir", str(raw_dir), "--json", str(js), "--json-key", "study_link250mbit",
+            "--results-md", str(results), "--baseline", "moe_top2", "--section", "emulated-250",
+            "--figure-prefix", "emulated_250_",
+            "--figures", str(tmp_path), "--samples", "100"]
+    report.main(argv)
+    whole = json.loads(js.read_text())
+    assert whole["links"] == [{"rate_mbit": 250}]
+    pairs = [(c["config"], c["baseline"]) for c in whole["study_link250mbit"]["comparisons"]
+             if c["kind"] == "equal_updates"]
+    # the order: the known configs, then the runs in the order they were timed
+    assert pairs == [("moe_top2", "fairseq_dense"), ("gate_local_p0.3", "fairseq_dense"),
+                     ("gate_drop_p0.3", "fairseq_dense"), ("gate_local_p0.3", "moe_top2"),
+                     ("gate_drop_p0.3", "moe_top2")]
+    text = results.read_text()
+    assert "the Multi30k study" in text and "old" not in text.split(begin)[1]
+    assert "| gate_drop_p0.3 − moe_top2 |" in text
+    ttl = text.split("Wall-clock to a validation loss")[1]
+    # top-2: 100 updates at 0.2 updates/s; gate_local reaches 4.8 at update 95, between 50 (5.7)
+    # and 100 (4.7), at 0.25 updates/s
+    assert "| gate_local_p0.3 | moe_top2 | 4.800 | 6.3 (1/1 reach it) | 8.3 (1/1 reach it) |" in ttl
+    assert "| gate_drop_p0.3 | moe_top2 | 4.800 | not reached |" in ttl
+    assert "fairseq_dense | 4.800" not in ttl  # the time to the baseline's loss: not the anchor's rows
+    for png in ("emulated_250_convergence_updates.png", "emulated_250_convergence_time.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    with pytest.raises(MoEUsageError, match="--baseline moe_top1: no finished run of it"):
+        report.main(argv + ["--baseline", "moe_top1"])  # the last one wins
+    js.write_text("[1, 2]")
+    with pytest.raises(MoEUsageError, match="--json-key adds to a JSON object"):
+        report.main(argv)
