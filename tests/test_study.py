@@ -761,7 +761,8 @@ def test_report_of_runs_named_for_their_settings_compares_each_with_the_anchor_a
     # and 100 (4.7), at 0.25 updates/s
     assert "| gate_local_p0.3 | moe_top2 | 4.800 | 6.3 (1/1 reach it) | 8.3 (1/1 reach it) |" in ttl
     assert "| gate_drop_p0.3 | moe_top2 | 4.800 | not reached |" in ttl
-    assert "fairseq_dense | 4.800" not in ttl  # the time to the baseline's loss: not the anchor's rows
+    # the anchor too: 5.0 at update 100 never reaches top-2's 4.8; no row of the baseline against itself
+    assert "| fairseq_dense | moe_top2 | 4.800 | not reached |" in ttl and "| moe_top2 | moe_top2 |" not in ttl
     for png in ("emulated_250_convergence_updates.png", "emulated_250_convergence_time.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from moe_fairseq.moe.errors import MoEUsageError

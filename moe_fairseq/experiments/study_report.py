@@ -424,7 +424,7 @@ def time_to_loss_table(study: Study) -> list:
     if study.baseline:
         what = (f"the target is `{study.baseline}`'s final loss (the highest over its seeds); a run that never "
                 "reaches it says so")
-        pairs = [(c, b) for c, b, _ in study.comparisons if b == study.baseline]
+        pairs = [(c, study.baseline) for c in study.configs if c != study.baseline]  # the anchor too
     else:
         what = "the target is the highest final loss of any seed of the two configs, so every seed reaches it"
         pairs = [(c, b) for c, b, _ in study.comparisons]
