@@ -80,6 +80,20 @@ def run(rank, world_size, port, jobs, backend="gloo", local_rank=None):
     run_jobs(rank, world_size, jobs)
 
 
+def run_and_exit(rank, world_size, port, jobs, backend="gloo"):
+    """`run` for a spawned rank, which then leaves without finalizing the interpreter.  A spawned
+    child (unlike a forked one, which multiprocessing ends with os._exit) exits through Python's
+    finalization, where gloo's C++ threads can still hold objects that need the GIL.  Under load,
+    fresh-clone CI runs have seen rank 1 of the spawned suite abort ("terminate called without an
+    active exception", SIGABRT) with no scenario reporting a failure, barrier below or not; PyTorch
+    describes a similar abort at interpreter teardown (pytorch/pytorch#179291).  Only a rank that passed
+    leaves this way: a failure raises, for torch.multiprocessing to report."""
+    run(rank, world_size, port, jobs, backend)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_jobs(rank, world_size, jobs):
     """Run [(scenario, kwargs), ...] in order in an initialised process group, then tear it down."""
     try:
@@ -589,7 +603,7 @@ def main(argv=None):
     from cli_helpers import free_port
 
     # spawn: a CUDA context cannot be forked
-    mp.start_processes(run, args=(args.nprocs, free_port(), jobs, args.backend), nprocs=args.nprocs, join=True,
+    mp.start_processes(run_and_exit, args=(args.nprocs, free_port(), jobs, args.backend), nprocs=args.nprocs, join=True,
                        start_method="spawn")
     print(f"expert parallelism on {args.backend}: {len(jobs)} scenarios passed on {args.nprocs} ranks "
           f"({'cuda' if args.backend == 'nccl' else 'cpu'})", flush=True)
