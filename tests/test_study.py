@@ -776,3 +776,43 @@ def test_report_of_runs_named_for_their_settings_compares_each_with_the_anchor_a
     js.write_text("[1, 2]")
     with pytest.raises(MoEUsageError, match="--json-key adds to a JSON object"):
         report.main(argv)
+
+
+def test_rebase_reads_the_runs_at_another_configs_budget(tmp_path, refs):
+    """`rebase` makes another config the anchor of the same measurement: ratios are the medians of
+    the per-round ratios to it; `equal-time` with it reads each slower run at the update it reaches
+    in that config's time and keeps a faster one at its final update."""
+    speed = {"anchor": "fairseq_dense", "rounds": 3, "threads": 1,
+             "configs": {"fairseq_dense": {"ups": 0.4, "wps": 1500, "ratio": 1.0},
+                         "moe_top2": {"ups": 0.2, "wps": 700, "ratio": 0.5},
+                         "gate_drop_p0.3": {"ups": 0.24, "wps": 850, "ratio": 0.6},
+                         "smoe": {"ups": 0.3, "wps": 900, "ratio": 0.75}},  # timed per k: no raw of its own
+             "raw": {"fairseq_dense": [{"ups": 0.4}, {"ups": 0.4}, {"ups": 0.4}],
+                     "moe_top2": [{"ups": 0.2}, {"ups": 0.21}, {"ups": 0.19}],
+                     "gate_drop_p0.3": [{"ups": 0.25}, {"ups": 0.24}, {"ups": 0.2}]}}
+    src = tmp_path / "throughput.json"
+    src.write_text(json.dumps(speed))
+    out = tmp_path / "budget"
+    make_run(out, "moe_top2", 1, refs, 0.2, [5.8, 4.8])
+    make_run(out, "gate_drop_p0.3", 1, refs, 0.25, [5.9, 4.9])
+    (out / "moe_top2" / "seed1" / "checkpoint_1_50.pt").write_text("weights")
+    make_eval(out / "moe_top2" / "seed1" / "eval_u50", refs, 0.3, "u50")  # read already: no evaluation
+    report.main(["rebase", str(src), "--anchor", "gate_drop_p0.3", "--out", str(out / "throughput.json")])
+    got = json.loads((out / "throughput.json").read_text())
+    assert got["anchor"] == "gate_drop_p0.3" and got["rebased_from"] == "fairseq_dense"
+    ratios = {c: v["ratio"] for c, v in got["configs"].items()}
+    # per round: top-2 0.2/0.25, 0.21/0.24, 0.19/0.2 -> median 0.875 (the ratio of medians is 0.833)
+    assert ratios["moe_top2"] == pytest.approx(0.875) and ratios["gate_drop_p0.3"] == 1.0
+    assert got["configs"]["moe_top2"]["ratio_of_medians"] == pytest.approx(0.2 / 0.24)
+    assert ratios["fairseq_dense"] == pytest.approx(0.4 / 0.24)  # 0.4/0.25, 0.4/0.24, 0.4/0.2
+    assert ratios["smoe"] == pytest.approx(0.3 / 0.24)
+    assert got["configs"]["moe_top2"]["ups"] == 0.2 and got["raw"] == speed["raw"]
+    report.main(["equal-time", str(out), "--data", "unused"])
+    rec = json.loads((out / "moe_top2" / "seed1" / "record.json").read_text())
+    assert rec["equal_time"]["updates"] == 50 and rec["equal_time"]["ratio"] == pytest.approx(0.875)
+    rec = json.loads((out / "gate_drop_p0.3" / "seed1" / "record.json").read_text())
+    assert rec["equal_time"]["updates"] == 100 and not rec["equal_time"]["capped"]
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    with pytest.raises(MoEUsageError, match="--anchor moe_top1: not timed"):
+        report.main(["rebase", str(src), "--anchor", "moe_top1", "--out", str(tmp_path / "x.json")])

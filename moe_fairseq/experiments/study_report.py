@@ -18,6 +18,11 @@
       each evaluation's results.json and hypotheses, gzipped; no checkpoints, no logs), into
       ARCHIVE/CONFIG/seedS, with OUT/throughput.json: a study outlives the machine it ran on,
       and `report ARCHIVE` gives what `report OUT` gives.
+  study_report.py rebase THROUGHPUT --anchor CONFIG --out FILE
+      The same speed measurement with another config as the anchor (its ratios are the medians
+      of the per-round ratios to CONFIG): equal wall-clock at CONFIG's budget.  With it in a copy
+      of OUT, `equal-time` reads every run slower than CONFIG at the update it reaches in CONFIG's
+      time (the emulated cluster's study reads top-2 at Gate-Drop's budget so).
   study_report.py report OUT --anchor fairseq_dense --raw-dir RAW --json docs/study.json \
       [--results-md docs/results.md] [--figures docs/]
       study.json, the tables (OUT/report.md, and the generated section of --results-md between
@@ -36,6 +41,7 @@ study_records.py, the statistics in study_stats.py.
 """
 import argparse
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -220,6 +226,33 @@ def cmd_archive(args):
                 with atomic_open(target / eval_dir.name / f"hyp.test.{pair}.txt.gz", "wb") as f:
                     f.write(gzip.compress(text.encode("utf-8"), mtime=0))
         print(f"{save.relative_to(out)}: archived to {target} ({len(evals)} evaluations)")
+
+
+# ------------------------------------------------------------------ another anchor's budget
+
+def rebased_speed(speed: dict, anchor: str) -> dict:
+    """throughput.json with `anchor` as the anchor: each config's ratio is the median over rounds
+    of its updates/s over the anchor's in the same round (as study_throughput.py computes it), or,
+    for a config timed under other labels (a random router at several k), the ratio of medians."""
+    if anchor not in speed["configs"]:
+        raise MoEUsageError(f"--anchor {anchor}: not timed in this throughput.json "
+                            f"(configs: {', '.join(speed['configs'])})")
+    raw, rounds = speed.get("raw", {}), speed["rounds"]
+    base = [m["ups"] for m in raw.get(anchor, [])[:rounds]]
+    configs = {}
+    for c, v in speed["configs"].items():
+        ratio_of_medians = v["ups"] / speed["configs"][anchor]["ups"]
+        mine = [m["ups"] for m in raw.get(c, [])[:rounds]]
+        paired = [m / a for m, a in zip(mine, base)] if len(mine) == len(base) == rounds else None
+        configs[c] = {**v, "ratio": statistics.median(paired) if paired else ratio_of_medians,
+                      "ratio_of_medians": ratio_of_medians}
+    return {**speed, "anchor": anchor, "rebased_from": speed.get("anchor"), "configs": configs}
+
+
+def cmd_rebase(args):
+    speed = json.loads(Path(args.throughput).read_text())
+    atomic_write_json(Path(args.out), rebased_speed(speed, args.anchor))
+    print(f"{args.out}: the speeds of {args.throughput} with {args.anchor} as the anchor")
 
 
 # ------------------------------------------------------------------ the report
@@ -586,6 +619,10 @@ def main(argv=None):
     v.add_argument("--raw-dir", required=True, help="the raw test sets: every archived reading is checked against them")
     v.add_argument("--to", required=True, help="the archive, e.g. docs/study_runs (committed)")
     v.add_argument("--run", help="only this finished run, CONFIG/seedS (default: every run)")
+    b = sub.add_parser("rebase")
+    b.add_argument("throughput", help="a throughput.json (scripts/study_throughput.py)")
+    b.add_argument("--anchor", required=True, help="the config whose budget defines equal wall-clock")
+    b.add_argument("--out", required=True, help="the throughput.json to write")
     q = sub.add_parser("report")
     q.add_argument("out")
     q.add_argument("--anchor", default="fairseq_dense")
@@ -606,7 +643,7 @@ def main(argv=None):
     q.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
     args = p.parse_args(argv)
     return {"record": cmd_record, "equal-time": cmd_equal_time, "average": cmd_average,
-            "sweep": cmd_sweep, "archive": cmd_archive, "report": cmd_report}[args.cmd](args)
+            "sweep": cmd_sweep, "archive": cmd_archive, "rebase": cmd_rebase, "report": cmd_report}[args.cmd](args)
 
 
 cli_main = one_line_errors(main)
