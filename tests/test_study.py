@@ -778,7 +778,7 @@ def test_report_of_runs_named_for_their_settings_compares_each_with_the_anchor_a
         report.main(argv)
 
 
-def test_rebase_reads_the_runs_at_another_configs_budget(tmp_path, refs):
+def test_rebase_reads_the_runs_at_another_configs_budget(tmp_path, refs, raw_dir):
     """`rebase` makes another config the anchor of the same measurement: ratios are the medians of
     the per-round ratios to it; `equal-time` with it reads each slower run at the update it reaches
     in that config's time and keeps a faster one at its final update."""
@@ -814,5 +814,11 @@ def test_rebase_reads_the_runs_at_another_configs_budget(tmp_path, refs):
     assert rec["equal_time"]["updates"] == 100 and not rec["equal_time"]["capped"]
     from moe_fairseq.moe.errors import MoEUsageError
 
+    js = tmp_path / "budget.json"
+    report.main(["report", str(out), "--anchor", "gate_drop_p0.3", "--baseline", "moe_top2", "--raw-dir",
+                 str(raw_dir), "--json", str(js), "--no-figures", "--samples", "100"])
+    [cmp] = [c for c in json.loads(js.read_text())["comparisons"] if c["kind"] == "equal_time"]
+    assert (cmp["config"], cmp["baseline"]) == ("moe_top2", "gate_drop_p0.3")
+    assert not list(out.glob("*.png"))
     with pytest.raises(MoEUsageError, match="--anchor moe_top1: not timed"):
         report.main(["rebase", str(src), "--anchor", "moe_top1", "--out", str(tmp_path / "x.json")])

@@ -520,7 +520,8 @@ def cmd_report(args):
     write_summary(args, summary)
     if study.speed:
         lines += time_to_loss_table(study)
-    lines += figures(study, Path(args.figures) if args.figures else out, args.figure_prefix, args.title)
+    if not args.no_figures:
+        lines += figures(study, Path(args.figures) if args.figures else out, args.figure_prefix, args.title)
     text = "\n".join(lines)
     atomic_write_text(out / "report.md", text)
     if args.results_md:
@@ -636,6 +637,7 @@ def main(argv=None):
                    "(markers <!-- NAME:begin ... --> and <!-- NAME:end -->; default study)")
     q.add_argument("--figure-prefix", default="study_", help="file name prefix of the PNGs (default study_)")
     q.add_argument("--title", default="Multi30k en->de,fr,cs", help="the plots' title")
+    q.add_argument("--no-figures", action="store_true", help="no PNGs (a second reading of runs plotted elsewhere)")
     q.add_argument("--results-md", help="Markdown file whose generated section is rewritten")
     q.add_argument("--readme", help="README whose study summary section is rewritten")
     q.add_argument("--figures", help="directory for the PNGs (default OUT)")
