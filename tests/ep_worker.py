@@ -85,9 +85,9 @@ def run_and_exit(rank, world_size, port, jobs, backend="gloo"):
     child (unlike a forked one, which multiprocessing ends with os._exit) exits through Python's
     finalization, where gloo's C++ threads can still hold objects that need the GIL.  Under load,
     fresh-clone CI runs have seen rank 1 of the spawned suite abort ("terminate called without an
-    active exception", SIGABRT) with no scenario reporting a failure, barrier below or not; PyTorch
-    describes a similar abort at interpreter teardown (pytorch/pytorch#179291).  Only a rank that passed
-    leaves this way: a failure raises, for torch.multiprocessing to report."""
+    active exception", SIGABRT) with no scenario reporting a failure, barrier below or not;
+    PyTorch describes a similar abort at interpreter teardown (pytorch/pytorch#179291).  Only a
+    rank that passed leaves this way: a failure raises, for torch.multiprocessing to report."""
     run(rank, world_size, port, jobs, backend)
     sys.stdout.flush()
     sys.stderr.flush()
