@@ -32,12 +32,27 @@
 # rotated seed-major (seed 1 of every run, then seed 2, ...), so work that stops early leaves
 # complete seeds; narrow RUNS for the runs that need more seeds.
 #
-# Resumable: a run with ARCHIVE/link<R>mbit/.../record.json for every R is done; a trained run
-# (SAVE/.trained) is only evaluated and read; a run interrupted in training resumes from its
-# checkpoint; the speed measurement keeps its rounds as they land.
+# AVERAGE (default 3): every reading is also made with the last AVERAGE interval checkpoints
+# averaged (moe-average consolidates the expert shards), as MT practice decodes.  3 of 50 updates
+# is the Multi30k study's 5 scaled to 500 updates, and it fits the earliest equal wall-clock
+# reading (update 200 at 250 Mbit/s); 0 skips it.
+#
+# BUDGET_OF (optional, a run name of RUNS): every run but the anchor is read a second time at
+# that run's budget, its MAX_UPDATE updates, on each link (study_report.py rebase: the same speed
+# measurement with that run as the anchor).  The anchor's budget reads the MoE runs early, where
+# single checkpoints swing; this reading compares the MoE variants where BLEU means something.
+# Plain fairseq is left out of it: it would be capped at its final update.  A run faster than
+# BUDGET_OF is capped at its final update too (conservative against it; the speed table says so).
+# Each run is mirrored into OUT/budget_<BUDGET_OF>/link<R>mbit (its record, flags and
+# evaluations copied, its checkpoints linked), so the anchor's readings are not touched, and
+# archived to ARCHIVE/budget_<BUDGET_OF>/link<R>mbit.
+#
+# Resumable: a run with ARCHIVE/link<R>mbit/.../record.json for every R (and each reading asked
+# for) is done; a trained run (SAVE/.trained) is only evaluated and read; a run interrupted in
+# training resumes from its checkpoint; the speed measurement keeps its rounds as they land.
 #
 # Environment: DATA, OUT, ARCHIVE (optional), MAX_UPDATE, MAX_TOKENS, TRAIN_RATE_MBIT, READ_RATES,
-# RUNS, SEEDS, BEAM (5), EVAL_THREADS (2), THROUGHPUT_ROUNDS (2), THROUGHPUT_RUNS (default RUNS),
+# RUNS, SEEDS, AVERAGE (3), BUDGET_OF, BEAM (5), EVAL_THREADS (2), THROUGHPUT_ROUNDS (2), THROUGHPUT_RUNS (default RUNS),
 # EXTRA (more fairseq-train flags for every run, e.g. for a smoke test), MASTER_PORT (29500,
 # inside the namespaces), COLLECTIVE_TIMEOUT (600 s, as train_torchrun.sh).
 set -euo pipefail
@@ -54,6 +69,8 @@ SEEDS=${SEEDS:-"1 2"}
 BEAM=${BEAM:-5}
 EVAL_THREADS=${EVAL_THREADS:-2}
 THROUGHPUT_ROUNDS=${THROUGHPUT_ROUNDS:-2}
+AVERAGE=${AVERAGE:-3}
+BUDGET_OF=${BUDGET_OF:-}
 ANCHOR=fairseq_dense
 RUNS=${RUNS:-"moe_top2=moe_top2
   gate_drop_p0.3=moe_top2_gate_drop:--moe-gating-dropout,0.3
@@ -70,6 +87,7 @@ for r in $TRAIN_RATE_MBIT $READ_RATES; do
 done
 [[ "$MAX_UPDATE" =~ ^[1-9][0-9]*$ ]] && [ $((MAX_UPDATE % 50)) = 0 ] || die "MAX_UPDATE must be a positive multiple of 50, the checkpoint interval (got '$MAX_UPDATE')"
 [[ "$MAX_TOKENS" =~ ^[1-9][0-9]*$ ]] || die "MAX_TOKENS must be a positive number of tokens per rank (got '$MAX_TOKENS')"
+[[ "$AVERAGE" =~ ^[0-9]+$ ]] && [ "$AVERAGE" != 1 ] || die "AVERAGE must be a number of checkpoints >= 2, or 0 for no averaged reading (got '$AVERAGE')"
 [[ "$THROUGHPUT_ROUNDS" =~ ^[0-9]+$ ]] || die "THROUGHPUT_ROUNDS must be a number of rounds, 0 to skip the speed measurement (got '$THROUGHPUT_ROUNDS')"
 [ -f "$DATA/dict.txt" ] || die "no fairseq data-bin at DATA=$DATA (bash data_prep/prepare_multi30k.sh --destdir $DATA)"
 command -v fairseq-train > /dev/null || die "fairseq-train not found (bash scripts/setup_env.sh)"
@@ -81,6 +99,11 @@ for spec in $RUNS $THROUGHPUT_RUNS; do
   [[ "$spec" == *=* ]] || die "RUNS: '$spec' is not NAME=CONFIG[:FLAG,VALUE,...]"
   [ -f "configs/multi30k/$config.args" ] || die "RUNS: no config configs/multi30k/$config.args (in '$spec')"
 done
+if [ -n "$BUDGET_OF" ]; then
+  timed=" $(for spec in $THROUGHPUT_RUNS; do printf '%s ' "${spec%%=*}"; done)"
+  [ "$BUDGET_OF" != "$ANCHOR" ] && [[ "$timed" == *" $BUDGET_OF "* ]] \
+    || die "BUDGET_OF must name a run of THROUGHPUT_RUNS other than the anchor $ANCHOR (got '$BUDGET_OF'; runs:$timed)"
+fi
 
 STUDY=$OUT/link${TRAIN_RATE_MBIT}mbit
 mkdir -p "$STUDY"
@@ -140,12 +163,13 @@ emulated_train() {
 }
 
 # read_and_archive SAVE NAME SEED: the run read at equal wall-clock on every link of READ_RATES
-# (its interval checkpoint at the update it reaches in the anchor's time), archived per link
+# (its interval checkpoint at the update it reaches in the anchor's time), with AVERAGE
+# checkpoints averaged too, archived per link
 read_and_archive() {
   local save=$1 name=$2 seed=$3 r
   for r in $READ_RATES; do
     local tp=$STUDY/throughput_link${r}mbit.json
-    if [ -f "$tp" ] && [ "$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['rounds'])" "$tp")" -gt 0 ]; then
+    if has_speed "$tp"; then
       cp "$tp" "$STUDY/throughput.json"  # study_report reads OUT/throughput.json
       python scripts/study_report.py equal-time "$STUDY" --run "$name/seed$seed" --data "$DATA" --beam "$BEAM" \
         --threads "$EVAL_THREADS" || return 1
@@ -154,6 +178,7 @@ read_and_archive() {
       python -c "import json,sys; p=sys.argv[1]; r=json.load(open(p)); r.pop('equal_time', None); json.dump(r, open(p + '.tmp', 'w'), indent=1)" "$save/record.json" \
         && mv "$save/record.json.tmp" "$save/record.json"
     fi
+    average_run "$STUDY" "$name" "$seed" || return 1
     if [ -n "${ARCHIVE:-}" ]; then
       python scripts/study_report.py archive "$STUDY" --run "$name/seed$seed" --raw-dir "$DATA/raw" \
         --to "$ARCHIVE/link${r}mbit" || return 1
@@ -161,14 +186,67 @@ read_and_archive() {
   done
 }
 
-archived() {  # NAME SEED: archived on every reading link, read at equal wall-clock where its speed is known
-  local r rec
+has_speed() { [ -f "$1" ] && [ "$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['rounds'])" "$1")" -gt 0 ]; }
+
+average_run() {  # DIR NAME SEED: the averaged readings of DIR/NAME/seedSEED's record (final and equal-time update)
+  [ "$AVERAGE" -ge 2 ] || return 0
+  python scripts/study_report.py average "$1" --run "$2/seed$3" --data "$DATA" --last "$AVERAGE" --beam "$BEAM" \
+    --threads "$EVAL_THREADS"
+}
+
+# read_at_budget SAVE NAME SEED: the run read at BUDGET_OF's budget on every link with a speed,
+# in a mirror of SAVE (OUT/budget_<BUDGET_OF>/link<R>mbit/NAME/seedSEED), archived per link
+read_at_budget() {
+  local save=$1 name=$2 seed=$3 r f
+  for r in $READ_RATES; do
+    local tp=$STUDY/throughput_link${r}mbit.json dir=$OUT/budget_${BUDGET_OF}/link${r}mbit
+    has_speed "$tp" || continue  # no speed on this link: nothing to read at
+    local mirror=$dir/$name/seed$seed
+    mkdir -p "$mirror"
+    python scripts/study_report.py rebase "$tp" --anchor "$BUDGET_OF" --out "$dir/throughput.json" > /dev/null || return 1
+    # the record without the anchor's readings (they are read again at this budget); the
+    # evaluations copied (the mirror's new ones stay in it), the checkpoints linked
+    python -c "import json,sys; r=json.load(open(sys.argv[1])); r.pop('equal_time', None); r.pop('averaged', None); json.dump(r, open(sys.argv[2], 'w'), indent=1)" \
+      "$save/record.json" "$mirror/record.json.tmp" && mv "$mirror/record.json.tmp" "$mirror/record.json"
+    cp "$save/flags.txt" "$mirror/"
+    for f in "$save"/eval*/; do
+      [ -f "$f/results.json" ] && [ ! -e "$mirror/$(basename "$f")" ] && cp -r "$f" "$mirror/"
+    done
+    for f in "$save"/checkpoint_*_*.pt "$save"/moe_shards; do
+      [ -e "$f" ] && ln -sfn "$(realpath "$f")" "$mirror/$(basename "$f")"
+    done
+    python scripts/study_report.py equal-time "$dir" --run "$name/seed$seed" --data "$DATA" --beam "$BEAM" \
+      --threads "$EVAL_THREADS" || return 1
+    average_run "$dir" "$name" "$seed" || return 1
+    if [ -n "${ARCHIVE:-}" ]; then
+      python scripts/study_report.py archive "$dir" --run "$name/seed$seed" --raw-dir "$DATA/raw" \
+        --to "$ARCHIVE/budget_${BUDGET_OF}/link${r}mbit" || return 1
+    fi
+  done
+}
+
+# read_complete REC SPEED: REC holds every reading asked for (the equal wall-clock one when SPEED, the
+# averaged ones when AVERAGE)
+read_complete() {
+  python -c "
+import json, sys
+rec, speed, last = json.load(open(sys.argv[1])), sys.argv[2] == '1', int(sys.argv[3])
+avg = rec.get('averaged', {})
+ok = (not speed or 'equal_time' in rec) and (last < 2 or (avg.get('last') == last and (not speed or 'equal_time' in avg)))
+sys.exit(0 if ok else 1)" "$1" "$2" "$AVERAGE"
+}
+
+archived() {  # NAME SEED: archived on every reading link with every reading asked for
+  local r rec speed
   [ -n "${ARCHIVE:-}" ] || return 1
   for r in $READ_RATES; do
+    speed=0
+    if has_speed "$STUDY/throughput_link${r}mbit.json" || has_speed "$ARCHIVE/link${r}mbit/throughput.json"; then speed=1; fi
     rec=$ARCHIVE/link${r}mbit/$1/seed$2/record.json
-    [ -f "$rec" ] || return 1
-    if [ -f "$STUDY/throughput_link${r}mbit.json" ] || [ -f "$ARCHIVE/link${r}mbit/throughput.json" ]; then
-      grep -q '"equal_time"' "$rec" || return 1  # trained before the speeds were measured: read it now
+    [ -f "$rec" ] && read_complete "$rec" "$speed" || return 1
+    if [ -n "$BUDGET_OF" ] && [ "$1" != "$ANCHOR" ] && [ "$speed" = 1 ]; then
+      rec=$ARCHIVE/budget_${BUDGET_OF}/link${r}mbit/$1/seed$2/record.json
+      [ -f "$rec" ] && read_complete "$rec" 1 || return 1
     fi
   done
 }
@@ -193,7 +271,10 @@ for seed in $SEEDS; do
     fi
     python scripts/study_report.py record "$save" --config "$name" --seed "$seed" > /dev/null
     if ! read_and_archive "$save" "$name" "$seed"; then
-      echo "run_emulated_study: $name seed $seed failed in its equal wall-clock reading (see above)" >&2; failed=1
+      echo "run_emulated_study: $name seed $seed failed in its equal wall-clock reading (see above)" >&2; failed=1; continue
+    fi
+    if [ -n "$BUDGET_OF" ] && [ "$name" != "$ANCHOR" ] && ! read_at_budget "$save" "$name" "$seed"; then
+      echo "run_emulated_study: $name seed $seed failed in its reading at ${BUDGET_OF}'s budget (see above)" >&2; failed=1
     fi
   done
 done

@@ -1,6 +1,7 @@
 """scripts/run_emulated_study.sh refuses bad settings in one line naming the variable, before it
 builds a cluster or trains anything.  (The driver end to end is a study of hours: it was
 checked by a smoke run of a few updates, docs/emulated_network.md.)"""
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,10 @@ def run(tmp_path, **env):
     ({"RUNS": "moe_top2=moe_top2", "THROUGHPUT_RUNS": "x=no_such_config"}, "no_such_config"),
     ({"RUNS": "top2=no_such_config"}, "no_such_config"),
     ({"RUNS": "moe_top2"}, "NAME=CONFIG"),
+    ({"AVERAGE": "1"}, "AVERAGE"),
+    ({"AVERAGE": "last"}, "AVERAGE"),
+    ({"BUDGET_OF": "fairseq_dense"}, "BUDGET_OF"),
+    ({"RUNS": "moe_top2=moe_top2", "BUDGET_OF": "gate_drop_p0.3"}, "BUDGET_OF"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, env, needle):
     proc = run(tmp_path, **env)
@@ -64,3 +69,106 @@ def test_a_failed_training_is_not_marked_trained(tmp_path):
     assert "fake torchrun on node 0" in (save / "train.log").read_text()
     assert "fake torchrun on node 1" in (save / "train.node1.log").read_text()
     assert [n for n in ec.list_namespaces() if n.startswith("emc") and not ec._owner_alive(n, "emc")] == []
+
+
+def test_readings_at_the_anchors_and_another_runs_budget_with_averages(tmp_path):
+    """The driver end to end on the emulated cluster with stand-ins for torchrun (a fairseq json
+    log and interval checkpoints), moe-evaluate and moe-average: every run is read at the anchor's
+    budget on each link, single and averaged; with BUDGET_OF every run but the anchor is read
+    again at that run's budget in a mirror (the anchor's readings untouched) and archived apart;
+    a rerun reads nothing again."""
+    import torch
+
+    from test_emulated_cluster import _SKIP
+
+    if _SKIP:
+        pytest.skip(_SKIP)
+    fake, data, out, archive = tmp_path / "fakebin", tmp_path / "bin", tmp_path / "out", tmp_path / "archive"
+    fake.mkdir()
+    (data / "raw").mkdir(parents=True)
+    (data / "dict.txt").write_text("a 1\n")
+    refs = ["a man rides a bike", "two dogs run", "a blue shirt"]
+    for lang in ("de", "fr", "cs"):
+        (data / "raw" / f"test.{lang}").write_text("\n".join(refs) + "\n")
+    template = tmp_path / "ckpt.pt"
+    torch.save({"last_optimizer_state": None}, template)
+    (fake / "torchrun").write_text(
+        "#!/bin/bash\n"
+        'while [ $# -gt 0 ]; do case $1 in --save-dir) save=$2;; esac; shift; done\n'
+        '[ "$NODE_RANK" = 0 ] || exit 0\n'
+        "for u in 50 100 150 200; do\n"
+        '  echo "2026-12-06 10:00:0${u:0:1} | INFO | train_inner | {\\"num_updates\\": \\"$u\\", \\"loss\\": \\"6\\", '
+        '\\"wps\\": \\"1000\\", \\"wpb\\": \\"3000\\", \\"wall\\": \\"$u\\"}"\n'
+        '  echo "2026-12-06 10:00:0${u:0:1} | INFO | valid | {\\"valid_loss\\": \\"5.$u\\", \\"valid_num_updates\\": \\"$u\\"}"\n'
+        f'  cp {template} "$save/checkpoint_1_$u.pt"\n'
+        "done\n"
+        f'cp {template} "$save/checkpoint_last.pt"\n')
+    (fake / "moe-evaluate").write_text(
+        "#!/bin/bash\n"
+        'echo "$*" >> "$(dirname "$0")/eval.calls"\n'
+        'while [ $# -gt 0 ]; do case $1 in --out) out=$2;; --raw-dir) raw=$2;; esac; shift; done\n'
+        'mkdir -p "$out"\n'
+        "for pair in en-de en-fr en-cs; do\n"
+        '  awk \'{printf "S-%d\\tsrc\\nH-%d\\t-0.5\\t%s\\nD-%d\\t-0.5\\t%s\\n", NR-1, NR-1, $0, NR-1, $0}\' '
+        '"$raw/test.${pair#*-}" > "$out/generate.test.$pair.txt"\n'
+        "done\n"
+        "echo '[{\"direction\": \"en-de\", \"bleu\": 100.0, \"signature\": \"s\"}, "
+        "{\"direction\": \"en-fr\", \"bleu\": 100.0, \"signature\": \"s\"}, "
+        "{\"direction\": \"en-cs\", \"bleu\": 100.0, \"signature\": \"s\"}]' > \"$out/results.json\"\n")
+    (fake / "moe-average").write_text(
+        "#!/bin/bash\n"
+        'echo "$*" >> "$(dirname "$0")/average.calls"\n'
+        'while [ $# -gt 0 ]; do case $1 in --output) o=$2;; esac; shift; done\n'
+        'touch "$o"\n')
+    (fake / "fairseq-train").write_text("#!/bin/sh\nexit 1\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    # the anchor's 200 updates: top-2 (0.5x) reaches update 100, Gate-Drop (0.6x) 120, read at 100;
+    # Gate-Drop's 200 updates: top-2 (0.5 / 0.6) reaches 166, read at 150
+    speeds = {"fairseq_dense": 1.0, "moe_top2": 0.5, "gate_drop_p0.3": 0.6}
+    link = out / "link0mbit"
+    link.mkdir(parents=True)
+    for r in (250, 0):
+        (link / f"throughput_link{r}mbit.json").write_text(json.dumps({
+            "anchor": "fairseq_dense", "rounds": 1, "threads": 1,
+            "configs": {c: {"ups": v, "wps": 1000 * v, "ratio": v} for c, v in speeds.items()},
+            "raw": {c: [{"ups": v}] for c, v in speeds.items()}}))
+    runs = "fairseq_dense=fairseq_dense moe_top2=moe_top2 gate_drop_p0.3=moe_top2_gate_drop:--moe-gating-dropout,0.3"
+    env = {"DATA": str(data), "OUT": str(out), "ARCHIVE": str(archive), "RUNS": runs, "SEEDS": "1",
+           "MAX_UPDATE": "200", "THROUGHPUT_ROUNDS": "0", "AVERAGE": "2", "BUDGET_OF": "gate_drop_p0.3",
+           "READ_RATES": "250 0", "PYTHONPATH": str(REPO),
+           "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def drive():
+        proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env={**os.environ, **env},
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    drive()
+    rec = lambda *p: json.loads((archive.joinpath(*p) / "seed1" / "record.json").read_text())  # noqa: E731
+    for r in (250, 0):
+        top2, gate, dense = (rec(f"link{r}mbit", c) for c in ("moe_top2", "gate_drop_p0.3", "fairseq_dense"))
+        assert (top2["equal_time"]["updates"], gate["equal_time"]["updates"], dense["equal_time"]["updates"]) == (100, 100, 200)
+        assert top2["averaged"] == {"last": 2, "final": {"updates": 200, "bleu": top2["bleu"]},
+                                    "equal_time": {"updates": 100, "bleu": top2["bleu"]}}
+        assert (archive / f"link{r}mbit" / "moe_top2" / "seed1" / "eval_avg2_u100" / "results.json").is_file()
+        budget = archive / "budget_gate_drop_p0.3" / f"link{r}mbit"
+        assert sorted(p.name for p in budget.iterdir() if p.is_dir()) == ["gate_drop_p0.3", "moe_top2"]
+        assert json.loads((budget / "throughput.json").read_text())["anchor"] == "gate_drop_p0.3"
+        b_top2, b_gate = rec(budget, "moe_top2"), rec(budget, "gate_drop_p0.3")
+        assert (b_top2["equal_time"]["updates"], b_gate["equal_time"]["updates"]) == (150, 200)
+        assert b_top2["equal_time"]["ratio"] == pytest.approx(0.5 / 0.6)
+        assert b_top2["averaged"]["equal_time"]["updates"] == 150
+        assert (budget / "moe_top2" / "seed1" / "eval_u150" / "results.json").is_file()
+    # the anchor's readings are the run's own; the budget's evaluations stay in the mirror
+    save = link / "moe_top2" / "seed1"
+    assert not (save / "eval_u150").exists() and (out / "budget_gate_drop_p0.3" / "link0mbit" / "moe_top2" / "seed1" / "eval_u150").is_dir()
+    averages = (fake / "average.calls").read_text().splitlines()
+    # each averaged checkpoint is made once per directory: top-2 at 200 and 100, at 200 and 150 in
+    # each link's mirror; Gate-Drop likewise; the anchor at 200
+    assert all(len(c.split("--inputs")[1].split("--output")[0].split()) == 2 for c in averages)
+    evals, n_avg = len((fake / "eval.calls").read_text().splitlines()), len(averages)
+    drive()  # everything is archived: nothing is evaluated again
+    assert len((fake / "eval.calls").read_text().splitlines()) == evals
+    assert len((fake / "average.calls").read_text().splitlines()) == n_avg

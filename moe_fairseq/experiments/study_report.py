@@ -389,6 +389,8 @@ def speed_table(study: Study) -> list:
         if v:
             final = study.by_config[c][0]["updates"]
             at = equal_time_update(final, v["ratio"]) if v["ratio"] < 1 else final
+            if v["ratio"] > 1:  # faster than the anchor: read at its final update, short of what it reaches
+                at = f"{final} (capped: reaches {int(final * v['ratio'])})"
             # a random-router config is timed at several k (labels name@kK): its per-round
             # ratios are folded into the schedule average, so only the median is shown
             rounds = ", ".join(f"{m['ups'] / a['ups']:.2f}" for m, a in zip(raw.get(c, []), anchor_raw)) or "-"
