@@ -79,12 +79,12 @@ def test_readings_at_the_anchors_and_another_runs_budget_with_averages(tmp_path)
     a rerun reads nothing again."""
     import torch
 
+    from stand_ins import MOE_EVALUATE, write_tools
     from test_emulated_cluster import _SKIP
 
     if _SKIP:
         pytest.skip(_SKIP)
     fake, data, out, archive = tmp_path / "fakebin", tmp_path / "bin", tmp_path / "out", tmp_path / "archive"
-    fake.mkdir()
     (data / "raw").mkdir(parents=True)
     (data / "dict.txt").write_text("a 1\n")
     refs = ["a man rides a bike", "two dogs run", "a blue shirt"]
@@ -92,7 +92,7 @@ def test_readings_at_the_anchors_and_another_runs_budget_with_averages(tmp_path)
         (data / "raw" / f"test.{lang}").write_text("\n".join(refs) + "\n")
     template = tmp_path / "ckpt.pt"
     torch.save({"last_optimizer_state": None}, template)
-    (fake / "torchrun").write_text(
+    torchrun = (
         "#!/bin/bash\n"
         'while [ $# -gt 0 ]; do case $1 in --save-dir) save=$2;; esac; shift; done\n'
         '[ "$NODE_RANK" = 0 ] || exit 0\n'
@@ -103,26 +103,13 @@ def test_readings_at_the_anchors_and_another_runs_budget_with_averages(tmp_path)
         f'  cp {template} "$save/checkpoint_1_$u.pt"\n'
         "done\n"
         f'cp {template} "$save/checkpoint_last.pt"\n')
-    (fake / "moe-evaluate").write_text(
-        "#!/bin/bash\n"
-        'echo "$*" >> "$(dirname "$0")/eval.calls"\n'
-        'while [ $# -gt 0 ]; do case $1 in --out) out=$2;; --raw-dir) raw=$2;; esac; shift; done\n'
-        'mkdir -p "$out"\n'
-        "for pair in en-de en-fr en-cs; do\n"
-        '  awk \'{printf "S-%d\\tsrc\\nH-%d\\t-0.5\\t%s\\nD-%d\\t-0.5\\t%s\\n", NR-1, NR-1, $0, NR-1, $0}\' '
-        '"$raw/test.${pair#*-}" > "$out/generate.test.$pair.txt"\n'
-        "done\n"
-        "echo '[{\"direction\": \"en-de\", \"bleu\": 100.0, \"signature\": \"s\"}, "
-        "{\"direction\": \"en-fr\", \"bleu\": 100.0, \"signature\": \"s\"}, "
-        "{\"direction\": \"en-cs\", \"bleu\": 100.0, \"signature\": \"s\"}]' > \"$out/results.json\"\n")
-    (fake / "moe-average").write_text(
-        "#!/bin/bash\n"
-        'echo "$*" >> "$(dirname "$0")/average.calls"\n'
-        'while [ $# -gt 0 ]; do case $1 in --output) o=$2;; esac; shift; done\n'
-        'touch "$o"\n')
-    (fake / "fairseq-train").write_text("#!/bin/sh\nexit 1\n")
-    for tool in fake.iterdir():
-        tool.chmod(0o755)
+    average = ("#!/bin/bash\n"
+               'echo "$*" >> "$(dirname "$0")/average.calls"\n'
+               'while [ $# -gt 0 ]; do case $1 in --output) o=$2;; esac; shift; done\n'
+               'touch "$o"\n')
+    # fairseq-train only has to exist: the stand-in torchrun is what runs
+    write_tools(fake, torchrun=torchrun, moe_evaluate=MOE_EVALUATE, moe_average=average,
+                fairseq_train="#!/bin/sh\nexit 1\n")
     # the anchor's 200 updates: top-2 (0.5x) reaches update 100, Gate-Drop (0.6x) 120, read at 100;
     # Gate-Drop's 200 updates: top-2 (0.5 / 0.6) reaches 166, read at 150
     speeds = {"fairseq_dense": 1.0, "moe_top2": 0.5, "gate_drop_p0.3": 0.6}

@@ -16,6 +16,7 @@ import pytest
 from moe_fairseq.experiments import study_records, study_report as report, study_stats
 from moe_fairseq.experiments import study_throughput
 from moe_fairseq.moe.errors import MoEUsageError
+from stand_ins import MOE_EVALUATE, write_tools
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -537,27 +538,12 @@ def stand_in_study(tmp_path, raw_dir):
     data.mkdir()
     (data / "train.en-de.en.idx").write_text("")
     (data / "raw").symlink_to(raw_dir)
-    bin_dir.mkdir()
-    (bin_dir / "fairseq-train").write_text(
+    write_tools(bin_dir, moe_evaluate=MOE_EVALUATE, fairseq_train=(
         "#!/bin/bash\n"
         'echo "$*" >> "$(dirname "$0")/train.calls"\n'
         'echo "2026-11-28 06:00:00 | INFO | train_inner | {\\"num_updates\\": \\"50\\", \\"loss\\": \\"6\\", '
         '\\"wps\\": \\"1000\\", \\"wpb\\": \\"3000\\", \\"wall\\": \\"60\\"}"\n'
-        'echo "2026-11-28 06:00:01 | INFO | valid | {\\"valid_loss\\": \\"5.5\\", \\"valid_num_updates\\": \\"50\\"}"\n')
-    (bin_dir / "moe-evaluate").write_text(
-        "#!/bin/bash\n"
-        'echo "$*" >> "$(dirname "$0")/eval.calls"\n'
-        'while [ $# -gt 0 ]; do case $1 in --out) out=$2;; --raw-dir) raw=$2;; esac; shift; done\n'
-        'mkdir -p "$out"\n'
-        "for pair in en-de en-fr en-cs; do\n"
-        '  awk \'{printf "S-%d\\tsrc\\nH-%d\\t-0.5\\t%s\\nD-%d\\t-0.5\\t%s\\n", NR-1, NR-1, $0, NR-1, $0}\' '
-        '"$raw/test.${pair#*-}" > "$out/generate.test.$pair.txt"\n'
-        "done\n"
-        "echo '[{\"direction\": \"en-de\", \"bleu\": 100.0, \"signature\": \"s\"}, "
-        "{\"direction\": \"en-fr\", \"bleu\": 100.0, \"signature\": \"s\"}, "
-        "{\"direction\": \"en-cs\", \"bleu\": 100.0, \"signature\": \"s\"}]' > \"$out/results.json\"\n")
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
+        'echo "2026-11-28 06:00:01 | INFO | valid | {\\"valid_loss\\": \\"5.5\\", \\"valid_num_updates\\": \\"50\\"}"\n'))
     env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", "DATA": str(data), "THREADS": "1",
            "PYTHONPATH": str(REPO)}
     return data, bin_dir, env
