@@ -317,6 +317,41 @@ def test_average_reads_every_run_again_with_its_last_checkpoints_averaged(tmp_pa
     assert "- `moe_top2` at equal wall-clock, last 2 checkpoints averaged: +" in summary
 
 
+def test_report_shows_the_averaged_readings_of_the_configs_that_have_them(tmp_path, refs, raw_dir):
+    """Runs that land one by one: a config whose runs are all averaged is reported averaged, one
+    that is not yet is marked so and left out of the averaged comparisons (never an averaged run
+    against a single checkpoint); runs averaged over different numbers of checkpoints are not
+    reported averaged at all."""
+    out = tmp_path / "study"
+    for config in ("fairseq_dense", "moe_top2"):
+        make_run(out, config, 1, refs, 0.3, [6.0, 5.0])
+
+    def average(config, last):
+        save = out / config / "seed1"
+        make_eval(save / f"eval_avg{last}_u100", refs, 0.2, f"avg-{config}")
+        rec = json.loads((save / "record.json").read_text())
+        rec["averaged"] = {"last": last, "final": {"updates": 100, "bleu": rec["bleu"]}}
+        (save / "record.json").write_text(json.dumps(rec))
+
+    def reported():
+        report.main(["report", str(out), "--raw-dir", str(raw_dir), "--json", str(tmp_path / "s.json"),
+                     "--samples", "50", "--no-figures"])
+        return (out / "report.md").read_text(), json.loads((tmp_path / "s.json").read_text())
+
+    average("moe_top2", 2)
+    text, summary = reported()
+    assert "| fairseq_dense | not read yet | - | - |" in text and "| moe_top2 | **" in text
+    assert summary["averaged_last"] == 2
+    assert [c["kind"] for c in summary["comparisons"]] == ["equal_updates"]  # no averaged pair yet
+    average("fairseq_dense", 2)
+    text, summary = reported()
+    assert "not read yet" not in text
+    assert [c["kind"] for c in summary["comparisons"]] == ["equal_updates", "equal_updates_avg"]
+    average("fairseq_dense", 3)
+    text, summary = reported()
+    assert "averaged" not in text and "averaged_last" not in summary
+
+
 def test_average_refuses_a_missing_checkpoint_and_a_window_of_one(tmp_path):
     from moe_fairseq.moe.errors import MoEUsageError
 

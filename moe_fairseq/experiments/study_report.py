@@ -319,7 +319,7 @@ def equal_time_dir(save, r):
 def averaged_dir(last: int, kind: str):
     """The evaluation directory of a run's reading `kind` (final, equal_time) with `last` averaged."""
     def eval_dir(save, r):
-        point = r["averaged"].get(kind)
+        point = r.get("averaged", {}).get(kind)
         return save / f"eval_avg{last}_u{point['updates']}" if point else None
     return eval_dir
 
@@ -343,16 +343,17 @@ def study_json(study: Study, anchor: str) -> dict:
 
 def averaged_readings(study: Study) -> tuple:
     """(N, {kind: stats}) of the readings with the last N interval checkpoints averaged (the
-    `average` command), or (None, {}): they are reported only when every run has them with one N,
-    since a comparison mixing averaged and single checkpoints would measure the averaging, not
-    the configs."""
-    lasts = {r.get("averaged", {}).get("last") for r in study.recs}
-    avg_last = next(iter(lasts)) if len(lasts) == 1 else None
-    if avg_last is None and lasts != {None}:
-        print(f"report: only some runs have averaged readings (last N: {sorted(map(str, lasts))}); "
-              f"run `study_report.py average {study.out} --last N` to report them")
-    if not avg_last:
+    `average` command), or (None, {}).  A run without them reads as None, which leaves its
+    config out of the averaged comparisons (a study whose runs land one by one reports the
+    averaged readings of the configs that have them); runs averaged over different N are not
+    reported at all, since a comparison across them would measure the averaging, not the configs."""
+    lasts = {r["averaged"]["last"] for r in study.recs if "averaged" in r}
+    if len(lasts) > 1:
+        print(f"report: the runs are averaged over different numbers of checkpoints ({sorted(lasts)}); "
+              f"run `study_report.py average {study.out} --last N` with one N to report them")
+    if len(lasts) != 1:
         return None, {}
+    avg_last = lasts.pop()
     return avg_last, {"final": study.readings(averaged_dir(avg_last, "final")),
                       "equal_time": study.readings(averaged_dir(avg_last, "equal_time"))}
 
@@ -439,13 +440,17 @@ def averaged_section(study: Study, avg_last: int, stats_avg: dict, samples: int,
              f"{SAVE_EVERY}, then the same evaluation; every config alike), pooled BLEU:", "",
              "| config | at the final update | at equal wall-clock | per seed (final) |", "|---|---|---|---|"]
     for c in study.configs:
+        if not pooled_avg[c]:  # a seed not averaged yet
+            lines.append(f"| {c} | not read yet | - | - |")
+            continue
         eq = fmt(pooled_avg_eq[c]) if pooled_avg_eq[c] else "-"
         lines.append(f"| {c} | **{fmt(pooled_avg[c])}** | {eq} | {' / '.join(f'{v:.2f}' for v in pooled_avg[c])} |")
     lines += ["", "Differences with averaging, at equal updates:", ""]
     lines += comparison_table("equal_updates_avg", stats_avg["final"], samples, summary, study.comparisons) + [""]
-    if study.speed and complete(study, stats_avg["equal_time"]):
-        lines += ["With averaging, at equal wall-clock:", ""]
-        lines += comparison_table("equal_time_avg", stats_avg["equal_time"], samples, summary, study.comparisons) + [""]
+    if study.speed:
+        rows = comparison_table("equal_time_avg", stats_avg["equal_time"], samples, summary, study.comparisons)
+        if len(rows) > 2:  # a pair read at equal wall-clock with averaging
+            lines += ["With averaging, at equal wall-clock:", ""] + rows + [""]
     return lines
 
 
