@@ -323,12 +323,12 @@ def test_report_shows_the_averaged_readings_of_the_configs_that_have_them(tmp_pa
     against a single checkpoint); runs averaged over different numbers of checkpoints are not
     reported averaged at all."""
     out = tmp_path / "study"
-    for config in ("fairseq_dense", "moe_top2"):
-        make_run(out, config, 1, refs, 0.3, [6.0, 5.0])
+    for config, seed in (("fairseq_dense", 1), ("moe_top2", 1), ("moe_top2", 2)):
+        make_run(out, config, seed, refs, 0.3, [6.0, 5.0])
 
-    def average(config, last):
-        save = out / config / "seed1"
-        make_eval(save / f"eval_avg{last}_u100", refs, 0.2, f"avg-{config}")
+    def average(config, last, seed=1):
+        save = out / config / f"seed{seed}"
+        make_eval(save / f"eval_avg{last}_u100", refs, 0.2, f"avg-{config}-{seed}")
         rec = json.loads((save / "record.json").read_text())
         rec["averaged"] = {"last": last, "final": {"updates": 100, "bleu": rec["bleu"]}}
         (save / "record.json").write_text(json.dumps(rec))
@@ -340,7 +340,11 @@ def test_report_shows_the_averaged_readings_of_the_configs_that_have_them(tmp_pa
 
     average("moe_top2", 2)
     text, summary = reported()
+    assert "averaged" not in text  # not one config with every seed averaged
+    average("moe_top2", 2, seed=2)
+    text, summary = reported()
     assert "| fairseq_dense | not read yet | - | - |" in text and "| moe_top2 | **" in text
+    assert "Differences with averaging" not in text  # no pair to compare: no empty table
     assert summary["averaged_last"] == 2
     assert [c["kind"] for c in summary["comparisons"]] == ["equal_updates"]  # no averaged pair yet
     average("fairseq_dense", 2)

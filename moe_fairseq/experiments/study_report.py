@@ -435,6 +435,8 @@ def differences(study: Study, stats: dict, stats_eq: dict, samples: int, summary
 def averaged_section(study: Study, avg_last: int, stats_avg: dict, samples: int, summary: dict) -> list:
     """The lines of the readings with the last `avg_last` checkpoints averaged and their comparisons."""
     pooled_avg, pooled_avg_eq = pooled_of(stats_avg["final"]), pooled_of(stats_avg["equal_time"])
+    if not any(pooled_avg.values()):  # no config has every seed averaged yet
+        return []
     lines = [f"**With the last {avg_last} interval checkpoints averaged** (`study_report.py average --last "
              f"{avg_last}`: `moe-average` of updates U − {SAVE_EVERY * (avg_last - 1)} .. U in steps of "
              f"{SAVE_EVERY}, then the same evaluation; every config alike), pooled BLEU:", "",
@@ -445,11 +447,14 @@ def averaged_section(study: Study, avg_last: int, stats_avg: dict, samples: int,
             continue
         eq = fmt(pooled_avg_eq[c]) if pooled_avg_eq[c] else "-"
         lines.append(f"| {c} | **{fmt(pooled_avg[c])}** | {eq} | {' / '.join(f'{v:.2f}' for v in pooled_avg[c])} |")
-    lines += ["", "Differences with averaging, at equal updates:", ""]
-    lines += comparison_table("equal_updates_avg", stats_avg["final"], samples, summary, study.comparisons) + [""]
+    lines.append("")
+    # a table only where a pair of configs has every seed averaged
+    rows = comparison_table("equal_updates_avg", stats_avg["final"], samples, summary, study.comparisons)
+    if len(rows) > 2:
+        lines += ["Differences with averaging, at equal updates:", ""] + rows + [""]
     if study.speed:
         rows = comparison_table("equal_time_avg", stats_avg["equal_time"], samples, summary, study.comparisons)
-        if len(rows) > 2:  # a pair read at equal wall-clock with averaging
+        if len(rows) > 2:
             lines += ["With averaging, at equal wall-clock:", ""] + rows + [""]
     return lines
 
