@@ -52,9 +52,10 @@
 # training resumes from its checkpoint; the speed measurement keeps its rounds as they land.
 #
 # Environment: DATA, OUT, ARCHIVE (optional), MAX_UPDATE, MAX_TOKENS, TRAIN_RATE_MBIT, READ_RATES,
-# RUNS, SEEDS, AVERAGE (3), BUDGET_OF, BEAM (5), EVAL_THREADS (2), THROUGHPUT_ROUNDS (2), THROUGHPUT_RUNS (default RUNS),
-# EXTRA (more fairseq-train flags for every run, e.g. for a smoke test), MASTER_PORT (29500,
-# inside the namespaces), COLLECTIVE_TIMEOUT (600 s, as train_torchrun.sh).
+# RUNS, SEEDS, AVERAGE (3), BUDGET_OF, BEAM (5), EVAL_THREADS (2), THROUGHPUT_ROUNDS (2),
+# THROUGHPUT_RUNS (default RUNS), EXTRA (more fairseq-train flags for every run, e.g. for a smoke
+# test), MASTER_PORT (29500, inside the namespaces), COLLECTIVE_TIMEOUT (600 s, as
+# train_torchrun.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -225,8 +226,8 @@ read_at_budget() {
   done
 }
 
-# read_complete REC SPEED: REC holds every reading asked for (the equal wall-clock one when SPEED, the
-# averaged ones when AVERAGE)
+# read_complete REC SPEED: REC holds every reading asked for (the equal wall-clock one when
+# SPEED is 1, the averaged ones when AVERAGE is set)
 read_complete() {
   python -c "
 import json, sys
