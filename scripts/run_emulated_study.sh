@@ -176,8 +176,7 @@ read_and_archive() {
         --threads "$EVAL_THREADS" || return 1
     else  # no speed for this link: no equal wall-clock reading (not the previous link's)
       rm -f "$STUDY/throughput.json"
-      python -c "import json,sys; p=sys.argv[1]; r=json.load(open(p)); r.pop('equal_time', None); json.dump(r, open(p + '.tmp', 'w'), indent=1)" "$save/record.json" \
-        && mv "$save/record.json.tmp" "$save/record.json"
+      record_without "$save/record.json" "$save/record.json" equal_time
     fi
     average_run "$STUDY" "$name" "$seed" || return 1
     if [ -n "${ARCHIVE:-}" ]; then
@@ -185,6 +184,11 @@ read_and_archive() {
         --to "$ARCHIVE/link${r}mbit" || return 1
     fi
   done
+}
+
+record_without() {  # SRC DST KEY...: DST is SRC's record without KEYs (written atomically)
+  python -c "import json,sys; r=json.load(open(sys.argv[1])); [r.pop(k, None) for k in sys.argv[3:]]; json.dump(r, open(sys.argv[2] + '.tmp', 'w'), indent=1)" "$@" \
+    && mv "$2.tmp" "$2"
 }
 
 has_speed() { [ -f "$1" ] && [ "$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['rounds'])" "$1")" -gt 0 ]; }
@@ -207,8 +211,7 @@ read_at_budget() {
     python scripts/study_report.py rebase "$tp" --anchor "$BUDGET_OF" --out "$dir/throughput.json" > /dev/null || return 1
     # the record without the anchor's readings (they are read again at this budget); the
     # evaluations copied (the mirror's new ones stay in it), the checkpoints linked
-    python -c "import json,sys; r=json.load(open(sys.argv[1])); r.pop('equal_time', None); r.pop('averaged', None); json.dump(r, open(sys.argv[2], 'w'), indent=1)" \
-      "$save/record.json" "$mirror/record.json.tmp" && mv "$mirror/record.json.tmp" "$mirror/record.json"
+    record_without "$save/record.json" "$mirror/record.json" equal_time averaged
     cp "$save/flags.txt" "$mirror/"
     for f in "$save"/eval*/; do
       [ -f "$f/results.json" ] && [ ! -e "$mirror/$(basename "$f")" ] && cp -r "$f" "$mirror/"
