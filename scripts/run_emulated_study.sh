@@ -47,12 +47,21 @@
 # evaluations copied, its checkpoints linked), so the anchor's readings are not touched, and
 # archived to ARCHIVE/budget_<BUDGET_OF>/link<R>mbit.
 #
+# CONTINUE_TO (optional, a multiple of 50 above MAX_UPDATE): after the readings, every run of RUNS
+# is continued from its last checkpoint, with the same flags, to CONTINUE_TO updates in
+# OUT/continued_to<N>/NAME/seedS, for its validation curve alone (no BLEU): a run that learns less
+# per update than the baseline does not reach the baseline's final loss within the budget, and
+# this measures when it does (study_report.py report --continued).  fairseq's resume is exact (the
+# data order, the seeds per update and the inverse-sqrt schedule do not depend on --max-update),
+# so the curve is the one a longer run would have.  Its record is archived to
+# ARCHIVE/continued_to<N>/NAME/seedS; the run's own readings are untouched.
+#
 # Resumable: a run with ARCHIVE/link<R>mbit/.../record.json for every R (and each reading asked
 # for) is done; a trained run (SAVE/.trained) is only evaluated and read; a run interrupted in
 # training resumes from its checkpoint; the speed measurement keeps its rounds as they land.
 #
 # Environment: DATA, OUT, ARCHIVE (optional), MAX_UPDATE, MAX_TOKENS, TRAIN_RATE_MBIT, READ_RATES,
-# RUNS, SEEDS, AVERAGE (3), BUDGET_OF, BEAM (5), EVAL_THREADS (2), THROUGHPUT_ROUNDS (2),
+# RUNS, SEEDS, AVERAGE (3), BUDGET_OF, CONTINUE_TO, BEAM (5), EVAL_THREADS (2), THROUGHPUT_ROUNDS (2),
 # THROUGHPUT_RUNS (default RUNS), EXTRA (more fairseq-train flags for every run, e.g. for a smoke
 # test), MASTER_PORT (29500, inside the namespaces), COLLECTIVE_TIMEOUT (600 s, as
 # train_torchrun.sh).
@@ -72,6 +81,7 @@ EVAL_THREADS=${EVAL_THREADS:-2}
 THROUGHPUT_ROUNDS=${THROUGHPUT_ROUNDS:-2}
 AVERAGE=${AVERAGE:-3}
 BUDGET_OF=${BUDGET_OF:-}
+CONTINUE_TO=${CONTINUE_TO:-}
 ANCHOR=fairseq_dense
 RUNS=${RUNS:-"moe_top2=moe_top2
   gate_drop_p0.3=moe_top2_gate_drop:--moe-gating-dropout,0.3
@@ -87,6 +97,8 @@ for r in $TRAIN_RATE_MBIT $READ_RATES; do
   [[ "$r" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "TRAIN_RATE_MBIT and READ_RATES must be rates in Mbit/s, 0 for unshaped (got '$r')"
 done
 [[ "$MAX_UPDATE" =~ ^[1-9][0-9]*$ ]] && [ $((MAX_UPDATE % 50)) = 0 ] || die "MAX_UPDATE must be a positive multiple of 50, the checkpoint interval (got '$MAX_UPDATE')"
+[ -z "$CONTINUE_TO" ] || { [[ "$CONTINUE_TO" =~ ^[1-9][0-9]*$ ]] && [ $((CONTINUE_TO % 50)) = 0 ] && [ "$CONTINUE_TO" -gt "$MAX_UPDATE" ]; } \
+  || die "CONTINUE_TO must be a multiple of 50 above MAX_UPDATE=$MAX_UPDATE (got '$CONTINUE_TO')"
 [[ "$MAX_TOKENS" =~ ^[1-9][0-9]*$ ]] || die "MAX_TOKENS must be a positive number of tokens per rank (got '$MAX_TOKENS')"
 [[ "$AVERAGE" =~ ^[0-9]+$ ]] && [ "$AVERAGE" != 1 ] || die "AVERAGE must be a number of checkpoints >= 2, or 0 for no averaged reading (got '$AVERAGE')"
 [[ "$THROUGHPUT_ROUNDS" =~ ^[0-9]+$ ]] || die "THROUGHPUT_ROUNDS must be a number of rounds, 0 to skip the speed measurement (got '$THROUGHPUT_ROUNDS')"
@@ -100,6 +112,16 @@ for spec in $RUNS $THROUGHPUT_RUNS; do
   [[ "$spec" == *=* ]] || die "RUNS: '$spec' is not NAME=CONFIG[:FLAG,VALUE,...]"
   [ -f "configs/multi30k/$config.args" ] || die "RUNS: no config configs/multi30k/$config.args (in '$spec')"
 done
+if [ -n "$CONTINUE_TO" ]; then
+  # a continuation is the longer run only if the LR schedule does not read --max-update
+  for spec in $RUNS; do
+    config=${spec#*=}; config=${config%%:*} sched=fixed extra=()  # fixed: fairseq's default
+    if [[ "$spec" == *:* ]]; then IFS=, read -r -a extra <<< "${spec#*:}"; fi
+    set -f; toks=($(grep -v '^#' "configs/multi30k/$config.args") "${extra[@]}"); set +f
+    for i in "${!toks[@]}"; do [ "${toks[$i]}" != --lr-scheduler ] || sched=${toks[$((i + 1))]}; done
+    case $sched in inverse_sqrt|fixed) ;; *) die "CONTINUE_TO: ${spec%%=*}'s --lr-scheduler $sched depends on --max-update, so its continuation would not be the longer run (inverse_sqrt or fixed only)";; esac
+  done
+fi
 if [ -n "$BUDGET_OF" ]; then
   timed=" $(for spec in $THROUGHPUT_RUNS; do printf '%s ' "${spec%%=*}"; done)"
   [ "$BUDGET_OF" != "$ANCHOR" ] && [[ "$timed" == *" $BUDGET_OF "* ]] \
@@ -282,5 +304,32 @@ for seed in $SEEDS; do
     fi
   done
 done
+
+# 3. the runs continued past their budget, for the validation curve alone (CONTINUE_TO)
+if [ -n "$CONTINUE_TO" ]; then
+  for seed in $SEEDS; do
+    for spec in $RUNS; do
+      name=${spec%%=*} rest=${spec#*=}
+      config=${rest%%:*} flags=()
+      if [[ "$rest" == *:* ]]; then IFS=, read -r -a flags <<< "${rest#*:}"; fi
+      save=$STUDY/$name/seed$seed cont=$OUT/continued_to$CONTINUE_TO/$name/seed$seed
+      dest=${ARCHIVE:+$ARCHIVE/continued_to$CONTINUE_TO/$name/seed$seed}
+      if [ -f "${dest:-$cont}/record.json" ]; then echo "== $name seed $seed: continued, skipping"; continue; fi
+      [ -f "$save/.trained" ] || continue  # it failed above, and said so
+      echo "== $name seed $seed: continued to $CONTINUE_TO updates, validation only ($(date +%T))"
+      # from the run's last checkpoint; once the continuation has one of its own, from that
+      # (fairseq prefers --restore-file over the save dir's checkpoint_last.pt)
+      restore=()
+      [ -f "$cont/checkpoint_last.pt" ] || restore=(--restore-file "$(realpath "$save/checkpoint_last.pt")")
+      if ! MAX_UPDATE=$CONTINUE_TO emulated_train "$cont" "$config" "${flags[@]}" --seed "$seed" "${restore[@]}"; then
+        echo "run_emulated_study: $name seed $seed failed in its continuation (see $cont/train.log)" >&2; failed=1; continue
+      fi
+      python scripts/study_report.py record "$cont" --config "$name" --seed "$seed" --no-eval > /dev/null
+      if [ -n "$dest" ]; then
+        mkdir -p "$dest" && cp "$cont/record.json" "$dest/record.json.tmp" && mv "$dest/record.json.tmp" "$dest/record.json"
+      fi
+    done
+  done
+fi
 [ "$failed" = 0 ] || exit 1
 echo "run_emulated_study: every run is done; report per link: python scripts/study_report.py report ${ARCHIVE:-$STUDY}/link<R>mbit --anchor $ANCHOR --raw-dir $DATA/raw --json ..."

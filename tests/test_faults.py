@@ -136,6 +136,21 @@ def test_rank_killed_inside_an_all_to_all_ends_the_job_and_relaunch_resumes_exac
     assert_clean(save)
 
 
+def test_a_finished_run_continued_elsewhere_to_more_updates_is_the_longer_run(data, reference, tmp_path):
+    """scripts/run_emulated_study.sh CONTINUE_TO: a run that ended at its --max-update (2), continued
+    in another directory from its checkpoint_last.pt (--restore-file, the expert shards read
+    beside it) to a higher --max-update, ends in exactly the uninterrupted longer run's state."""
+    short, longer = tmp_path / "short", tmp_path / "continued"
+    run(torchrun_cmd(train_cmd(data, short, *FLAGS, max_update=2)))
+    assert_same_training_state(short / "checkpoint_last.pt", reference / "checkpoint_1_2.pt")
+    cmd = train_cmd(data, longer, *FLAGS, "--restore-file", short / "checkpoint_last.pt", max_update=MAX_UPDATE)
+    out = launch(torchrun_cmd(cmd), tmp_path)
+    assert out.returncode == 0, out.output[-3000:]
+    assert re.search(r"Loaded checkpoint \S*short/checkpoint_last\.pt \(epoch 1 @ 2 updates\)", out.output)
+    assert_same_training_state(longer / "checkpoint_last.pt", reference / "checkpoint_last.pt")
+    assert updates(short / "checkpoint_last.pt") == 2  # the run continued is left as it was
+
+
 def test_hung_rank_ends_the_job_within_the_collective_timeout(data, tmp_path):
     """Rank 1 hangs inside an all-to-all without dying: torchrun sees nothing wrong, and rank 0
     would wait torch's 30 min.  --collective-timeout 10 ends it.  (fairseq's --heartbeat-timeout

@@ -35,6 +35,9 @@ def run(tmp_path, **env):
     ({"AVERAGE": "last"}, "AVERAGE"),
     ({"BUDGET_OF": "fairseq_dense"}, "BUDGET_OF"),
     ({"RUNS": "moe_top2=moe_top2", "BUDGET_OF": "gate_drop_p0.3"}, "BUDGET_OF"),
+    ({"CONTINUE_TO": "520"}, "CONTINUE_TO"),
+    ({"CONTINUE_TO": "500"}, "CONTINUE_TO"),  # not above MAX_UPDATE
+    ({"CONTINUE_TO": "700", "RUNS": "x=moe_top2:--lr-scheduler,polynomial_decay"}, "polynomial_decay"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, env, needle):
     proc = run(tmp_path, **env)
@@ -159,3 +162,74 @@ def test_readings_at_the_anchors_and_another_runs_budget_with_averages(tmp_path)
     drive()  # everything is archived: nothing is evaluated again
     assert len((fake / "eval.calls").read_text().splitlines()) == evals
     assert len((fake / "average.calls").read_text().splitlines()) == n_avg
+
+
+def test_runs_continued_past_their_budget_for_the_validation_curve(tmp_path):
+    """CONTINUE_TO: after its readings each run is continued from its last checkpoint with the
+    same flags to CONTINUE_TO updates in a directory of its own (fairseq resumes from
+    --restore-file), recorded from its log alone and archived apart; the run's own record is
+    untouched, a rerun trains nothing, and an interrupted continuation resumes from its own
+    checkpoint (no --restore-file)."""
+    import torch
+
+    from stand_ins import MOE_EVALUATE, write_tools
+    from test_emulated_cluster import _SKIP
+
+    if _SKIP:
+        pytest.skip(_SKIP)
+    fake, data, out, archive = tmp_path / "fakebin", tmp_path / "bin", tmp_path / "out", tmp_path / "archive"
+    (data / "raw").mkdir(parents=True)
+    (data / "dict.txt").write_text("a 1\n")
+    for lang in ("de", "fr", "cs"):
+        (data / "raw" / f"test.{lang}").write_text("a man rides a bike\ntwo dogs run\n")
+    template = tmp_path / "ckpt.pt"
+    torch.save({"last_optimizer_state": None}, template)
+    # fairseq-train's resume, in miniature: from --restore-file if given, else from the save
+    # dir's checkpoint_last.pt (its update in last_update), to --max-update; the loss falls with u
+    torchrun = (
+        "#!/bin/bash\n"
+        'while [ $# -gt 0 ]; do case $1 in --save-dir) save=$2;; --max-update) max=$2;; --restore-file) restore=$2;; esac; shift; done\n'
+        '[ "$NODE_RANK" = 0 ] || exit 0\n'
+        'echo "save=$save max=$max restore=${restore:-none}" >> "$(dirname "$0")/train.calls"\n'
+        "start=50\n"
+        'if [ -n "$restore" ]; then start=$(( $(cat "$(dirname "$restore")/last_update") + 50 ));\n'
+        'elif [ -f "$save/checkpoint_last.pt" ]; then start=$(( $(cat "$save/last_update") + 50 )); fi\n'
+        'for u in $(seq $start 50 $max); do\n'
+        '  echo "2026-12-06 10:00:0${u:0:1} | INFO | train_inner | {\\"num_updates\\": \\"$u\\", \\"loss\\": \\"6\\", '
+        '\\"wps\\": \\"1000\\", \\"wpb\\": \\"3000\\", \\"wall\\": \\"$u\\"}"\n'
+        '  echo "2026-12-06 10:00:0${u:0:1} | INFO | valid | {\\"valid_loss\\": \\"$((1000 - u))\\", \\"valid_num_updates\\": \\"$u\\"}"\n'
+        f'  cp {template} "$save/checkpoint_1_$u.pt"\n'
+        "done\n"
+        'echo "$max" > "$save/last_update"\n'
+        f'cp {template} "$save/checkpoint_last.pt"\n')
+    write_tools(fake, torchrun=torchrun, moe_evaluate=MOE_EVALUATE, fairseq_train="#!/bin/sh\nexit 1\n")
+    runs = "moe_top2=moe_top2 gate_drop_p0.3=moe_top2_gate_drop:--moe-gating-dropout,0.3"
+    env = {"DATA": str(data), "OUT": str(out), "ARCHIVE": str(archive), "RUNS": runs, "SEEDS": "1",
+           "MAX_UPDATE": "200", "CONTINUE_TO": "300", "THROUGHPUT_ROUNDS": "0", "AVERAGE": "0", "READ_RATES": "0",
+           "PYTHONPATH": str(REPO),
+           "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def drive():
+        proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env={**os.environ, **env},
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return (fake / "train.calls").read_text().splitlines()
+
+    calls = drive()
+    save, cont = out / "link0mbit" / "gate_drop_p0.3" / "seed1", out / "continued_to300" / "gate_drop_p0.3" / "seed1"
+    assert f"save={cont} max=300 restore={save.resolve()}/checkpoint_last.pt" in calls
+    assert len(calls) == 4  # two runs, two continuations
+    run = json.loads((archive / "link0mbit" / "gate_drop_p0.3" / "seed1" / "record.json").read_text())
+    assert [p["updates"] for p in run["valid"]] == [50, 100, 150, 200] and "continued" not in json.dumps(run)
+    rec = json.loads((archive / "continued_to300" / "gate_drop_p0.3" / "seed1" / "record.json").read_text())
+    assert [(p["updates"], p["loss"]) for p in rec["valid"]] == [(250, 750.0), (300, 700.0)]
+    assert "bleu" not in rec and rec["config"] == "gate_drop_p0.3" and rec["seed"] == 1
+    i = rec["flags"].index("--restore-file")
+    assert rec["flags"][:i] + rec["flags"][i + 2:] == run["flags"]  # the run's flags, resumed
+    assert drive() == calls  # everything is done: nothing trains again
+    # a continuation interrupted after its first checkpoint resumes from it, not from the run's
+    (archive / "continued_to300" / "gate_drop_p0.3" / "seed1" / "record.json").unlink()
+    (cont / ".trained").unlink()
+    calls2 = drive()
+    assert calls2[:-1] == calls and calls2[-1] == f"save={cont} max=300 restore=none"
+    assert (archive / "continued_to300" / "gate_drop_p0.3" / "seed1" / "record.json").is_file()

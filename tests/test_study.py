@@ -847,3 +847,58 @@ def test_rebase_reads_the_runs_at_another_configs_budget(tmp_path, refs, raw_dir
     assert not list(out.glob("*.png"))
     with pytest.raises(MoEUsageError, match="--anchor moe_top1: not timed"):
         report.main(["rebase", str(src), "--anchor", "moe_top1", "--out", str(tmp_path / "x.json")])
+
+
+def test_time_to_loss_reads_the_runs_continued_past_their_budget(tmp_path, refs, raw_dir):
+    """report --continued: a run that does not reach the baseline's final loss within its budget
+    is timed on its continuation (validation only) and marked past the budget; a continuation
+    that does not reach it either says how far it went; a continuation of no run, or trained
+    with other flags than its run, is refused."""
+    out, cont = tmp_path / "link250mbit", tmp_path / "continued_to200"
+    make_run(out, "fairseq_dense", 1, refs, 0.35, [6.0, 5.0])
+    make_run(out, "moe_top2", 1, refs, 0.2, [5.8, 4.8])
+    make_run(out, "gate_drop_p0.3", 1, refs, 0.25, [5.9, 4.9])
+    (out / "throughput.json").write_text(json.dumps({
+        "anchor": "fairseq_dense", "rounds": 1, "threads": 1,
+        "configs": {"fairseq_dense": {"ups": 0.4, "wps": 1700, "ratio": 1.0},
+                    "moe_top2": {"ups": 0.2, "wps": 800, "ratio": 0.5},
+                    "gate_drop_p0.3": {"ups": 0.25, "wps": 900, "ratio": 0.625}}}))
+
+    def continued(config, losses, flags):
+        save = cont / config / "seed1"
+        save.mkdir(parents=True)
+        # the continuation's log repeats nothing of the run's: it starts past update 100
+        (save / "train.log").write_text(train_log([150, 200], losses))
+        (save / "flags.txt").write_text(flags)
+        report.main(["record", str(save), "--config", config, "--seed", "1", "--no-eval"])
+
+    continued("gate_drop_p0.3", [4.85, 4.7], "--arch x --seed 1 --restore-file /runs/checkpoint_last.pt")
+    continued("fairseq_dense", [4.95, 4.9], "--arch y --seed 1")
+    for config, flags in (("gate_drop_p0.3", "--arch x --seed 1"), ("fairseq_dense", "--arch y --seed 1")):
+        path = out / config / "seed1" / "record.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "flags": flags.split()}))
+    argv = ["report", str(out), "--raw-dir", str(raw_dir), "--json", str(tmp_path / "s.json"),
+            "--baseline", "moe_top2", "--no-figures", "--samples", "50", "--continued", str(cont)]
+    report.main(argv)
+    ttl = (out / "report.md").read_text().split("Wall-clock to a validation loss")[1]
+    assert "continued to 200 updates on validation loss alone" in ttl
+    # Gate-Drop reaches 4.8 at update 150 + 50 * 0.05 / 0.15 = 166.7, at 0.25 updates/s: 11.1 min
+    assert "| gate_drop_p0.3 | moe_top2 | 4.800 | 11.1 (1/1 reach it, 1 past the budget) | 8.3 (1/1 reach it) |" in ttl
+    assert "| fairseq_dense | moe_top2 | 4.800 | not reached in 200 updates | 8.3 (1/1 reach it) |" in ttl
+    # within the budget nothing changes: the highest final loss of the pair is reached at 4.0 min
+    assert "| gate_drop_p0.3 | moe_top2 | 4.900 | 6.7 (1/1 reach it) | 7.9 (1/1 reach it) |" in ttl
+    report.main(argv[:-2])  # without the continuations: not reached, as before
+    assert "| gate_drop_p0.3 | moe_top2 | 4.800 | not reached | 8.3 (1/1 reach it) |" in (out / "report.md").read_text()
+
+    from moe_fairseq.moe.errors import MoEUsageError
+
+    (cont / "fairseq_dense" / "seed1" / "flags.txt").write_text("--arch y --seed 2")
+    report.main(["record", str(cont / "fairseq_dense" / "seed1"), "--config", "fairseq_dense", "--seed", "1", "--no-eval"])
+    with pytest.raises(MoEUsageError, match="trained with other flags than the run it continues"):
+        report.main(argv)
+    import shutil
+
+    shutil.rmtree(cont / "fairseq_dense")
+    continued("moe_top1", [4.85, 4.7], "--arch z")
+    with pytest.raises(MoEUsageError, match="no run moe_top1 seed 1"):
+        report.main(argv)

@@ -98,10 +98,14 @@ def slim_interval_checkpoints(save: Path) -> int:
 
 
 def cmd_record(args):
+    """SAVE/record.json from its training log and evaluation (SAVE/eval); with --no-eval from the
+    log alone: a run continued past its budget for its validation curve (study_report.py report
+    --continued), which no reading evaluates."""
     save = Path(args.save)
     rec = {"config": args.config, "seed": args.seed, **train_summary(save / "train.log")}
-    rec["bleu"], rec["signature"] = read_bleu(save / "eval")
-    rec["evaluated"] = "checkpoint_last.pt"
+    if not getattr(args, "no_eval", False):
+        rec["bleu"], rec["signature"] = read_bleu(save / "eval")
+        rec["evaluated"] = "checkpoint_last.pt"
     flags = save / "flags.txt"  # written by scripts/study_lib.sh; absent for runs made before it
     if flags.is_file():
         rec["flags"] = flags.read_text().split()

@@ -270,6 +270,8 @@ class Study:
     comparisons: tuple = COMPARISONS
     baseline: Optional[str] = None
     cache: dict = field(default_factory=dict)
+    # (config, seed): the validation points past the run's budget of its continuation (--continued)
+    continued: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, out: Path, raw: Path, anchor: str = "fairseq_dense", baseline: Optional[str] = None) -> "Study":
@@ -285,6 +287,28 @@ class Study:
             raise MoEUsageError(f"--baseline {baseline}: no finished run of it in {out} (runs: {', '.join(configs)})")
         by_config = {c: sorted((r for r in recs if r["config"] == c), key=lambda r: r["seed"]) for c in configs}
         return cls(out, raw, recs, configs, by_config, speed, comparisons_of(configs, anchor, baseline), baseline)
+
+    def load_continued(self, path: Path):
+        """The runs continued past their budget (scripts/run_emulated_study.sh CONTINUE_TO): each
+        record under PATH/CONFIG/seedS continues the same run of this study (its flags are the
+        run's plus the --restore-file of its last checkpoint) and adds its validation points past
+        the run's final update.  Continuations of no run here are refused, as are other flags."""
+        runs = {(r["config"], r["seed"]): r for r in self.recs}
+        for rec_path in sorted(path.glob("*/seed*/record.json")):
+            cont = json.loads(rec_path.read_text())
+            run = runs.get((cont["config"], cont["seed"]))
+            if run is None:
+                raise MoEUsageError(f"--continued {rec_path}: no run {cont['config']} seed {cont['seed']} in "
+                                    f"{self.out} to continue")
+            flags = cont.get("flags", [])
+            if "--restore-file" in flags:  # absent when the continuation resumed from its own checkpoint
+                i = flags.index("--restore-file")
+                flags = flags[:i] + flags[i + 2:]
+            if "flags" in run and flags != run["flags"]:
+                raise MoEUsageError(f"--continued {rec_path}: trained with other flags than the run it continues "
+                                    f"({self.out / cont['config'] / ('seed%d' % cont['seed'])})")
+            self.continued[(cont["config"], cont["seed"])] = [p for p in cont["valid"]
+                                                              if p["updates"] > run["updates"]]
 
     def readings(self, eval_dir_of) -> dict:
         """{config: [stats of each seed's eval_dir_of(save, record), None where it has no such reading]}"""
@@ -463,15 +487,21 @@ def time_to_loss_table(study: Study) -> list:
     """Wall-clock to a fixed validation loss (the Gating Dropout claims), from the measured speed.
     The target is the highest final loss of any seed of the two configs, so every seed reaches
     it; then, with a --baseline, the baseline's own final loss (the highest over its seeds), which
-    a run that trained as many updates but learns less per update does not reach: it says so.
-    With a --baseline every run is timed against it, the anchor too."""
+    a run that trained as many updates but learns less per update does not reach: it says so,
+    or, continued past its budget (--continued), says how long it takes.  With a --baseline every
+    run is timed against it, the anchor too."""
     speed, by_config = study.speed, study.by_config
     pairs = ([(c, study.baseline) for c in study.configs if c != study.baseline] if study.baseline
              else [(c, b) for c, b, _ in study.comparisons])
+    past = max((p["updates"] for v in study.continued.values() for p in v), default=None)
     lines = ["**Wall-clock to a validation loss** (minutes at the side-by-side speed above; the target is the "
              "highest final loss of any seed of the two configs, so every seed reaches it"
              + (f"; then `{study.baseline}`'s own final loss" if study.baseline else "") + "):", "",
              "| config | baseline | target loss | minutes (config) | minutes (baseline) |", "|---|---|---|---|---|"]
+    if past:
+        lines[0] = lines[0][:-2] + (f". Runs marked *past the budget* reach the target only after it: they were "
+                                    f"continued to {past} updates on validation loss alone, from their last "
+                                    f"checkpoint with the same flags, and timed at the same speed):")
     for c, b in pairs:
         if c not in by_config or b not in by_config or c not in speed["configs"] or b not in speed["configs"]:
             continue
@@ -486,9 +516,20 @@ def time_to_loss_row(study: Study, c: str, b: str, target: float) -> str:
     """One row of the time-to-loss table: minutes of each seed of `c` and `b` to `target`."""
     cells = []
     for x in (c, b):
-        ts = [time_to_loss(r["valid"], target, study.speed["configs"][x]["ups"]) for r in study.by_config[x]]
-        ts = [t for t in ts if t is not None]
-        cells.append(f"{fmt(ts, 1)} ({len(ts)}/{len(study.by_config[x])} reach it)" if ts else "not reached")
+        ups, ts, past, continued_to = study.speed["configs"][x]["ups"], [], 0, []
+        for r in study.by_config[x]:
+            more = study.continued.get((x, r["seed"]), [])
+            t = time_to_loss(r["valid"] + more, target, ups)
+            if more:
+                continued_to.append(more[-1]["updates"])
+            if t is not None:
+                ts.append(t)
+                past += time_to_loss(r["valid"], target, ups) is None
+        if not ts:
+            cells.append(f"not reached in {max(continued_to)} updates" if continued_to else "not reached")
+            continue
+        note = f", {past} past the budget" if past else ""
+        cells.append(f"{fmt(ts, 1)} ({len(ts)}/{len(study.by_config[x])} reach it{note})")
     return f"| {c} | {b} | {target:.3f} | {cells[0]} | {cells[1]} |"
 
 
@@ -515,6 +556,8 @@ def cmd_report(args):
     comparisons."""
     out = Path(args.out)
     study = Study.load(out, Path(args.raw_dir), args.anchor, args.baseline)
+    if args.continued:
+        study.load_continued(Path(args.continued))
     summary = study_json(study, args.anchor)
     write_summary(args, summary)
     stats, stats_eq = study.readings(final_dir), study.readings(equal_time_dir)
@@ -605,6 +648,8 @@ def main(argv=None):
     r.add_argument("save")
     r.add_argument("--config", required=True)
     r.add_argument("--seed", type=int, required=True)
+    r.add_argument("--no-eval", action="store_true",
+                   help="the training log only (a run continued for its validation curve, not evaluated)")
     e = sub.add_parser("equal-time")
     e.add_argument("out")
     e.add_argument("--data", required=True)
@@ -649,6 +694,8 @@ def main(argv=None):
     q.add_argument("--figure-prefix", default="study_", help="file name prefix of the PNGs (default study_)")
     q.add_argument("--title", default="Multi30k en->de,fr,cs", help="the plots' title")
     q.add_argument("--no-figures", action="store_true", help="no PNGs (a second reading of runs plotted elsewhere)")
+    q.add_argument("--continued", help="records of runs continued past their budget for validation loss "
+                   "(CONFIG/seedS/record.json, `record --no-eval`): the time to a loss reads their curves too")
     q.add_argument("--results-md", help="Markdown file whose generated section is rewritten")
     q.add_argument("--readme", help="README whose study summary section is rewritten")
     q.add_argument("--figures", help="directory for the PNGs (default OUT)")
