@@ -887,6 +887,13 @@ def test_time_to_loss_reads_the_runs_continued_past_their_budget(tmp_path, refs,
     assert "| fairseq_dense | moe_top2 | 4.800 | not reached in 200 updates | 8.3 (1/1 reach it) |" in ttl
     # within the budget nothing changes: the highest final loss of the pair is reached at 4.0 min
     assert "| gate_drop_p0.3 | moe_top2 | 4.900 | 6.7 (1/1 reach it) | 7.9 (1/1 reach it) |" in ttl
+    entries = {(e["config"], e["target_loss"]): e for e in json.loads((tmp_path / "s.json").read_text())["time_to_loss"]}
+    gate = entries[("gate_drop_p0.3", 4.8)]["seeds"]
+    assert gate["gate_drop_p0.3"] == [{"seed": 1, "minutes": pytest.approx(500 / 0.25 / 60 / 3), "past_budget": True,
+                                       "curve_to": 200, "continued": True}]
+    assert gate["moe_top2"] == [{"seed": 1, "minutes": pytest.approx(100 / 0.2 / 60), "past_budget": False,
+                                 "curve_to": 100, "continued": False}]
+    assert entries[("fairseq_dense", 4.8)]["seeds"]["fairseq_dense"][0]["minutes"] is None
     report.main(argv[:-2])  # without the continuations: not reached, as before
     assert "| gate_drop_p0.3 | moe_top2 | 4.800 | not reached | 8.3 (1/1 reach it) |" in (out / "report.md").read_text()
 

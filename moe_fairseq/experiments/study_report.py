@@ -483,13 +483,13 @@ def averaged_section(study: Study, avg_last: int, stats_avg: dict, samples: int,
     return lines
 
 
-def time_to_loss_table(study: Study) -> list:
-    """Wall-clock to a fixed validation loss (the Gating Dropout claims), from the measured speed.
-    The target is the highest final loss of any seed of the two configs, so every seed reaches
-    it; then, with a --baseline, the baseline's own final loss (the highest over its seeds), which
-    a run that trained as many updates but learns less per update does not reach: it says so,
-    or, continued past its budget (--continued), says how long it takes.  With a --baseline every
-    run is timed against it, the anchor too."""
+def time_to_loss_table(study: Study) -> tuple:
+    """Wall-clock to a fixed validation loss (the Gating Dropout claims), from the measured speed:
+    (the table's lines, its entries for the JSON).  The target is the highest final loss of any
+    seed of the two configs, so every seed reaches it; then, with a --baseline, the baseline's own
+    final loss (the highest over its seeds), which a run that trained as many updates but learns
+    less per update does not reach: it says so, or, continued past its budget (--continued), says
+    how long it takes.  With a --baseline every run is timed against it, the anchor too."""
     speed, by_config = study.speed, study.by_config
     pairs = ([(c, study.baseline) for c in study.configs if c != study.baseline] if study.baseline
              else [(c, b) for c, b, _ in study.comparisons])
@@ -502,35 +502,49 @@ def time_to_loss_table(study: Study) -> list:
         lines[0] = lines[0][:-2] + (f". Runs marked *past the budget* reach the target only after it: they were "
                                     f"continued to {past} updates on validation loss alone, from their last "
                                     f"checkpoint with the same flags, and timed at the same speed):")
+    entries = []
     for c, b in pairs:
         if c not in by_config or b not in by_config or c not in speed["configs"] or b not in speed["configs"]:
             continue
         common = max(r["valid"][-1]["loss"] for x in (c, b) for r in by_config[x])
         own = max(r["valid"][-1]["loss"] for r in by_config[b])
-        lines += [time_to_loss_row(study, c, b, t) for t in ((common, own) if study.baseline and own < common
-                                                              else (common,))]
-    return lines + [""]
+        for target in ((common, own) if study.baseline and own < common else (common,)):
+            entries.append(time_to_loss_entry(study, c, b, target))
+            lines.append(time_to_loss_row(entries[-1]))
+    return lines + [""], entries
 
 
-def time_to_loss_row(study: Study, c: str, b: str, target: float) -> str:
-    """One row of the time-to-loss table: minutes of each seed of `c` and `b` to `target`."""
-    cells = []
+def time_to_loss_entry(study: Study, c: str, b: str, target: float) -> dict:
+    """Minutes of each seed of `c` and `b` to `target` (None: not reached), whether only past its
+    budget, and how far the curve read goes (its last validation, continuation included, and
+    whether that is past the budget)."""
+    seeds = {}
     for x in (c, b):
-        ups, ts, past, continued_to = study.speed["configs"][x]["ups"], [], 0, []
+        ups = study.speed["configs"][x]["ups"]
+        seeds[x] = []
         for r in study.by_config[x]:
-            more = study.continued.get((x, r["seed"]), [])
-            t = time_to_loss(r["valid"] + more, target, ups)
-            if more:
-                continued_to.append(more[-1]["updates"])
-            if t is not None:
-                ts.append(t)
-                past += time_to_loss(r["valid"], target, ups) is None
+            curve = r["valid"] + study.continued.get((x, r["seed"]), [])
+            t = time_to_loss(curve, target, ups)
+            seeds[x].append({"seed": r["seed"], "minutes": t,
+                             "past_budget": t is not None and time_to_loss(r["valid"], target, ups) is None,
+                             "curve_to": curve[-1]["updates"], "continued": curve[-1]["updates"] > r["updates"]})
+    return {"config": c, "baseline": b, "target_loss": round(target, 3), "seeds": seeds}
+
+
+def time_to_loss_row(entry: dict) -> str:
+    """One row of the time-to-loss table: each config's mean ± sd over the seeds that reach the target."""
+    cells = []
+    for x in (entry["config"], entry["baseline"]):
+        runs = entry["seeds"][x]
+        ts = [s["minutes"] for s in runs if s["minutes"] is not None]
         if not ts:
-            cells.append(f"not reached in {max(continued_to)} updates" if continued_to else "not reached")
+            continued = [s["curve_to"] for s in runs if s["continued"]]
+            cells.append(f"not reached in {max(continued)} updates" if continued else "not reached")
             continue
+        past = sum(s["past_budget"] for s in runs)
         note = f", {past} past the budget" if past else ""
-        cells.append(f"{fmt(ts, 1)} ({len(ts)}/{len(study.by_config[x])} reach it{note})")
-    return f"| {c} | {b} | {target:.3f} | {cells[0]} | {cells[1]} |"
+        cells.append(f"{fmt(ts, 1)} ({len(ts)}/{len(runs)} reach it{note})")
+    return f"| {entry['config']} | {entry['baseline']} | {entry['target_loss']:.3f} | {cells[0]} | {cells[1]} |"
 
 
 def figures(study: Study, fig_dir: Path, prefix: str = "study_", title: str = "Multi30k en->de,fr,cs") -> list:
@@ -571,9 +585,10 @@ def cmd_report(args):
     lines += differences(study, stats, stats_eq, args.samples, summary)
     if avg_last:
         lines += averaged_section(study, avg_last, stats_avg, args.samples, summary)
-    write_summary(args, summary)
     if study.speed:
-        lines += time_to_loss_table(study)
+        ttl_lines, summary["time_to_loss"] = time_to_loss_table(study)
+        lines += ttl_lines
+    write_summary(args, summary)
     if not args.no_figures:
         lines += figures(study, Path(args.figures) if args.figures else out, args.figure_prefix, args.title)
     text = "\n".join(lines)
