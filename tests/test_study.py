@@ -852,8 +852,9 @@ def test_rebase_reads_the_runs_at_another_configs_budget(tmp_path, refs, raw_dir
 def test_time_to_loss_reads_the_runs_continued_past_their_budget(tmp_path, refs, raw_dir):
     """report --continued: a run that does not reach the baseline's final loss within its budget
     is timed on its continuation (validation only) and marked past the budget; a continuation
-    that does not reach it either says how far it went; a continuation of no run, or trained
-    with other flags than its run, is refused."""
+    that does not reach it either says how far it went; a continuation trained with other flags
+    than its run is refused; continuations of runs not in the study are left out, but a directory
+    that continues none of its runs is refused."""
     out, cont = tmp_path / "link250mbit", tmp_path / "continued_to200"
     make_run(out, "fairseq_dense", 1, refs, 0.35, [6.0, 5.0])
     make_run(out, "moe_top2", 1, refs, 0.2, [5.8, 4.8])
@@ -906,6 +907,9 @@ def test_time_to_loss_reads_the_runs_continued_past_their_budget(tmp_path, refs,
     import shutil
 
     shutil.rmtree(cont / "fairseq_dense")
-    continued("moe_top1", [4.85, 4.7], "--arch z")
-    with pytest.raises(MoEUsageError, match="no run moe_top1 seed 1"):
+    continued("moe_top1", [4.85, 4.7], "--arch z")  # a run of another study (budget): left out
+    report.main(argv)
+    assert "| gate_drop_p0.3 | moe_top2 | 4.800 | 11.1 (1/1 reach it, 1 past the budget) |" in (out / "report.md").read_text()
+    shutil.rmtree(cont / "gate_drop_p0.3")
+    with pytest.raises(MoEUsageError, match="none of its 1 CONFIG/seedS/record.json continues a run of"):
         report.main(argv)

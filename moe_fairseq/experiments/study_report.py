@@ -292,14 +292,16 @@ class Study:
         """The runs continued past their budget (scripts/run_emulated_study.sh CONTINUE_TO): each
         record under PATH/CONFIG/seedS continues the same run of this study (its flags are the
         run's plus the --restore-file of its last checkpoint) and adds its validation points past
-        the run's final update.  Continuations of no run here are refused, as are other flags."""
+        the run's final update.  Continuations of runs that are not in this study are left out (one
+        directory of them serves a study's readings at several budgets, which hold different
+        runs), but a directory that continues none of them is refused, as are other flags."""
         runs = {(r["config"], r["seed"]): r for r in self.recs}
-        for rec_path in sorted(path.glob("*/seed*/record.json")):
+        found = sorted(path.glob("*/seed*/record.json"))
+        for rec_path in found:
             cont = json.loads(rec_path.read_text())
             run = runs.get((cont["config"], cont["seed"]))
             if run is None:
-                raise MoEUsageError(f"--continued {rec_path}: no run {cont['config']} seed {cont['seed']} in "
-                                    f"{self.out} to continue")
+                continue
             flags = cont.get("flags", [])
             if "--restore-file" in flags:  # absent when the continuation resumed from its own checkpoint
                 i = flags.index("--restore-file")
@@ -309,6 +311,9 @@ class Study:
                                     f"({self.out / cont['config'] / ('seed%d' % cont['seed'])})")
             self.continued[(cont["config"], cont["seed"])] = [p for p in cont["valid"]
                                                               if p["updates"] > run["updates"]]
+        if not self.continued:
+            raise MoEUsageError(f"--continued {path}: none of its {len(found)} CONFIG/seedS/record.json continues a "
+                                f"run of {self.out}")
 
     def readings(self, eval_dir_of) -> dict:
         """{config: [stats of each seed's eval_dir_of(save, record), None where it has no such reading]}"""
