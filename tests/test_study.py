@@ -849,7 +849,7 @@ def test_rebase_reads_the_runs_at_another_configs_budget(tmp_path, refs, raw_dir
         report.main(["rebase", str(src), "--anchor", "moe_top1", "--out", str(tmp_path / "x.json")])
 
 
-def test_time_to_loss_reads_the_runs_continued_past_their_budget(tmp_path, refs, raw_dir):
+def test_time_to_loss_reads_the_runs_continued_past_their_budget(tmp_path, refs, raw_dir, monkeypatch):
     """report --continued: a run that does not reach the baseline's final loss within its budget
     is timed on its continuation (validation only) and marked past the budget; a continuation
     that does not reach it either says how far it went; a continuation trained with other flags
@@ -880,6 +880,15 @@ def test_time_to_loss_reads_the_runs_continued_past_their_budget(tmp_path, refs,
         path.write_text(json.dumps({**json.loads(path.read_text()), "flags": flags.split()}))
     argv = ["report", str(out), "--raw-dir", str(raw_dir), "--json", str(tmp_path / "s.json"),
             "--baseline", "moe_top2", "--no-figures", "--samples", "50", "--continued", str(cont)]
+    drawn = {}
+    monkeypatch.setattr(report.plots, "plot_seed_bands",
+                        lambda curves, out, *a, **k: drawn.setdefault(Path(out).name, curves) and Path(out))
+    report.main([a for a in argv if a != "--no-figures"] + ["--figures", str(tmp_path)])
+    # the curves are drawn on through the continuations, against updates and against minutes
+    assert drawn["study_convergence_updates.png"]["gate_drop_p0.3"] == [[(50, 5.9), (100, 4.9), (150, 4.85), (200, 4.7)]]
+    assert drawn["study_convergence_updates.png"]["moe_top2"] == [[(50, 5.8), (100, 4.8)]]
+    assert drawn["study_convergence_time.png"]["fairseq_dense"][0][-1] == (pytest.approx(200 / 0.4 / 60), 4.9)
+    assert "Past update 100, the budget, the curves are the runs continued" in (out / "report.md").read_text()
     report.main(argv)
     ttl = (out / "report.md").read_text().split("Wall-clock to a validation loss")[1]
     assert "continued to 200 updates on validation loss alone" in ttl

@@ -556,7 +556,9 @@ def figures(study: Study, fig_dir: Path, prefix: str = "study_", title: str = "M
     """The convergence plots with seed bands (against updates; against minutes when timed) and
     their Markdown image lines."""
     speed = study.speed
-    curves = {c: [[(p["updates"], p["loss"]) for p in r["valid"]] for r in study.by_config[c]] for c in study.configs}
+    # a run continued past its budget (--continued) is drawn on to the end of its continuation
+    curves = {c: [[(p["updates"], p["loss"]) for p in r["valid"] + study.continued.get((c, r["seed"]), [])]
+                  for r in study.by_config[c]] for c in study.configs}
     figs = [plots.plot_seed_bands(curves, fig_dir / f"{prefix}convergence_updates.png", "validation loss (label-smoothed)",
                                   "updates", title=f"{title}: mean over seeds, band = min..max")]
     if speed:
@@ -566,7 +568,12 @@ def figures(study: Study, fig_dir: Path, prefix: str = "study_", title: str = "M
                                           "validation loss (label-smoothed)",
                                           f"minutes at the measured speed ({speed['threads']} threads, scripts/study_throughput.py)",
                                           title=f"{title}: validation loss against wall-clock, seed bands"))
-    return [f"![{p.stem}]({p.name})" for p in figs] + [""]
+    lines = [f"![{p.stem}]({p.name})" for p in figs] + [""]
+    if study.continued:
+        budget = max(r["updates"] for r in study.recs)
+        lines += [f"Past update {budget}, the budget, the curves are the runs continued on validation loss alone "
+                  f"({', '.join(sorted({c for c, _ in study.continued}))}).", ""]
+    return lines
 
 
 def cmd_report(args):
