@@ -77,6 +77,13 @@ only the type allowlist of checkpoint/io.py.  The patches, and why each exists:
    options.py), so a GPU or CPU run died importing torch_xla.  Unless --tpu was given, --bf16
    now trains in bfloat16 on the device at hand (fairseq's FP16Optimizer keeps an fp32 master
    copy; bf16 needs no loss scaling).
+15. fairseq.distributed.utils._broadcast_object_slow.  Resuming a data-parallel job (no expert
+   parallelism: fairseq's own models, or MoE experts replicated), rank 0 reads the checkpoint
+   and broadcasts it; the other ranks unpickle it with torch.load, which under torch >= 2.6
+   refuses the DictConfig fairseq has put into the state (omegaconf's internals, far more types
+   than the file itself holds: patch 1 is not enough), so every rank but 0 died at the resume.
+   The bytes are this job's own, pickled by rank 0 a moment before and sent over its process
+   group, not a file from anywhere: the receiving ranks load them with weights_only=False.
 """
 import contextlib
 import datetime
@@ -143,7 +150,8 @@ def install():
                      torch_persistent_save=checkpoint_utils.torch_persistent_save,
                      distributed_init=distributed_utils.distributed_init,
                      fp16_build_optimizer=FP16Optimizer.__dict__["build_optimizer"].__func__,
-                     amp_step=AMPOptimizer.step, call_main=distributed_utils.call_main)
+                     amp_step=AMPOptimizer.step, call_main=distributed_utils.call_main,
+                     broadcast_object_slow=distributed_utils._broadcast_object_slow)
     distributed_utils.infer_init_method = infer_init_method
     base_ddp = distributed_fairseq_model.DistributedDataParallel
     distributed_fairseq_model.DistributedDataParallel = _cpu_ddp_class(base_ddp)
@@ -158,6 +166,7 @@ def install():
     FP16Optimizer.build_optimizer = classmethod(fp16_build_optimizer)
     AMPOptimizer.step = amp_step
     distributed_utils.call_main = call_main
+    distributed_utils._broadcast_object_slow = broadcast_object_slow
     _installed = True
 
 
@@ -437,3 +446,21 @@ def call_main(cfg, main, **kwargs):
                 with open_dict(section):
                     section.tpu = False
     return _original["call_main"](cfg, main, **kwargs)
+
+
+# ------------------------------------------------------------------ 15. a state broadcast to the other ranks
+def broadcast_object_slow(obj, src_rank, group, dist_device):
+    """fairseq's _broadcast_object_slow (distributed/utils.py), with the receiving ranks'
+    torch.load told that the bytes are trusted: they are what rank `src_rank` of this job
+    torch.saved, not a file."""
+    import io
+
+    from fairseq.distributed.utils import broadcast, get_rank
+
+    if get_rank(group) == src_rank:
+        return _original["broadcast_object_slow"](obj, src_rank, group, dist_device)
+    length = torch.LongTensor([0]).to(dist_device)
+    broadcast(length, src=src_rank, group=group)
+    buffer = torch.ByteTensor(int(length.item())).to(dist_device)
+    broadcast(buffer, src=src_rank, group=group)
+    return torch.load(io.BytesIO(buffer.cpu().numpy()), map_location="cpu", weights_only=False)

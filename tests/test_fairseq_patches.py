@@ -70,7 +70,8 @@ def test_any_part_of_the_plugin_registers_all_of_it_and_install_is_idempotent():
                "save_checkpoint": checkpoint_utils.save_checkpoint,
                "load_checkpoint_to_cpu": checkpoint_utils.load_checkpoint_to_cpu,
                "trainer_load_checkpoint": Trainer.load_checkpoint,
-               "clip_grad_norm_": fairseq_utils.clip_grad_norm_}
+               "clip_grad_norm_": fairseq_utils.clip_grad_norm_,
+               "broadcast_object_slow": distributed_utils._broadcast_object_slow}
     for name, function in patched.items():
         assert function is getattr(fp, name), name
         assert fp._original[name] is not function, f"{name} wraps itself: installed twice"

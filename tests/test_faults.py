@@ -21,7 +21,8 @@ from moe_fairseq.checkpoint.format import POINTER, SHARD_ROOT
 from moe_fairseq.checkpoint.sharded import resolve_experts
 from moe_fairseq.distributed.agreement import agreed_flag_values, first_disagreement
 
-from cli_helpers import BIN, REPO, kill_tree, free_port, make_tiny_corpus, run, torchrun_cmd, train_cmd
+from cli_helpers import (BIN, REPO, USER_DIR, cli, kill_tree, free_port, lang_pairs, make_tiny_corpus, run,
+                         torchrun_cmd, train_cmd)
 
 FAULT_TRAIN = REPO / "tests" / "fault_train.py"
 # 4 updates per epoch on 2 ranks; checkpoints at updates 2 (checkpoint_1_2.pt), 4 (end of
@@ -149,6 +150,34 @@ def test_a_finished_run_continued_elsewhere_to_more_updates_is_the_longer_run(da
     assert re.search(r"Loaded checkpoint \S*short/checkpoint_last\.pt \(epoch 1 @ 2 updates\)", out.output)
     assert_same_training_state(longer / "checkpoint_last.pt", reference / "checkpoint_last.pt")
     assert updates(short / "checkpoint_last.pt") == 2  # the run continued is left as it was
+
+
+def dense_cmd(data, save, *extra, max_update):
+    """fairseq's own task and dense transformer, data-parallel with the plugin loaded (fairseq
+    cannot train on CPU under torchrun without it): the study's plain fairseq anchor, tiny."""
+    return [cli("fairseq-train"), data, "--user-dir", USER_DIR, "--task", "translation_multi_simple_epoch",
+            "--lang-pairs", lang_pairs(), "--encoder-langtok", "src", "--decoder-langtok", "--arch", "transformer",
+            "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+            "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+            "--decoder-attention-heads", "2", "--share-all-embeddings", "--criterion", "label_smoothed_cross_entropy",
+            "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "0.002", "--max-tokens", "800",
+            "--max-update", str(max_update), "--save-dir", save, "--cpu", "--num-workers", "0", "--seed", "3",
+            "--log-format", "simple", "--no-progress-bar", "--no-epoch-checkpoints", "--disable-validation", *extra]
+
+
+def test_a_data_parallel_dense_run_resumes_on_every_rank(data, tmp_path):
+    """Without expert parallelism fairseq resumes with rank 0 reading the checkpoint and
+    broadcasting it; the other ranks' torch.load (weights_only under torch >= 2.6) refused the
+    DictConfig in it and died, so no data-parallel job could resume (fairseq_patches, patch 15).
+    Here plain fairseq's dense transformer on 2 ranks stops at update 2 and is continued in
+    another directory to update 4, as scripts/run_emulated_study.sh CONTINUE_TO does."""
+    short, longer = tmp_path / "short", tmp_path / "continued"
+    run(torchrun_cmd(dense_cmd(data, short, max_update=2)))
+    out = launch(torchrun_cmd(dense_cmd(data, longer, "--restore-file", short / "checkpoint_last.pt", max_update=4)),
+                 tmp_path)
+    assert out.returncode == 0, out.output[-3000:]
+    assert re.search(r"Loaded checkpoint \S*short/checkpoint_last\.pt \(epoch 1 @ 2 updates\)", out.output)
+    assert torch.load(longer / "checkpoint_last.pt", weights_only=False)["optimizer_history"][-1]["num_updates"] == 4
 
 
 def test_hung_rank_ends_the_job_within_the_collective_timeout(data, tmp_path):
