@@ -3,7 +3,9 @@ tests/fault_train.py: a rank that dies or hangs inside an all-to-all, a disk tha
 while a shard is written, ranks given different flags.  In each case the job ends (non-zero,
 within a bound) instead of hanging, the last complete checkpoint stays what checkpoint_last.pt
 points to, and relaunching the same command continues to exactly the state of an
-uninterrupted run: parameters, Adam moments and update number, bit for bit.
+uninterrupted run: parameters, Adam moments and update number, bit for bit.  A finished run
+continued elsewhere to more updates (--restore-file) is that longer run too, and plain fairseq's
+data-parallel transformer resumes on every rank.
 
 Damaged shards on disk are tests/test_checkpoint_damage.py (no training needed).
 """
