@@ -112,14 +112,18 @@ for spec in $RUNS $THROUGHPUT_RUNS; do
   [[ "$spec" == *=* ]] || die "RUNS: '$spec' is not NAME=CONFIG[:FLAG,VALUE,...]"
   [ -f "configs/multi30k/$config.args" ] || die "RUNS: no config configs/multi30k/$config.args (in '$spec')"
 done
+parse_spec() {  # SPEC: name, config and flags of NAME=CONFIG[:FLAG,VALUE,...]
+  local rest=${1#*=}
+  name=${1%%=*} config=${rest%%:*} flags=()
+  if [[ "$rest" == *:* ]]; then IFS=, read -r -a flags <<< "${rest#*:}"; fi
+}
 if [ -n "$CONTINUE_TO" ]; then
   # a continuation is the longer run only if the LR schedule does not read --max-update
   for spec in $RUNS; do
-    config=${spec#*=}; config=${config%%:*} sched=fixed extra=()  # fixed: fairseq's default
-    if [[ "$spec" == *:* ]]; then IFS=, read -r -a extra <<< "${spec#*:}"; fi
-    set -f; toks=($(grep -v '^#' "configs/multi30k/$config.args") "${extra[@]}"); set +f
+    parse_spec "$spec"; sched=fixed  # fairseq's default
+    set -f; toks=($(grep -v '^#' "configs/multi30k/$config.args") "${flags[@]}"); set +f
     for i in "${!toks[@]}"; do [ "${toks[$i]}" != --lr-scheduler ] || sched=${toks[$((i + 1))]}; done
-    case $sched in inverse_sqrt|fixed) ;; *) die "CONTINUE_TO: ${spec%%=*}'s --lr-scheduler $sched depends on --max-update, so its continuation would not be the longer run (inverse_sqrt or fixed only)";; esac
+    case $sched in inverse_sqrt|fixed) ;; *) die "CONTINUE_TO: $name's --lr-scheduler $sched depends on --max-update, so its continuation would not be the longer run (inverse_sqrt or fixed only)";; esac
   done
 fi
 if [ -n "$BUDGET_OF" ]; then
@@ -281,9 +285,7 @@ archived() {  # NAME SEED: archived on every reading link with every reading ask
 failed=0
 for seed in $SEEDS; do
   for spec in $RUNS; do
-    name=${spec%%=*} rest=${spec#*=}
-    config=${rest%%:*} flags=()
-    if [[ "$rest" == *:* ]]; then IFS=, read -r -a flags <<< "${rest#*:}"; fi
+    parse_spec "$spec"
     save=$STUDY/$name/seed$seed
     if archived "$name" "$seed" || { [ -z "${ARCHIVE:-}" ] && [ -f "$save/record.json" ]; }; then
       echo "== $name seed $seed: done, skipping"; continue
@@ -309,9 +311,7 @@ done
 if [ -n "$CONTINUE_TO" ]; then
   for seed in $SEEDS; do
     for spec in $RUNS; do
-      name=${spec%%=*} rest=${spec#*=}
-      config=${rest%%:*} flags=()
-      if [[ "$rest" == *:* ]]; then IFS=, read -r -a flags <<< "${rest#*:}"; fi
+      parse_spec "$spec"
       save=$STUDY/$name/seed$seed cont=$OUT/continued_to$CONTINUE_TO/$name/seed$seed
       dest=${ARCHIVE:+$ARCHIVE/continued_to$CONTINUE_TO/$name/seed$seed}
       if [ -f "${dest:-$cont}/record.json" ]; then echo "== $name seed $seed: continued, skipping"; continue; fi
